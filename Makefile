@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make run` (main job on MovieLens-100K) and `make test`.
+PY ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data/movielens-100k
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export MLFLOW_DISABLE_TELEMETRY = true
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[mlops,bench,test]"
+	touch $@
+
+.PHONY: install run test bench
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/semalign run --data $(DATA)
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+bench: install
+	$(VENV)/bin/python bench/bench_encoder_quantizer.py

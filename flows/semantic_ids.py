@@ -1,0 +1,278 @@
+"""Stages from raw data to behavior-aligned embeddings and versioned semantic IDs.
+
+Each stage is keyed by a hash of its inputs and config, and returns what is on disk when that key was
+already built, so re-running on unchanged input does no repeated work and publishes nothing new.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from semalign.config import Settings
+from semalign.data import Dataset, Split, load_dataset, make_split, mine_pairs
+from semalign.progress import Reporter
+
+
+def _hash(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TowerFeatures:
+    text: np.ndarray           # [n_items, d_text]
+    image: np.ndarray | None   # [n_items, d_image] or None when images are off / absent
+    has_image: np.ndarray      # [n_items] bool
+    text_model: str
+    image_model: str | None
+    computed: dict             # items embedded this run (0 on a warm cache)
+
+    def hash(self) -> str:
+        parts = [self.text.tobytes(), self.has_image.tobytes()]
+        if self.image is not None:
+            parts.append(self.image.tobytes())
+        return _hash(*parts)
+
+
+def ingest(settings: Settings, data: str | Path | None = None, on_bad_rows: str = "error") -> Dataset:
+    path = Path(data).expanduser().resolve() if data else settings.resolved_data()
+    return load_dataset(path, on_bad_rows=on_bad_rows, quarantine_dir=settings.home / "quarantine")
+
+
+def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None) -> TowerFeatures:
+    from semalign.models.towers import FeatureCache, ImageTower, TextTower, file_key, text_fingerprint, text_key
+
+    rep = rep or Reporter(quiet=True)
+    device = settings.resolved_device()
+    texts = ds.items["text"].tolist()
+    text_tower = None
+
+    def text_compute(missing):
+        nonlocal text_tower
+        text_tower = text_tower or TextTower(settings.resolved_text_model(), device=device)
+        with rep.stage("text tower", len(missing)) as adv:
+            v = text_tower.encode([texts[i] for i in missing], progress=adv)
+        return v, np.ones(len(missing), bool)
+
+    tfp = text_fingerprint(settings.resolved_text_model())  # model dir identity, no weights loaded
+    text, _, n_text = FeatureCache(settings.cache_dir, tfp).get_or_compute([text_key(t) for t in texts], text_compute)
+
+    image, has_image, n_img, image_fp = None, np.zeros(ds.n_items, bool), 0, None
+    paths = ds.items["image_path"].tolist()
+    if settings.use_images and any(p is not None for p in paths):
+        img_tower = ImageTower(device=device)
+        image_fp = img_tower.fingerprint
+
+        def image_compute(missing):
+            with rep.stage("image tower", len(missing)) as adv:
+                return img_tower.encode([paths[i] for i in missing], progress=adv)
+
+        image, has_image, n_img = FeatureCache(settings.cache_dir, image_fp).get_or_compute(
+            [file_key(p) for p in paths], image_compute)
+        unreadable = int(sum(p is not None for p in paths) - has_image.sum())
+        if unreadable:
+            ds.report["unreadable_images"] = unreadable
+    return TowerFeatures(text=text, image=image, has_image=has_image, text_model=tfp, image_model=image_fp,
+                         computed={"text": n_text, "image": n_img})
+
+
+@dataclass
+class EncoderOutput:
+    version: str
+    embeddings: np.ndarray      # [n_items, d], every item (cold ones from content)
+    metrics: dict
+    reused: bool
+
+
+def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFeatures,
+                  rep: Reporter | None = None) -> EncoderOutput:
+    from semalign.models.encoder import EncoderConfig, embed_items, hit_at_k, load_encoder, save_encoder, train_encoder
+
+    rep = rep or Reporter(quiet=True)
+    device = settings.resolved_device()
+    pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
+    val_pairs = mine_pairs(split.part("val"), settings.pair_window, settings.pair_max_gap_s)
+    test_pairs = mine_pairs(split.part("test"), settings.pair_window, settings.pair_max_gap_s)
+    cfg = EncoderConfig(text_dim=feats.text.shape[1], image_dim=feats.image.shape[1] if feats.image is not None else 0,
+                        hidden=settings.encoder_hidden, out_dim=settings.embed_dim, epochs=settings.encoder_epochs,
+                        batch_size=settings.encoder_batch, lr=settings.encoder_lr,
+                        content_weight=settings.encoder_content_weight, seed=settings.seed)
+    version = "enc-" + _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
+    folder = settings.encoders_dir / version
+    reused = (folder / "encoder.json").exists()
+    if reused:
+        model, meta = load_encoder(folder, device)
+    else:
+        with rep.stage("encoder", cfg.epochs) as adv:
+            res = train_encoder(feats.text, feats.image, feats.has_image, pairs, val_pairs, cfg, device,
+                                on_epoch=lambda r: adv(1, val_hit30=f"{r['val_hit']:.3f}"))
+        model = res.model
+        meta = {"version": version, "best_epoch": res.best_epoch, "history": res.history,
+                "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "split": split.kind}
+    emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
+
+    cold = set(split.cold_items.tolist())
+    cold_pairs = np.array([p for p in test_pairs if p[0] in cold or p[1] in cold], dtype=np.int64).reshape(-1, 2)
+    both_img = test_pairs[feats.has_image[test_pairs].all(1)] if len(test_pairs) else test_pairs
+    k = cfg.eval_k
+    metrics = {
+        "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "test_pairs": int(len(test_pairs)),
+        "test_pairs_with_cold_item": int(len(cold_pairs)), "best_epoch": meta["best_epoch"],
+        f"hit@{k}": {
+            "encoder": hit_at_k(emb, test_pairs, k), "raw_text": hit_at_k(feats.text, test_pairs, k),
+            "encoder_cold_pairs": hit_at_k(emb, cold_pairs, k), "raw_text_cold_pairs": hit_at_k(feats.text, cold_pairs, k),
+        },
+    }
+    if feats.image is not None and len(both_img):
+        metrics[f"hit@{k}"].update(encoder_image_pairs=hit_at_k(emb, both_img, k),
+                                   raw_image_image_pairs=hit_at_k(feats.image, both_img, k),
+                                   raw_text_image_pairs=hit_at_k(feats.text, both_img, k))
+        metrics["test_pairs_both_images"] = int(len(both_img))
+    if not reused:
+        save_encoder(model, folder, {**meta, "metrics": metrics})
+    return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
+
+
+# ---------------------------------------------------------------- codebooks
+
+def latest_codebook_version(settings: Settings) -> str | None:
+    p = settings.codebooks_dir / "LATEST"
+    return p.read_text().strip() if p.exists() else None
+
+
+def load_codebook(settings: Settings, version: str):
+    from semalign.models.quantizer import Codebook
+
+    folder = settings.codebooks_dir / version
+    if not folder.exists():
+        known = sorted(p.name for p in settings.codebooks_dir.glob("*") if (p / "codebook.json").exists()) \
+            if settings.codebooks_dir.exists() else []
+        raise KeyError(f"unknown codebook version '{version}' (known: {known or 'none'})")
+    return Codebook.load(folder)
+
+
+def load_sids(settings: Settings, version: str) -> pd.DataFrame:
+    return pd.read_parquet(settings.codebooks_dir / version / "sids.parquet")
+
+
+@dataclass
+class CodebookOutput:
+    version: str
+    parent: str | None
+    metrics: dict
+    churn: dict | None
+    reused: bool
+    sids: pd.DataFrame
+
+
+def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOutput, parent: str | None = "latest",
+                   method: str | None = None, levels: int | None = None, codes: int | None = None,
+                   rep: Reporter | None = None) -> CodebookOutput:
+    """Fits the codebook on the training items' embeddings, assigns every item (cold ones included),
+    adds the dedup level, and records churn against the parent's published SIDs."""
+    from semalign.models.quantizer import build_codebook, dedup_level, default_codes, embeddings_hash, sid_churn
+
+    rep = rep or Reporter(quiet=True)
+    method = method or settings.codebook_method
+    levels = levels or settings.codebook_levels
+    fit_items = split.train_items
+    codes = codes or settings.codebook_codes or default_codes(len(fit_items))
+    parent_version = latest_codebook_version(settings) if parent == "latest" else parent
+    parent_cb = load_codebook(settings, parent_version) if parent_version else None
+    item_ids = ds.items["item_id"].tolist()
+    data_hash = embeddings_hash(enc.embeddings, item_ids) + "-" + _hash(fit_items.tobytes())
+    pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
+    # same embeddings + same config as the parent: the parent *is* the result; nothing new is written
+    want = {"method": method, "levels": levels, "codes": codes, "iters": settings.kmeans_iters,
+            "seed": settings.seed, "dim": int(enc.embeddings.shape[1])}
+    if parent_cb is not None and parent_cb.data_hash == data_hash and \
+            {k: parent_cb.config.get(k) for k in want} == want:
+        return CodebookOutput(version=parent_cb.version, parent=parent_cb.parent, metrics=parent_cb.metrics,
+                              churn=json.loads((settings.codebooks_dir / parent_cb.version / "churn.json").read_text())
+                              if (settings.codebooks_dir / parent_cb.version / "churn.json").exists() else None,
+                              reused=True, sids=load_sids(settings, parent_cb.version))
+    # fit pairs re-indexed into the fit subset (RQ-VAE's contrastive term)
+    pos = -np.ones(ds.n_items, dtype=np.int64)
+    pos[fit_items] = np.arange(len(fit_items))
+    fit_pairs = pos[pairs]
+    fit_pairs = fit_pairs[(fit_pairs >= 0).all(1)]
+    with rep.stage(f"codebook {method} {levels}x{codes}", levels) as adv:
+        cb = build_codebook(enc.embeddings[fit_items], levels=levels, codes=codes, method=method,
+                            iters=settings.kmeans_iters, seed=settings.seed, parent=parent_cb, pairs=fit_pairs,
+                            data_hash=data_hash, on_level=lambda lvl: adv(1))
+    folder = settings.codebooks_dir / cb.version
+    assigned = cb.assign(enc.embeddings)
+    tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")
+    dedup = dedup_level(assigned, tie_order=tie)
+    sids = pd.DataFrame({"item_id": item_ids})
+    for lvl in range(levels):
+        sids[f"sid_{lvl}"] = assigned[:, lvl]
+    sids["sid_dedup"] = dedup
+    sids["embedding"] = list(enc.embeddings.astype(np.float32))
+    all_metrics = dict(cb.metrics)
+    # the fit set's metrics are the codebook's; the catalogue's (cold items included) are what serving sees
+    _, counts = np.unique(assigned, axis=0, return_counts=True)
+    all_metrics["catalogue_collision_rate"] = float(counts[counts > 1].sum() / len(assigned))
+    all_metrics["catalogue_collision_rate_after_dedup"] = float(
+        len(assigned) - len(np.unique(np.c_[assigned, dedup], axis=0))) / len(assigned)
+    all_metrics["max_dedup"] = int(dedup.max()) if len(dedup) else 0
+    cb.metrics = all_metrics
+    churn = None
+    if parent_cb is not None and (settings.codebooks_dir / parent_cb.version / "sids.parquet").exists():
+        old = load_sids(settings, parent_cb.version).set_index("item_id")
+        common = [i for i in item_ids if i in old.index]
+        cols = [f"sid_{lvl}" for lvl in range(levels)]
+        if common and all(c in old.columns for c in cols):
+            new = sids.set_index("item_id").loc[common, cols].to_numpy()
+            churn = {"parent": parent_cb.version, "items": len(common),
+                     **sid_churn(old.loc[common, cols].to_numpy(), new)}
+    # write into a temp folder, then rename: readers never see a half-written version
+    tmp = settings.codebooks_dir / f".{cb.version}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    cb.save(tmp)
+    sids.to_parquet(tmp / "sids.parquet", index=False)
+    if churn is not None:
+        (tmp / "churn.json").write_text(json.dumps(churn, indent=2))
+    if folder.exists():  # built before by a run that later changed LATEST: identical content
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
+    _atomic_write_text(settings.codebooks_dir / "LATEST", cb.version)
+    return CodebookOutput(version=cb.version, parent=cb.parent, metrics=all_metrics, churn=churn, reused=False,
+                          sids=sids)
+
+
+def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Reporter | None = None,
+                     parent: str | None = "latest") -> dict:
+    """The main job so far: ingest -> towers -> encoder -> codebook -> SIDs; returns a summary."""
+    t0 = time.perf_counter()
+    rep = rep or Reporter(quiet=True)
+    ds = ingest(settings, data)
+    split = make_split(ds, settings.split, settings.seed, settings.cold_item_share)
+    feats = tower_features(settings, ds, rep)
+    enc = encoder_stage(settings, ds, split, feats, rep)
+    cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)
+    return {
+        "dataset": ds.name, "data": ds.report, "split": split.kind, "cold_items": int(len(split.cold_items)),
+        "towers": {"text_model": feats.text_model, "image_model": feats.image_model, "embedded_now": feats.computed},
+        "encoder": {"version": enc.version, "reused": enc.reused, **enc.metrics},
+        "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, **cb.metrics, "churn": cb.churn},
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }

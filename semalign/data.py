@@ -1,0 +1,378 @@
+"""Data layer: loaders for the data contract, validation, splits, item buckets, behavior pairs, histories.
+
+Contract (design section 4):
+  items:        item_id, text, [image_path], [available_at], [other categorical columns]
+  interactions: user_id, item_id, timestamp (UTC; unix seconds or ISO 8601), label (0/1) or rating
+Ids are kept as strings so any id scheme works; models see dense integer indices.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+MOVIELENS_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+]
+POSITIVE_RATING = 4
+BUCKETS = ("unseen", "1-9", "10-99", "100+")
+BadRowPolicy = Literal["error", "quarantine"]
+
+
+class DataValidationError(ValueError):
+    """Input that breaks the data contract. Names the file, the row (1-based data row), the column and
+    what was expected, plus how many rows share the problem."""
+
+    def __init__(self, file: str | Path, row: int | None, column: str | None, expected: str, count: int = 1):
+        self.file, self.row, self.column, self.expected, self.count = str(file), row, column, expected, count
+        where = f"{file}"
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column '{column}'"
+        more = f" ({count} rows in all)" if count > 1 else ""
+        super().__init__(f"{where}: expected {expected}{more}")
+
+
+@dataclass
+class Dataset:
+    name: str
+    items: pd.DataFrame          # item_id(str), text, image_path(str|None), available_at?, ...; index = item index
+    interactions: pd.DataFrame   # user_id(str), item_id(str), ts(int64 s), timestamp(UTC), label(int8), item_idx, user_idx
+    report: dict = field(default_factory=dict)  # counts of quarantined rows, missing images, ...
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.interactions["user_idx"].max()) + 1 if len(self.interactions) else 0
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(pd.util.hash_pandas_object(self.items[["item_id", "text"]], index=False).values.tobytes())
+        h.update(pd.util.hash_pandas_object(self.interactions[["user_id", "item_id", "ts", "label"]],
+                                            index=False).values.tobytes())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quarantine_dir: Path | None = None,
+                 positive_rating: float = POSITIVE_RATING) -> Dataset:
+    """MovieLens-100K folder (u.data + u.item) or a generic contract folder (items.* + interactions.*)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {path}")
+    if (path / "u.data").exists() and (path / "u.item").exists():
+        items, inter, files = _read_movielens(path)
+        name = "movielens-100k"
+    elif _find(path, "items") and _find(path, "interactions"):
+        items, inter, files = _read_generic(path)
+        name = path.name
+    else:
+        raise DataValidationError(path, None, None,
+                                  "a MovieLens-100K folder (u.data, u.item) or items.csv|parquet + interactions.csv|parquet")
+    return validate(name, items, inter, files, on_bad_rows, quarantine_dir, positive_rating)
+
+
+def download_movielens(dest: str | Path) -> Path:
+    """Fetch the official MovieLens-100K zip from its publisher (for users with internet; tests never call it)."""
+    dest = Path(dest).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(MOVIELENS_100K_URL, timeout=60) as resp:
+        payload = resp.read()
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+        for member in zf.namelist():
+            if member.endswith("/"):
+                continue
+            (dest / Path(member).name).write_bytes(zf.read(member))
+    return dest
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for ext in ("parquet", "csv"):
+        p = folder / f"{stem}.{ext}"
+        if p.exists():
+            return p
+    return None
+
+
+def _read_table(p: Path) -> pd.DataFrame:
+    try:
+        if p.suffix == ".parquet":
+            return pd.read_parquet(p)
+        return pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataValidationError(p, None, None, f"UTF-8 text ({e.reason} at byte {e.start})") from e
+    except Exception as e:  # pandas/pyarrow parser errors carry the line
+        raise DataValidationError(p, None, None, f"a readable {p.suffix[1:]} table ({e})") from e
+
+
+def _read_generic(folder: Path):
+    items_p, inter_p = _find(folder, "items"), _find(folder, "interactions")
+    items = _read_table(items_p)
+    inter = _read_table(inter_p)
+    if "image_path" not in items.columns and (folder / "images").is_dir():
+        by_stem = {p.stem: p for p in (folder / "images").iterdir() if p.is_file()}
+        items["image_path"] = [str(by_stem[str(i)]) if str(i) in by_stem else None for i in items.get("item_id", [])]
+    elif "image_path" in items.columns:
+        items["image_path"] = [None if _isnull(v) else str(v if Path(str(v)).is_absolute() else folder / str(v))
+                               for v in items["image_path"]]
+    return items, inter, {"items": items_p, "interactions": inter_p, "row_offset": 2 if items_p.suffix == ".csv" else 1}
+
+
+def _read_movielens(folder: Path):
+    cols = ["item_id", "title", "release", "video", "url"] + MOVIELENS_GENRES
+    raw = pd.read_csv(folder / "u.item", sep="|", header=None, names=cols, encoding="latin-1", dtype=str,
+                      keep_default_na=False)
+    genre_flags = raw[MOVIELENS_GENRES].astype(int).to_numpy()
+    genres = ["|".join(g for g, f in zip(MOVIELENS_GENRES, row) if f and g != "unknown") for row in genre_flags]
+    desc = None
+    if (folder / "descriptions.csv").exists():
+        desc = pd.read_csv(folder / "descriptions.csv", dtype=str, keep_default_na=False).set_index("movie_id")
+    texts = []
+    for iid, title, g in zip(raw["item_id"], raw["title"], genres):
+        parts = [title.strip() + "."]
+        if g:
+            parts.append("Genres: " + ", ".join(g.split("|")) + ".")
+        if desc is not None and iid in desc.index:
+            d = desc.loc[iid]
+            if d["description"]:
+                parts.append(d["description"].strip())
+            if d["director"]:
+                parts.append("Directed by " + ", ".join(d["director"].split("|")[:2]) + ".")
+            if d["cast"]:
+                parts.append("Starring " + ", ".join(d["cast"].split("|")[:4]) + ".")
+        texts.append(" ".join(parts))
+    posters = folder / "posters"
+    image_path = [str(posters / f"{i}.jpg") if (posters / f"{i}.jpg").exists() else None for i in raw["item_id"]]
+    items = pd.DataFrame({"item_id": raw["item_id"], "text": texts, "image_path": image_path, "genres": genres,
+                          "available_at": raw["release"].replace("", None)})
+    inter = pd.read_csv(folder / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+                        dtype=str)
+    return items, inter, {"items": folder / "u.item", "interactions": folder / "u.data", "row_offset": 1}
+
+
+# ---------------------------------------------------------------- validation
+
+def _isnull(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() == "")
+
+
+class _Checker:
+    """Collects bad rows per file; raises on the first problem (error) or quarantines them (quarantine)."""
+
+    def __init__(self, policy: BadRowPolicy, files: dict, quarantine_dir: Path | None):
+        self.policy, self.files, self.qdir = policy, files, quarantine_dir
+        self.report: dict[str, int] = {}
+        self.quarantined: dict[str, list[pd.DataFrame]] = {}
+
+    def bad(self, which: str, df: pd.DataFrame, mask: np.ndarray, column: str, expected: str,
+            fatal: bool = False) -> pd.DataFrame:
+        mask = np.asarray(mask, dtype=bool)
+        n = int(mask.sum())
+        if n == 0:
+            return df
+        first = int(np.flatnonzero(mask)[0])
+        if self.policy == "error" or fatal:
+            raise DataValidationError(self.files[which], int(df.index[first]) + 1, column, expected, n)
+        q = df[mask].copy()
+        q.insert(0, "_row", q.index + 1)
+        q.insert(1, "_reason", f"{column}: expected {expected}")
+        self.quarantined.setdefault(which, []).append(q)
+        self.report[f"quarantined_{which}_{column}"] = self.report.get(f"quarantined_{which}_{column}", 0) + n
+        return df[~mask]
+
+    def flush(self):
+        if not self.quarantined or self.qdir is None:
+            return
+        self.qdir.mkdir(parents=True, exist_ok=True)
+        for which, frames in self.quarantined.items():
+            pd.concat(frames).to_csv(self.qdir / f"{which}.csv", index=False)
+
+
+def _parse_timestamps(s: pd.Series) -> pd.Series:
+    num = pd.to_numeric(s, errors="coerce")
+    if num.notna().all() and len(s):
+        return pd.to_datetime(num, unit="s", utc=True, errors="coerce")
+    out = pd.to_datetime(s, utc=True, errors="coerce", format="mixed")
+    only_num = num.notna() & out.isna()
+    out[only_num] = pd.to_datetime(num[only_num], unit="s", utc=True)
+    return out
+
+
+def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, policy: BadRowPolicy = "error",
+             quarantine_dir: Path | None = None, positive_rating: float = POSITIVE_RATING) -> Dataset:
+    chk = _Checker(policy, files, quarantine_dir)
+    items = items.reset_index(drop=True)
+    inter = inter.reset_index(drop=True)
+    for col in ("item_id", "text"):
+        if col not in items.columns:
+            raise DataValidationError(files["items"], None, col, f"a column '{col}' (have: {list(items.columns)})")
+    for col in ("user_id", "item_id", "timestamp"):
+        if col not in inter.columns:
+            raise DataValidationError(files["interactions"], None, col,
+                                      f"a column '{col}' (have: {list(inter.columns)})")
+    if "label" not in inter.columns and "rating" not in inter.columns:
+        raise DataValidationError(files["interactions"], None, "label", "a column 'label' (0/1) or 'rating'")
+
+    # items
+    items["item_id"] = items["item_id"].map(lambda v: None if _isnull(v) else str(v).strip())
+    items = chk.bad("items", items, items["item_id"].isna().to_numpy(), "item_id", "a non-empty id", fatal=True)
+    dup = items["item_id"].duplicated(keep="first").to_numpy()
+    if dup.any():
+        first = int(np.flatnonzero(dup)[0])
+        iid = items["item_id"].iloc[first]
+        orig = int(np.flatnonzero((items["item_id"] == iid).to_numpy())[0])
+        chk.bad("items", items, dup, "item_id", f"unique ids (id '{iid}' first seen at row {orig + 1})", fatal=True)
+    text = items["text"].map(lambda v: "" if _isnull(v) else str(v))
+    items["text"] = text
+    items = chk.bad("items", items, (text.str.strip() == "").to_numpy(), "text", "non-empty item text")
+    if "image_path" not in items.columns:
+        items["image_path"] = None
+    items["image_path"] = items["image_path"].map(lambda v: None if _isnull(v) else str(v))
+    missing_img = items["image_path"].map(lambda p: p is not None and not Path(p).is_file())
+    if missing_img.any():
+        chk.report["missing_image_files"] = int(missing_img.sum())
+        items.loc[missing_img, "image_path"] = None
+    if "available_at" in items.columns:
+        items["available_at"] = pd.to_datetime(items["available_at"], utc=True, errors="coerce", format="mixed")
+
+    # interactions
+    for col in ("user_id", "item_id"):
+        inter[col] = inter[col].map(lambda v: None if _isnull(v) else str(v).strip())
+        inter = chk.bad("interactions", inter, inter[col].isna().to_numpy(), col, "a non-empty id")
+    ts = _parse_timestamps(inter["timestamp"])
+    inter = chk.bad("interactions", inter.assign(_ts=ts), ts.isna().to_numpy(), "timestamp",
+                    "a UTC timestamp (unix seconds or ISO 8601)")
+    if "label" in inter.columns:
+        lab = pd.to_numeric(inter["label"], errors="coerce")
+        inter = chk.bad("interactions", inter.assign(_label=lab), ~lab.isin([0, 1]).to_numpy(), "label", "0 or 1")
+    else:
+        rating = pd.to_numeric(inter["rating"], errors="coerce")
+        inter = chk.bad("interactions", inter.assign(_label=(rating >= positive_rating).astype("int8")),
+                        rating.isna().to_numpy(), "rating", "a number")
+    known = set(items["item_id"])
+    inter = chk.bad("interactions", inter, ~inter["item_id"].isin(known).to_numpy(), "item_id",
+                    "an item_id present in the items file")
+    dups = inter.duplicated(["user_id", "item_id", "_ts"], keep="first").to_numpy()
+    inter = chk.bad("interactions", inter, dups, "timestamp", "one event per (user_id, item_id, timestamp)")
+    if len(inter) == 0:
+        raise DataValidationError(files["interactions"], None, None, "at least one valid interaction")
+    chk.flush()
+
+    items = items.reset_index(drop=True)
+    item_index = pd.Series(np.arange(len(items)), index=items["item_id"])
+    users = np.sort(inter["user_id"].unique())
+    user_index = pd.Series(np.arange(len(users)), index=users)
+    out = pd.DataFrame({
+        "user_id": inter["user_id"].to_numpy(),
+        "item_id": inter["item_id"].to_numpy(),
+        "timestamp": inter["_ts"].to_numpy(),
+        "label": inter["_label"].astype("int8").to_numpy(),
+    })
+    out["ts"] = (out["timestamp"].astype("int64") // 10**9).astype("int64") if out["timestamp"].dtype.kind == "M" \
+        else pd.to_datetime(out["timestamp"], utc=True).astype("int64") // 10**9
+    out["item_idx"] = item_index.loc[out["item_id"]].to_numpy()
+    out["user_idx"] = user_index.loc[out["user_id"]].to_numpy()
+    # deterministic order: time, then ids
+    out = out.sort_values(["ts", "user_idx", "item_idx"], kind="stable").reset_index(drop=True)
+    report = dict(chk.report)
+    report.update(items=len(items), interactions=len(out), users=len(users),
+                  items_with_image=int(items["image_path"].notna().sum()), positive_rate=float(out["label"].mean()))
+    return Dataset(name=name, items=items, interactions=out, report=report)
+
+
+# ---------------------------------------------------------------- splits, buckets, pairs, histories
+
+@dataclass
+class Split:
+    kind: str
+    events: pd.DataFrame         # interactions + 'part' in {train,val,test}
+    cold_items: np.ndarray       # item indices held out entirely (cold-items split)
+    train_counts: np.ndarray     # per item: events in the training window
+
+    def part(self, name: str) -> pd.DataFrame:
+        return self.events[self.events["part"] == name]
+
+    @property
+    def train_items(self) -> np.ndarray:
+        return np.flatnonzero(self.train_counts > 0)
+
+
+def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share: float = 0.2) -> Split:
+    ev = ds.interactions.copy()
+    cold = np.array([], dtype=np.int64)
+    if kind == "cold-items":
+        interacted = np.unique(ev["item_idx"].to_numpy())
+        rng = np.random.default_rng(seed)
+        n_cold = int(round(cold_share * len(interacted)))
+        cold = np.sort(rng.choice(interacted, size=n_cold, replace=False))
+        is_cold = ev["item_idx"].isin(cold).to_numpy()
+    elif kind == "temporal":
+        is_cold = np.zeros(len(ev), dtype=bool)
+    else:
+        raise ValueError(f"unknown split '{kind}': expected 'cold-items' or 'temporal'")
+    part = np.full(len(ev), "test", dtype=object)
+    warm_pos = np.flatnonzero(~is_cold)  # events are already in (ts, user, item) order
+    n = len(warm_pos)
+    part[warm_pos[: int(0.8 * n)]] = "train"
+    part[warm_pos[int(0.8 * n): int(0.9 * n)]] = "val"
+    ev["part"] = part
+    counts = np.bincount(ev.loc[ev["part"] == "train", "item_idx"], minlength=ds.n_items)
+    return Split(kind=kind, events=ev, cold_items=cold, train_counts=counts)
+
+
+def item_buckets(train_counts: np.ndarray) -> np.ndarray:
+    """Bucket name per item by its training-window interaction count."""
+    edges = np.digitize(train_counts, [1, 10, 100])
+    return np.array(BUCKETS, dtype=object)[edges]
+
+
+def mine_pairs(events: pd.DataFrame, window: int = 3, max_gap_s: float = 7 * 86400.0,
+               positives_only: bool = True) -> np.ndarray:
+    """Behavior pairs: items one user engaged with close together in time (within `window` steps and
+    `max_gap_s` seconds). Returns unique unordered pairs as an int64 array [n, 2] (a < b), sorted."""
+    ev = events[events["label"] == 1] if positives_only else events
+    ev = ev.sort_values(["user_idx", "ts", "item_idx"], kind="stable")
+    u, t, it = ev["user_idx"].to_numpy(), ev["ts"].to_numpy(), ev["item_idx"].to_numpy()
+    out = []
+    for k in range(1, window + 1):
+        ok = (u[k:] == u[:-k]) & ((t[k:] - t[:-k]) <= max_gap_s) & (it[k:] != it[:-k])
+        a, b = it[:-k][ok], it[k:][ok]
+        out.append(np.stack([np.minimum(a, b), np.maximum(a, b)], 1))
+    if not out or sum(len(o) for o in out) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(out), axis=0).astype(np.int64)
+
+
+def user_histories(events: pd.DataFrame, train: pd.DataFrame, max_len: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """For each event, the user's positive training-window items strictly before the event's timestamp
+    (most recent last). Returns (item indices + 1, 0 = padding) [n, max_len] and lengths [n]."""
+    pos = train[train["label"] == 1].sort_values(["user_idx", "ts", "item_idx"], kind="stable")
+    hist = np.zeros((len(events), max_len), dtype=np.int64)
+    lens = np.zeros(len(events), dtype=np.int64)
+    by_user = {u: (g["ts"].to_numpy(), g["item_idx"].to_numpy()) for u, g in pos.groupby("user_idx", sort=False)}
+    ev_u, ev_t = events["user_idx"].to_numpy(), events["ts"].to_numpy()
+    for u in np.unique(ev_u):
+        if u not in by_user:
+            continue
+        ts, items = by_user[u]
+        rows = np.flatnonzero(ev_u == u)
+        cut = np.searchsorted(ts, ev_t[rows], side="left")  # strictly before
+        for r, c in zip(rows, cut):
+            seq = items[max(0, c - max_len): c]
+            hist[r, max_len - len(seq):] = seq + 1
+            lens[r] = len(seq)
+    return hist, lens

@@ -1,0 +1,59 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+MOVIELENS = Path(os.environ.get("SEMALIGN_TEST_MOVIELENS", ROOT.parent / "shared" / "data" / "movielens-100k"))
+
+
+@pytest.fixture(scope="session")
+def movielens_path() -> Path:
+    if not (MOVIELENS / "u.data").exists():
+        pytest.skip(f"MovieLens-100K not found at {MOVIELENS} (set SEMALIGN_TEST_MOVIELENS)")
+    return MOVIELENS
+
+
+@pytest.fixture(scope="session")
+def movielens(movielens_path):
+    from semalign.data import load_dataset
+
+    return load_dataset(movielens_path)
+
+
+def write_generic(folder: Path, ds, n_items: int = 300, images: bool = False, fmt: str = "csv") -> Path:
+    """A generic contract folder from MovieLens with a different id scheme (strings) and ISO timestamps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = ds.items.iloc[:n_items]
+    keep = set(items["item_id"])
+    inter = ds.interactions[ds.interactions["item_id"].isin(keep)]
+    it = pd.DataFrame({"item_id": "sku-" + items["item_id"], "text": items["text"], "category": items["genres"]})
+    ev = pd.DataFrame({"user_id": "u" + inter["user_id"], "item_id": "sku-" + inter["item_id"],
+                       "timestamp": inter["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"), "label": inter["label"]})
+    if images:
+        (folder / "images").mkdir(exist_ok=True)
+        for iid, p in zip(items["item_id"], items["image_path"]):
+            if p:
+                (folder / "images" / f"sku-{iid}.jpg").write_bytes(Path(p).read_bytes())
+    if fmt == "csv":
+        it.to_csv(folder / "items.csv", index=False)
+        ev.to_csv(folder / "interactions.csv", index=False)
+    else:
+        it.to_parquet(folder / "items.parquet", index=False)
+        ev.to_parquet(folder / "interactions.parquet", index=False)
+    return folder
+
+
+@pytest.fixture
+def clustered():
+    """Synthetic embeddings with cluster structure (like real item embeddings, unlike isotropic noise)."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((40, 32)).astype(np.float32)
+    labels = rng.integers(0, 40, 4000)
+    x = centers[labels] + 0.3 * rng.standard_normal((4000, 32)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

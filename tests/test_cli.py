@@ -1,0 +1,83 @@
+"""The CLI end to end on a small generic-folder dataset: run, rerun (no new work), stable rebuild, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import write_generic
+
+
+def _cli(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_help_is_fast_because_nothing_heavy_is_imported():
+    code = ("import sys; from semalign.cli import app; import typer.main as m; "
+            "m.get_command(app); heavy = [x for x in ('torch','pandas','transformers','feast','mlflow') if x in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory, movielens):
+    return write_generic(tmp_path_factory.mktemp("shop"), movielens, n_items=300)
+
+
+def test_run_rerun_and_stable_rebuild_on_generic_folder(tmp_path, shop):
+    env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "3", "SEMALIGN_DATA": str(shop)}
+    first = json.loads(_cli("run", "--json", env=env).stdout)
+    cb = first["codebook"]
+    assert first["dataset"].startswith("shop") and cb["parent"] is None and not cb["reused"]
+    assert cb["catalogue_collision_rate_after_dedup"] == 0.0
+    assert first["encoder"]["hit@30"]["encoder"] > 0
+    sids = pd.read_parquet(tmp_path / "home" / "codebooks" / cb["version"] / "sids.parquet")
+    assert len(sids) == 300 and sids["item_id"].str.startswith("sku-").all()
+    assert len(sids.drop_duplicates(["sid_0", "sid_1", "sid_2", "sid_dedup"])) == 300
+    assert len(sids["embedding"].iloc[0]) == 128
+
+    # unchanged input: same versions, nothing recomputed or written
+    listing = sorted(p.name for p in (tmp_path / "home" / "codebooks").iterdir())
+    again = json.loads(_cli("run", "--json", env=env).stdout)
+    assert again["codebook"]["version"] == cb["version"] and again["codebook"]["reused"]
+    assert again["encoder"]["reused"] and again["towers"]["embedded_now"] == {"text": 0, "image": 0}
+    assert sorted(p.name for p in (tmp_path / "home" / "codebooks").iterdir()) == listing
+
+    # 10% of interactions change: rebuild against the parent keeps most IDs; a fresh build does not
+    inter = pd.read_csv(shop / "interactions.csv")
+    changed = inter.sample(frac=0.1, random_state=0).index
+    inter.loc[changed, "label"] = 1 - inter.loc[changed, "label"]
+    shop2 = tmp_path / "shop2"
+    shop2.mkdir()
+    (shop2 / "items.csv").write_bytes((shop / "items.csv").read_bytes())
+    inter.to_csv(shop2 / "interactions.csv", index=False)
+    env2 = {**env, "SEMALIGN_DATA": str(shop2)}
+    child = json.loads(_cli("codebook", "build", "--json", env=env2).stdout)["codebook"]
+    assert child["parent"] == cb["version"] and child["churn"]["items"] == 300
+    fresh = json.loads(_cli("codebook", "build", "--parent", "none", "--json",
+                            env={**env2, "SEMALIGN_SEED": "1"}).stdout)["codebook"]
+    # churn of the fresh build against the first version's SIDs
+    old = sids.set_index("item_id")
+    new = pd.read_parquet(tmp_path / "home" / "codebooks" / fresh["version"] / "sids.parquet").set_index("item_id")
+    cols = ["sid_0", "sid_1", "sid_2"]
+    fresh_churn = (old[cols] != new.loc[old.index, cols]).any(axis=1).mean()
+    assert child["churn"]["churn"] < fresh_churn
+
+    listed = json.loads(_cli("codebook", "list", "--json", env=env).stdout)["codebooks"]
+    assert {r["version"] for r in listed} >= {cb["version"], child["version"], fresh["version"]}
+
+
+def test_bad_dataset_is_a_clear_cli_error(tmp_path):
+    (tmp_path / "items.csv").write_text("item_id,text\na,one\n")
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp,label\nu,a,1,1\nu,nope,2,1\n")
+    proc = _cli("data", "check", "--data", str(tmp_path), env={"SEMALIGN_HOME": str(tmp_path / "h")}, check=False)
+    assert proc.returncode == 2
+    assert "interactions.csv, row 2, column 'item_id'" in proc.stderr
+    assert not (tmp_path / "h" / "codebooks").exists()

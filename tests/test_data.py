@@ -1,0 +1,135 @@
+"""Data layer: loaders, the contract's validation errors, splits without leakage, pairs, histories."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from semalign.data import (DataValidationError, item_buckets, load_dataset, make_split, mine_pairs,
+                           user_histories)
+from conftest import write_generic
+
+
+def test_movielens_loader(movielens):
+    ds = movielens
+    assert ds.n_items == 1682 and len(ds.interactions) == 100_000 and ds.n_users == 943
+    assert ds.report["items_with_image"] == 1398
+    # label = rating >= 4
+    assert abs(ds.interactions["label"].mean() - 0.55375) < 1e-9
+    toy = ds.items.set_index("item_id").loc["1", "text"]
+    assert "Toy Story" in toy and "Animation" in toy and "cowboy doll" in toy and "John Lasseter" in toy
+    assert str(ds.interactions["timestamp"].dt.tz) == "UTC"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_generic_folder_string_ids(tmp_path, movielens, fmt):
+    folder = write_generic(tmp_path / "shop", movielens, n_items=200, images=True, fmt=fmt)
+    ds = load_dataset(folder)
+    assert ds.n_items == 200
+    assert ds.items["item_id"].str.startswith("sku-").all()
+    assert ds.items["image_path"].notna().sum() == movielens.items.iloc[:200]["image_path"].notna().sum()
+    ref = movielens.interactions[movielens.interactions["item_id"].astype(int) <= 200]
+    assert len(ds.interactions) == len(ref)
+    assert ds.interactions["ts"].sum() == ref["ts"].sum()
+
+
+def _folder(tmp_path, items: str, inter: str):
+    (tmp_path / "items.csv").write_text(items)
+    (tmp_path / "interactions.csv").write_text(inter)
+    return tmp_path
+
+
+GOOD_ITEMS = "item_id,text\na,first item\nb,second item\n"
+GOOD_INTER = "user_id,item_id,timestamp,label\nu1,a,1000,1\nu1,b,2000,0\n"
+
+
+@pytest.mark.parametrize("items,inter,file,row,column", [
+    ("item_id,title\na,x\n", GOOD_INTER, "items.csv", None, "text"),                                  # missing column
+    (GOOD_ITEMS, "user_id,item_id,timestamp,label\nu1,a,,1\nu1,b,2000,0\n", "interactions.csv", 1, "timestamp"),
+    (GOOD_ITEMS, "user_id,item_id,timestamp,label\nu1,a,1000,1\nu1,zz,2000,0\n", "interactions.csv", 2, "item_id"),
+    ("item_id,text\na,one\nb,two\na,three\n", GOOD_INTER, "items.csv", 3, "item_id"),                # duplicate id
+    ("item_id,text\na,one\nb,\n", GOOD_INTER, "items.csv", 2, "text"),                               # empty text
+    (GOOD_ITEMS, "user_id,item_id,timestamp,label\nu1,a,1000,7\n", "interactions.csv", 1, "label"),
+    (GOOD_ITEMS, "user_id,item_id,timestamp,label\nu1,a,yesterday,1\n", "interactions.csv", 1, "timestamp"),
+])
+def test_bad_input_names_file_row_column(tmp_path, items, inter, file, row, column):
+    with pytest.raises(DataValidationError) as e:
+        load_dataset(_folder(tmp_path, items, inter))
+    err = e.value
+    assert err.file.endswith(file) and err.row == row and err.column == column
+    assert file in str(err) and column in str(err)
+
+
+def test_non_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "items.csv").write_bytes("item_id,text\na,caf\xe9\n".encode("latin-1"))
+    (tmp_path / "interactions.csv").write_text(GOOD_INTER.replace(",b,", ",a,"))
+    with pytest.raises(DataValidationError, match="UTF-8"):
+        load_dataset(tmp_path)
+
+
+def test_quarantine_counts_and_keeps_good_rows(tmp_path):
+    inter = ("user_id,item_id,timestamp,label\nu1,a,1000,1\nu1,zz,2000,0\nu2,a,,1\nu2,b,3000,1\n"
+             "u2,b,3000,1\n")
+    q = tmp_path / "q"
+    ds = load_dataset(_folder(tmp_path, GOOD_ITEMS, inter), on_bad_rows="quarantine", quarantine_dir=q)
+    assert len(ds.interactions) == 2
+    assert ds.report["quarantined_interactions_item_id"] == 1
+    assert ds.report["quarantined_interactions_timestamp"] == 2  # NaN timestamp + exact duplicate
+    rows = pd.read_csv(q / "interactions.csv")
+    assert sorted(rows["_row"]) == [2, 3, 5]
+
+
+def test_unreadable_or_missing_images_are_counted(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
+    items = "item_id,text,image_path\na,one,images/a.jpg\nb,two,images/missing.jpg\n"
+    ds = load_dataset(_folder(tmp_path, items, GOOD_INTER))
+    assert ds.report["missing_image_files"] == 1
+    assert ds.items["image_path"].notna().sum() == 1  # the unreadable one is caught by the image tower
+
+
+def test_cold_items_split_has_no_leakage(movielens):
+    sp = make_split(movielens, "cold-items", seed=3)
+    ev = sp.events
+    cold = set(sp.cold_items)
+    n_interacted = movielens.interactions["item_idx"].nunique()
+    assert abs(len(cold) - 0.2 * n_interacted) <= 1
+    assert not ev[ev["part"] != "test"]["item_idx"].isin(cold).any()
+    assert ev[ev["item_idx"].isin(cold)]["part"].eq("test").all()
+    warm = ev[~ev["item_idx"].isin(cold)]
+    assert warm[warm.part == "train"].ts.max() <= warm[warm.part == "val"].ts.min()
+    assert warm[warm.part == "val"].ts.max() <= warm[warm.part == "test"].ts.min()
+    assert abs((warm.part == "train").mean() - 0.8) < 0.01
+    # buckets from training counts only; every cold item is unseen
+    b = item_buckets(sp.train_counts)
+    assert set(b[sp.cold_items]) == {"unseen"}
+    # seeded: same seed, same split; other seed, other split
+    assert (make_split(movielens, "cold-items", seed=3).cold_items == sp.cold_items).all()
+    assert not (make_split(movielens, "cold-items", seed=4).cold_items == sp.cold_items).all()
+
+
+def test_temporal_split(movielens):
+    sp = make_split(movielens, "temporal")
+    ev = sp.events
+    assert len(sp.cold_items) == 0
+    assert ev[ev.part == "train"].ts.max() <= ev[ev.part == "test"].ts.min()
+
+
+def test_histories_strictly_before_and_from_training_positives(movielens):
+    sp = make_split(movielens, "cold-items", seed=0)
+    train = sp.part("train")
+    test = sp.part("test").iloc[:3000]
+    hist, lens = user_histories(test, train, max_len=50)
+    pos = train[train.label == 1]
+    for r in range(0, len(test), 97):
+        row = test.iloc[r]
+        allowed = pos[(pos.user_idx == row.user_idx) & (pos.ts < row.ts)].sort_values(["ts", "item_idx"])
+        expect = allowed["item_idx"].to_numpy()[-50:] + 1
+        got = hist[r][hist[r] > 0]
+        assert lens[r] == len(expect) and (got == expect).all()
+    assert set(np.unique(hist[hist > 0] - 1)) <= set(pos["item_idx"])
+
+
+def test_pairs_come_from_close_positives_of_one_user():
+    ev = pd.DataFrame({"user_idx": [0, 0, 0, 0, 1, 1], "item_idx": [1, 2, 3, 4, 5, 6],
+                       "ts": [0, 10, 20, 10**9, 0, 5], "label": [1, 1, 0, 1, 1, 1]})
+    pairs = mine_pairs(ev, window=3, max_gap_s=100)
+    assert pairs.tolist() == [[1, 2], [5, 6]]  # 3 is a negative, 4 is too far in time

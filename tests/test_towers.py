@@ -1,0 +1,54 @@
+"""Frozen towers with the real bundled models (offline), and the content-addressed feature cache."""
+import numpy as np
+import pytest
+
+from semalign.config import Settings
+from semalign.models.towers import FeatureCache, ImageTower, TextTower, file_key, text_key
+
+TEXTS = ["A cowboy doll is jealous of a new spaceman toy.", "A toy cowboy envies a new astronaut figure.",
+         "Tax law changes for small businesses in 2024.", "x"]
+
+
+@pytest.fixture(scope="module")
+def text_tower():
+    return TextTower(Settings().resolved_text_model())
+
+
+def test_text_tower_matches_sentence_transformers(text_tower):
+    st = pytest.importorskip("sentence_transformers")
+    ours = text_tower.encode(TEXTS)
+    ref = st.SentenceTransformer(str(Settings().resolved_text_model()), device="cpu").encode(
+        TEXTS, normalize_embeddings=True)
+    assert ours.shape == (4, 384)
+    assert np.min((ours * ref).sum(1)) > 0.999
+    sim = ours @ ours.T
+    assert sim[0, 1] > sim[0, 2] + 0.3
+
+
+def test_any_local_model_dir_loads(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TextTower(tmp_path)
+
+
+def test_image_tower_survives_unreadable_images(movielens, tmp_path):
+    paths = [p for p in movielens.items["image_path"] if p][:3]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    feats, ok = ImageTower().encode(paths + [str(bad), None])
+    assert feats.shape == (5, 1280) and ok.tolist() == [True, True, True, False, False]
+    assert np.abs(feats[:3]).sum() > 0 and np.abs(feats[3:]).sum() == 0
+
+
+def test_feature_cache_computes_only_missing(tmp_path, text_tower):
+    cache = FeatureCache(tmp_path, text_tower.fingerprint)
+    calls = []
+
+    def compute(missing):
+        calls.append(list(missing))
+        return text_tower.encode([TEXTS[i] for i in missing]), np.ones(len(missing), bool)
+
+    v1, ok1, n1 = cache.get_or_compute([text_key(t) for t in TEXTS[:2]], compute)
+    v2, _, n2 = FeatureCache(tmp_path, text_tower.fingerprint).get_or_compute([text_key(t) for t in TEXTS], compute)
+    assert (n1, n2) == (2, 2) and calls == [[0, 1], [2, 3]]
+    assert np.allclose(v2[:2], v1) and ok1.all()
+    assert file_key(None) == "none"

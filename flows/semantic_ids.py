@@ -182,7 +182,7 @@ class CodebookOutput:
 
 def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOutput, parent: str | None = "latest",
                    method: str | None = None, levels: int | None = None, codes: int | None = None,
-                   rep: Reporter | None = None) -> CodebookOutput:
+                   rep: Reporter | None = None, move_latest: bool = True) -> CodebookOutput:
     """Fits the codebook on the training items' embeddings, assigns every item (cold ones included),
     adds the dedup level, and records churn against the parent's published SIDs."""
     from semalign.models.quantizer import build_codebook, dedup_level, default_codes, embeddings_hash, sid_churn
@@ -254,7 +254,8 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, folder)
-    _atomic_write_text(settings.codebooks_dir / "LATEST", cb.version)
+    if move_latest:
+        _atomic_write_text(settings.codebooks_dir / "LATEST", cb.version)
     return CodebookOutput(version=cb.version, parent=cb.parent, metrics=all_metrics, churn=churn, reused=False,
                           sids=sids)
 

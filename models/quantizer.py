@@ -30,8 +30,34 @@ def default_codes(n_items: int) -> int:
 
 # ---------------------------------------------------------------- k-means
 
-def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory."""
+def _nearest_cpu(xa: np.ndarray, c: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """argmin_j ||x - c_j||^2 as argmax_j [x, 1] . [c_j, -||c_j||^2 / 2]: one GEMM per chunk, no extra pass.
+    numpy's BLAS is used on CPU because it beats torch's GEMM on some CPUs (measured in bench/)."""
+    ca = np.concatenate([c, -0.5 * (c * c).sum(1, keepdims=True)], 1).T.astype(np.float32, copy=False)
+    ca = np.ascontiguousarray(ca)
+    codes = np.empty(len(xa), dtype=np.int64)
+    buf = np.empty((min(chunk, len(xa)), ca.shape[1]), dtype=np.float32)
+    for s in range(0, len(xa), chunk):
+        xs = xa[s: s + chunk]
+        d = np.matmul(xs, ca, out=buf[: len(xs)])
+        codes[s: s + chunk] = d.argmax(1)
+    return codes
+
+
+def _augment(x: torch.Tensor) -> np.ndarray:
+    xa = np.empty((len(x), x.shape[1] + 1), dtype=np.float32)
+    xa[:, :-1] = x.detach().float().numpy()
+    xa[:, -1] = 1.0
+    return xa
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536, xa: np.ndarray | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory. The second value
+    (squared distances) is only computed on GPU; CPU callers that need it use `_sq_dist`."""
+    if x.device.type == "cpu":
+        xa = _augment(x) if xa is None else xa
+        return torch.from_numpy(_nearest_cpu(xa, c.detach().float().numpy())), None
     c_sq = (c * c).sum(1)
     codes = torch.empty(len(x), dtype=torch.long, device=x.device)
     dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
@@ -44,24 +70,41 @@ def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torch
     return codes, dist
 
 
+def _sq_dist(x: torch.Tensor, c: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return ((x - c[codes]) ** 2).sum(1)
+
+
+class _single_thread:
+    def __init__(self, on: bool):
+        self.on, self.prev = on, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.on:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(self.prev)
+
+
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding; the sampling runs where x lives (no host round trip per centroid on GPU)."""
     n = len(x)
+    dev_gen = gen if x.device.type == "cpu" else torch.Generator(device=x.device).manual_seed(int(gen.initial_seed()))
     first = int(torch.randint(n, (1,), generator=gen))
-    cents = [x[first]]
+    idx = torch.empty(k, dtype=torch.long, device=x.device)
+    idx[0] = first
     d2 = ((x - x[first]) ** 2).sum(1)
-    for _ in range(1, k):
-        p = d2.clamp_min(0).double().cpu()
-        if float(p.sum()) <= 0:
-            idx = int(torch.randint(n, (1,), generator=gen))
-        else:
-            idx = int(torch.multinomial(p / p.sum(), 1, generator=gen))
-        cents.append(x[idx])
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
-    return torch.stack(cents)
+    for j in range(1, k):
+        p = d2.clamp_min(0) + 1e-12  # never all-zero: duplicate points stay drawable
+        nxt = torch.multinomial(p, 1, generator=dev_gen)
+        idx[j] = nxt[0]
+        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+    return x[idx].clone()
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.Tensor | None = None,
-           init_sample: int = 32) -> torch.Tensor:
+           init_sample: int = 16) -> torch.Tensor:
     """Lloyd's k-means on all points. Init: given centroids (warm start from a parent) or k-means++ on a
     sample of `init_sample * k` points. Empty clusters are re-seeded with the worst-fit points."""
     gen = torch.Generator().manual_seed(seed)
@@ -73,13 +116,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.
     else:
         sample = x if n <= init_sample * k else x[torch.randperm(n, generator=gen)[: init_sample * k].to(x.device)]
         c = _kmeanspp(sample, k, gen)
+    xa = _augment(x) if x.device.type == "cpu" else None  # built once per call, reused every iteration
     for _ in range(iters):
-        codes, dist = _assign(x, c)
-        counts = torch.bincount(codes, minlength=k)
-        sums = torch.zeros_like(c).index_add_(0, codes, x)
+        codes, dist = _assign(x, c, xa=xa)
+        with _single_thread(x.device.type == "cpu"):  # BLAS threads still spin after the GEMM: don't fight them
+            counts = torch.bincount(codes, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, codes, x)
         empty = counts == 0
         c = torch.where(empty.unsqueeze(1), c, sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype))
         if bool(empty.any()):
+            dist = _sq_dist(x, c, codes) if dist is None else dist
             worst = torch.topk(dist, int(empty.sum())).indices
             c[empty] = x[worst]
     return c
@@ -148,8 +194,7 @@ def dedup_level(codes: np.ndarray, tie_order: np.ndarray | None = None,
     n = len(codes)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    _, inv = np.unique(codes, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
+    _, inv = np.unique(_row_keys(codes), return_inverse=True)
     order = np.lexsort((np.arange(n) if tie_order is None else np.asarray(tie_order), inv))
     g = inv[order]
     starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
@@ -172,8 +217,17 @@ def sid_churn(old: np.ndarray, new: np.ndarray) -> dict:
     return {"churn": float(diff.any(1).mean()), "per_level": [float(d) for d in diff.mean(0)]}
 
 
+def _row_keys(codes: np.ndarray) -> np.ndarray:
+    """One int64 per SID row (rows of small codes pack exactly; otherwise fall back to row-unique ids)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    base = int(codes.max()) + 1 if codes.size else 1
+    if base ** codes.shape[1] < 2 ** 62:
+        return (codes * (base ** np.arange(codes.shape[1] - 1, -1, -1, dtype=np.int64))).sum(1)
+    return np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
+
+
 def code_metrics(x: torch.Tensor, codes: np.ndarray, recon: torch.Tensor, k: int) -> dict:
-    _, counts = np.unique(codes, axis=0, return_counts=True)
+    _, counts = np.unique(_row_keys(codes), return_counts=True)
     shared = counts[counts > 1].sum()
     util = [float(len(np.unique(codes[:, lvl])) / k) for lvl in range(codes.shape[1])]
     ent = []
@@ -408,14 +462,16 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
                    on_level: Callable[[int], None] | None = None) -> Codebook:
     """Builds a codebook. With `parent`, each level is warm-started from the parent's centroids and then
     matched to them (Hungarian on centroid distances), so items whose embedding barely moved keep their IDs."""
-    x = torch.as_tensor(np.asarray(emb, dtype=np.float32), device=device)
+    x = (emb.to(device=device, dtype=torch.float32) if isinstance(emb, torch.Tensor)
+         else torch.as_tensor(np.asarray(emb, dtype=np.float32), device=device))
     codes = codes or default_codes(len(x))
     use_parent = (parent is not None and parent.method == method and parent.levels == levels
                   and parent.codes == codes and parent.dim == x.shape[1])
     config = {"method": method, "levels": levels, "codes": codes, "iters": iters, "seed": seed, "dim": int(x.shape[1])}
     vae = None
+    assigned = None
     if method == "rqkmeans":
-        r, cents = x, []
+        r, cents, level_codes = x, [], []
         for lvl in range(levels):
             init = parent.centroids[lvl] if use_parent else None
             c = kmeans(r, codes, iters=iters, seed=seed + lvl, init=init)
@@ -424,8 +480,10 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
             idx, _ = _assign(r, c)
             r = r - c[idx]
             cents.append(c.cpu())
+            level_codes.append(idx.cpu())
             if on_level:
                 on_level(lvl)
+        assigned = torch.stack(level_codes, 1).numpy()  # what `assign` would give: same centroids, same order
     elif method == "rqvae":
         cfg = rqvae or RQVAEConfig(dim=int(x.shape[1]), levels=levels, codes=codes, seed=seed)
         cfg.dim, cfg.levels, cfg.codes = int(x.shape[1]), levels, codes
@@ -439,13 +497,13 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
         cents = [vae.codebooks[lvl].detach().clone() for lvl in range(levels)]
     else:
         raise ValueError(f"unknown codebook method '{method}': expected 'rqkmeans' or 'rqvae'")
-    data_hash = data_hash or embeddings_hash(np.asarray(emb, dtype=np.float32))
+    data_hash = data_hash or embeddings_hash(x.cpu().numpy())
     vid = hashlib.sha256(json.dumps([data_hash, config, parent.version if parent else None],
                                     sort_keys=True).encode()).hexdigest()[:12]
     cb = Codebook(method=method, centroids=cents, config=config, version=f"{method}-{vid}",
                   parent=parent.version if parent else None, data_hash=data_hash, vae=vae)
     xc = x.cpu()
-    assigned = cb.assign(xc.numpy())
+    assigned = cb.assign(xc.numpy()) if assigned is None else assigned
     cb.metrics = code_metrics(xc, assigned, cb.reconstruct(assigned), codes)
     cb.metrics["parent_matched"] = bool(use_parent)
     return cb

@@ -69,22 +69,33 @@ class TextTower:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        """One tokenizer call for all texts (the fast tokenizer parallelises it), then length-sorted batches;
+        on GPU the pooled vectors stay on the device until the end (one copy back, no per-batch sync)."""
         if not len(texts):
-            return out
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+            return np.zeros((0, self.dim), dtype=np.float32)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
+        ids = enc["input_ids"]
+        lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        pad_id = self.tokenizer.pad_token_id or 0
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
         for start in range(0, len(texts), self.batch_size):
             idx = order[start: start + self.batch_size]
-            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+            width = int(lengths[idx[0]])
+            batch = np.full((len(idx), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for row, i in enumerate(idx):
+                batch[row, : lengths[i]] = ids[i]
+                mask[row, : lengths[i]] = 1
+            input_ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            attn = torch.from_numpy(mask).to(self.device, non_blocking=True)
+            hidden = self.model(input_ids=input_ids, attention_mask=attn).last_hidden_state.float()
+            m = attn.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            out[torch.as_tensor(idx, device=self.device)] = torch.nn.functional.normalize(pooled, dim=-1)
             if progress:
                 progress(len(idx))
-        return out
+        return out.cpu().numpy()
 
 
 class ImageTower:

@@ -174,6 +174,40 @@ def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json:
     _emit(res, as_json, _print_summary)
 
 
+@app.command("experiment")
+def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
+               split: str = typer.Option("cold-items", help="cold-items | temporal"),
+               seeds: int = typer.Option(5, help="Seeds 0..N-1 (split, encoder, codebook, rankers)."),
+               models: str = typer.Option("full,id_only,content,aligned_content,sid_ngram,logreg",
+                                          help="Comma-separated ranker variants."),
+               json_path: Optional[Path] = typer.Option(None, "--json", help="Write long-form results here (+ .md, plots)."),
+               images: bool = typer.Option(True, help="Use the image tower where items have images."),
+               no_cross: bool = typer.Option(False, "--no-cross-attention", help="Ablation: modal + behavior attention only."),
+               random_align: bool = typer.Option(False, "--random-align-init", help="Ablation: random-init alignment tables."),
+               codebook_method: Optional[str] = typer.Option(None, "--codebook-method", help="rqkmeans | rqvae (ablation)."),
+               id_dropout: Optional[float] = typer.Option(None, help="Share of item-ID lookups replaced by OOV in training."),
+               max_epochs: Optional[int] = typer.Option(None, help="Ranker epoch budget (early stopping on validation)."),
+               bootstrap: int = typer.Option(200, help="Bootstrap resamples for the intervals.")):
+    """Train every ranker variant per seed and compare them per item bucket (AUC, GAUC, LogLoss) with
+    95% paired bootstrap intervals on the deltas of `full`."""
+    from semalign.flows.experiment import run_experiment
+    from semalign.progress import Reporter
+
+    s = _settings(home, data, use_images=images, codebook_method=codebook_method)
+    over = {"cross_attention": not no_cross, "align_init": "random" if random_align else "zero"}
+    if id_dropout is not None:
+        over["id_dropout"] = id_dropout
+    if max_epochs is not None:
+        over["max_epochs"] = max_epochs
+    try:
+        with Reporter() as rep:
+            res = run_experiment(s, data, split, seeds, [m.strip() for m in models.split(",") if m.strip()],
+                                 json_path, over, n_boot=bootstrap, rep=rep)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    sys.stdout.write(res["markdown"] + f"\n\nwall time: {res['wall_s']} s\n")
+
+
 def main():
     app()
 

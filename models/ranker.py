@@ -1,0 +1,269 @@
+"""CTR ranker with modal-behavior alignment (design section 1.3) and its baselines, in one code path.
+
+Every item has two views:
+  behavior view  b = item-ID embedding (shared out-of-vocabulary row for items unseen in training)
+  modal view     m = projection of the item's content embedding (+ the alignment block in `full`)
+Alignment block: one zero-initialised table per SID level -> concat -> fusion MLP whose last layer is
+zero-initialised -> added to the projected content. At step 0 the aligned embedding equals the projected
+content; the CTR loss then moves per-code residuals, so a cold item inherits what warm items sharing its
+codes taught. Four DIN-style target attentions over the history (modal, modal->behavior,
+behavior->modal, behavior) feed a DNN with user features.
+
+Variants (same loop, same budget): full, id_only, content, aligned_content, sid_ngram, logreg.
+Imports only torch and numpy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VARIANTS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg")
+
+
+@dataclass
+class RankerConfig:
+    variant: str = "full"
+    d: int = 64
+    align_dim: int = 32
+    att_hidden: int = 32
+    hidden: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    cross_attention: bool = True       # ablation: False keeps only modal + behavior attention
+    align_init: str = "zero"           # ablation: "random"
+    keep_raw_content: bool = False     # feed the frozen generic content beside the aligned one
+    id_dropout: float = 0.0            # share of ID lookups replaced by the OOV row in training
+    ngram_buckets: int = 1 << 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 1024
+    max_epochs: int = 10
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown ranker variant '{self.variant}': expected one of {VARIANTS}")
+        if self.align_init not in ("zero", "random"):
+            raise ValueError("align_init must be 'zero' or 'random'")
+
+
+@dataclass
+class ItemTables:
+    """Per-item inputs, row 0 = padding; row i+1 = item index i."""
+    id_vocab: np.ndarray            # [n+1] int: row in the ID table, 0 = out of vocabulary
+    content: np.ndarray | None      # [n+1, dc] projected-content input (aligned encoder embedding)
+    raw: np.ndarray | None          # [n+1, dr] frozen generic tower embedding
+    codes: np.ndarray | None        # [n+1, L] semantic IDs
+    n_codes: int = 0
+    n_ids: int = field(init=False)
+
+    def __post_init__(self):
+        self.n_ids = int(self.id_vocab.max()) + 1
+
+
+class TargetAttention(nn.Module):
+    """DIN attention; the MLP over [q, k, q-k, q*k] is split by linearity so q's share is computed once."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.wq = nn.Linear(d, hidden)
+        self.wk = nn.Linear(d, hidden, bias=False)
+        self.wp = nn.Linear(d, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, q, k, v, mask):
+        h = self.wq(q).unsqueeze(1) + self.wk(k) + self.wp(q.unsqueeze(1) * k)
+        s = self.out(F.gelu(h)).squeeze(-1).masked_fill(~mask, -1e4)
+        w = torch.softmax(s, dim=1) * mask  # empty histories give a zero vector
+        return (w.unsqueeze(-1) * v).sum(1)
+
+
+class Ranker(nn.Module):
+    def __init__(self, cfg: RankerConfig, tables: ItemTables, n_user_feats: int):
+        super().__init__()
+        self.cfg = cfg
+        v = cfg.variant
+        self.register_buffer("id_vocab", torch.as_tensor(tables.id_vocab, dtype=torch.long))
+        self.has_ids = v != "logreg"
+        self.has_modal = v in ("full", "content", "aligned_content", "sid_ngram")
+        self.uses_aligned = v in ("full", "aligned_content", "sid_ngram")
+        self.uses_raw = v in ("content", "logreg") or (cfg.keep_raw_content and self.uses_aligned)
+        if self.uses_aligned:
+            self.register_buffer("content", torch.as_tensor(tables.content, dtype=torch.float32))
+            self.proj = nn.Linear(tables.content.shape[1], cfg.d)
+        if self.uses_raw:
+            self.register_buffer("raw", torch.as_tensor(tables.raw, dtype=torch.float32))
+            self.proj_raw = nn.Linear(tables.raw.shape[1], 1 if v == "logreg" else cfg.d)
+        if v in ("full", "sid_ngram"):
+            self.register_buffer("codes", torch.as_tensor(tables.codes, dtype=torch.long))
+            levels = tables.codes.shape[1]
+        if v == "logreg":
+            self.user_lin = nn.Linear(n_user_feats, 1)
+            return
+        self.id_emb = nn.Embedding(tables.n_ids, cfg.d)
+        nn.init.normal_(self.id_emb.weight, std=0.05)
+        if v == "full":
+            self.align = nn.ModuleList(nn.Embedding(tables.n_codes, cfg.align_dim) for _ in range(levels))
+            for t in self.align:
+                (nn.init.zeros_ if cfg.align_init == "zero" else lambda w: nn.init.normal_(w, std=0.05))(t.weight)
+            self.fusion = nn.Sequential(nn.Linear(levels * cfg.align_dim, cfg.d), nn.GELU(), nn.Linear(cfg.d, cfg.d))
+            nn.init.zeros_(self.fusion[-1].weight)
+            nn.init.zeros_(self.fusion[-1].bias)
+        if v == "sid_ngram":
+            self.ngram = nn.ModuleList(nn.Embedding(cfg.ngram_buckets, cfg.d) for _ in range(levels))
+            for t in self.ngram:
+                nn.init.normal_(t.weight, std=0.05)
+            self.register_buffer("prefix_mult", torch.as_tensor([tables.n_codes ** i for i in range(levels)]))
+        n_att = 1 + (3 if self.has_modal and cfg.cross_attention else (1 if self.has_modal else 0))
+        self.att = nn.ModuleList(TargetAttention(cfg.d, cfg.att_hidden) for _ in range(n_att))
+        width = n_user_feats + cfg.d * (1 + int(self.has_modal)) + cfg.d * n_att
+        layers, w = [], width
+        for h in cfg.hidden:
+            layers += [nn.Linear(w, h), nn.GELU(), nn.Dropout(cfg.dropout)]
+            w = h
+        self.dnn = nn.Sequential(*layers, nn.Linear(w, 1))
+
+    # --- item views
+    def modal_view(self, idx: torch.Tensor) -> torch.Tensor:
+        """Modal view of item rows `idx` (1-based, 0 = padding)."""
+        parts = []
+        if self.uses_aligned:
+            parts.append(self.proj(self.content[idx]))
+        if self.uses_raw:
+            parts.append(self.proj_raw(self.raw[idx]))
+        m = sum(parts)
+        if self.cfg.variant == "full":
+            a = torch.cat([t(self.codes[idx, lvl]) for lvl, t in enumerate(self.align)], -1)
+            m = m + self.fusion(a)
+        return m
+
+    def behavior_view(self, idx: torch.Tensor) -> torch.Tensor:
+        ids = self.id_vocab[idx]
+        if self.training and self.cfg.id_dropout > 0:
+            ids = ids * (torch.rand(ids.shape, device=ids.device) >= self.cfg.id_dropout)
+        b = self.id_emb(ids)
+        if self.cfg.variant == "sid_ngram":
+            c = self.codes[idx]
+            prefix = torch.cumsum(c * self.prefix_mult, -1) % self.cfg.ngram_buckets
+            b = b + sum(t(prefix[..., lvl]) for lvl, t in enumerate(self.ngram))
+        return b
+
+    def forward(self, user_feats: torch.Tensor, cand: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        if self.cfg.variant == "logreg":
+            return (self.proj_raw(self.raw[cand]) + self.user_lin(user_feats)).squeeze(-1)
+        mask = hist > 0
+        b_c, b_h = self.behavior_view(cand), self.behavior_view(hist)
+        feats = [user_feats, b_c]
+        if self.has_modal:
+            # modal views of the batch's unique items only (cheap when histories repeat items)
+            uniq, inv = torch.unique(torch.cat([cand, hist.reshape(-1)]), return_inverse=True)
+            mu = self.modal_view(uniq)[inv]
+            m_c, m_h = mu[: len(cand)], mu[len(cand):].reshape(*hist.shape, -1)
+            feats.append(m_c)
+            feats.append(self.att[0](m_c, m_h, m_h, mask))                       # modal
+            if self.cfg.cross_attention:
+                feats.append(self.att[2](m_c, m_h, b_h, mask))                   # modal -> behavior
+                feats.append(self.att[3](b_c, b_h, m_h, mask))                   # behavior -> modal
+        feats.append(self.att[1 if self.has_modal else 0](b_c, b_h, b_h, mask))  # behavior
+        return self.dnn(torch.cat(feats, -1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class Frame:
+    """Model inputs of a set of events (numpy); hist holds item rows (item index + 1), 0 = padding."""
+    user_feats: np.ndarray
+    cand: np.ndarray
+    hist: np.ndarray
+    label: np.ndarray
+
+    def __len__(self):
+        return len(self.label)
+
+    def tensors(self, device):
+        return (torch.as_tensor(self.user_feats, dtype=torch.float32, device=device),
+                torch.as_tensor(self.cand, dtype=torch.long, device=device),
+                torch.as_tensor(self.hist, dtype=torch.long, device=device),
+                torch.as_tensor(self.label, dtype=torch.float32, device=device))
+
+
+@torch.no_grad()
+def predict(model: Ranker, frame: Frame, device: str = "cpu", batch: int = 8192) -> np.ndarray:
+    model.eval()
+    u, c, h, _ = frame.tensors(device)
+    out = []
+    for s in range(0, len(c), batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            out.append(torch.sigmoid(model(u[s:s + batch], c[s:s + batch], h[s:s + batch]).float()).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from .metrics import auc
+
+    return auc(y, p)
+
+
+@dataclass
+class TrainResult:
+    model: Ranker
+    history: list[dict]
+    best_epoch: int
+    best_val_auc: float
+    samples_per_s: float
+
+
+def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame, device: str = "cpu",
+                 on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+    """Adam on BCE; deterministic data order from the seed; early stopping on validation AUC."""
+    import time
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = Ranker(cfg, tables, train.user_feats.shape[1]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    u, c, h, y = train.tensors(device)
+    best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        perm = torch.randperm(len(y), generator=gen).to(device)
+        t0, total = time.perf_counter(), 0.0
+        for s in range(0, len(perm), cfg.batch_size):
+            idx = perm[s: s + cfg.batch_size]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                logit = model(u[idx], c[idx], h[idx])
+            loss = F.binary_cross_entropy_with_logits(logit.float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        busy += time.perf_counter() - t0
+        seen += len(y)
+        val_auc = _auc(val.label, predict(model, val, device)) if len(val) else float("nan")
+        rec = {"epoch": epoch + 1, "loss": total / len(y), "val_auc": val_auc}
+        history.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+        if val_auc > best[0] or best[2] is None:
+            best, bad = (val_auc, epoch + 1, {k: t.detach().clone() for k, t in model.state_dict().items()}), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(model=model, history=history, best_epoch=best[1], best_val_auc=best[0],
+                       samples_per_s=seen / max(busy, 1e-9))
+
+
+def config_dict(cfg: RankerConfig) -> dict:
+    d = asdict(cfg)
+    d["hidden"] = list(cfg.hidden)
+    return d

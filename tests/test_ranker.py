@@ -1,0 +1,120 @@
+"""Aligned ranker: zero-init alignment equals the content path at step 0, masking, OOV, variants, metrics."""
+import numpy as np
+import pytest
+import torch
+
+from semalign.models.metrics import BootstrapFrame, auc, gauc, paired_bootstrap
+from semalign.models.ranker import VARIANTS, Frame, ItemTables, Ranker, RankerConfig, predict, train_ranker
+
+
+def _tables(n=40, levels=3, k=8, seen=30, seed=0):
+    rng = np.random.default_rng(seed)
+    vocab = np.zeros(n + 1, np.int64)
+    vocab[1:seen + 1] = np.arange(1, seen + 1)  # items seen+1.. are cold: OOV
+    codes = np.r_[np.zeros((1, levels), np.int64), rng.integers(0, k, (n, levels))]
+    content = np.r_[np.zeros((1, 16), np.float32), rng.standard_normal((n, 16)).astype(np.float32)]
+    return ItemTables(id_vocab=vocab, content=content, raw=content * 2, codes=codes, n_codes=k)
+
+
+def _frame(n_ev=600, n=40, h=5, seed=0):
+    """Clicks follow a content direction, so the content path can learn what the IDs cannot for cold items."""
+    rng = np.random.default_rng(seed)
+    t = _tables(n)
+    cand = rng.integers(1, n + 1, n_ev)
+    hist = rng.integers(0, n + 1, (n_ev, h))
+    hist[:50] = 0  # empty histories
+    score = t.content[cand, 0] + 0.3 * rng.standard_normal(n_ev)
+    return t, Frame(user_feats=rng.standard_normal((n_ev, 2)).astype(np.float32), cand=cand, hist=hist,
+                    label=(score > 0).astype(np.float32))
+
+
+def test_alignment_block_is_zero_at_step_zero():
+    t, f = _frame()
+    model = Ranker(RankerConfig(variant="full"), t, 2)
+    plain = Ranker(RankerConfig(variant="aligned_content"), t, 2)
+    plain.proj.load_state_dict(model.proj.state_dict())
+    idx = torch.arange(1, 41)
+    assert torch.equal(model.modal_view(idx), plain.modal_view(idx))
+    rnd = Ranker(RankerConfig(variant="full", align_init="random"), t, 2)
+    assert rnd.align[0].weight.abs().sum() > 0 and model.align[0].weight.abs().sum() == 0
+
+
+def test_alignment_tables_learn_and_cold_items_share_code_residuals():
+    t, f = _frame()
+    res = train_ranker(RankerConfig(variant="full", max_epochs=3, batch_size=128), t, f, f)
+    m = res.model
+    assert any(tbl.weight.abs().sum() > 0 for tbl in m.align)
+    # two cold items with identical codes and content get identical modal views (they share residuals)
+    with torch.no_grad():
+        m.codes[40] = m.codes[39]
+        m.content[40] = m.content[39]
+        v = m.modal_view(torch.tensor([39, 40]))
+    assert torch.allclose(v[0], v[1])
+
+
+def test_cold_items_use_the_shared_oov_row():
+    t, _ = _frame()
+    m = Ranker(RankerConfig(variant="id_only"), t, 2).eval()
+    b = m.behavior_view(torch.tensor([35, 36, 40]))
+    assert torch.equal(b[0], b[1]) and torch.equal(b[1], m.id_emb.weight[0])
+
+
+def test_padding_is_masked_out():
+    t, f = _frame()
+    m = Ranker(RankerConfig(variant="full"), t, 2).eval()
+    u, c, h, _ = f.tensors("cpu")
+    h2 = h.clone()
+    h2[:50] = 0
+    with torch.no_grad():
+        base = m(u[:50], c[:50], h2[:50])
+        # changing the ids of padded slots must not change the score: padding is by position (0), so
+        # a history of all padding equals an empty history
+        assert torch.isfinite(base).all()
+        one = h2[:1].clone()
+        one[0, -1] = 3
+        assert not torch.allclose(m(u[:1], c[:1], one), base[:1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_and_beats_chance(variant):
+    t, f = _frame()
+    _, val = _frame(seed=1)
+    res = train_ranker(RankerConfig(variant=variant, max_epochs=6, batch_size=128, lr=3e-3), t, f, val)
+    p = predict(res.model, val)
+    assert p.shape == (len(val),) and np.all((p > 0) & (p < 1))
+    if variant != "id_only":  # content-driven labels
+        assert auc(val.label, p) > 0.65
+    assert 1 <= res.best_epoch <= 6 and res.samples_per_s > 0
+
+
+def test_no_cross_attention_ablation_has_two_attentions():
+    t, _ = _frame()
+    assert len(Ranker(RankerConfig(variant="full", cross_attention=False), t, 2).att) == 2
+    assert len(Ranker(RankerConfig(variant="full"), t, 2).att) == 4
+    with pytest.raises(ValueError, match="unknown ranker variant"):
+        RankerConfig(variant="nope")
+
+
+def test_metrics_against_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500).astype(float)
+    p = np.round(rng.random(500), 2)  # ties included
+    assert auc(y, p) == pytest.approx(sk.roc_auc_score(y, p))
+    users = rng.integers(0, 20, 500)
+    per = [(sk.roc_auc_score(y[users == u], p[users == u]), (users == u).sum()) for u in np.unique(users)
+           if 0 < y[users == u].mean() < 1]
+    assert gauc(y, p, users) == pytest.approx(sum(a * n for a, n in per) / sum(n for _, n in per))
+
+
+def test_paired_bootstrap_interval_covers_a_real_gain_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 3000).astype(float)
+    users = rng.integers(0, 100, 3000)
+    noise = rng.standard_normal(3000)
+    good, bad = y + 0.8 * noise, y + 1.2 * noise
+    f = BootstrapFrame(y, users, {"a": good, "b": bad, "c": bad.copy()})
+    gain = paired_bootstrap([f], "a", "b", n_boot=100)
+    assert gain["auc"][1] > 0 and gain["gauc"][1] > 0
+    null = paired_bootstrap([f], "c", "b", n_boot=100)
+    assert null["auc"] == (0.0, 0.0, 0.0)

@@ -154,7 +154,10 @@ def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndar
         i = model.reduce_image(i)  # the PCA is frozen: project once, not every step
     pairs_t = torch.as_tensor(pairs, dtype=torch.long)
     steps = max(1, math.ceil(len(pairs) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.1)
+    total_steps = cfg.epochs * steps
+    # one-cycle needs room for its warm-up; tiny datasets just keep the base rate
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
+             if total_steps >= 20 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     best = (-1.0, -1, None)
     history = []
     for epoch in range(cfg.epochs):

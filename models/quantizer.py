@@ -226,7 +226,7 @@ def _row_keys(codes: np.ndarray) -> np.ndarray:
     return np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
 
 
-def code_metrics(x: torch.Tensor, codes: np.ndarray, recon: torch.Tensor, k: int) -> dict:
+def code_metrics(codes: np.ndarray, k: int, relative_recon_error: float) -> dict:
     _, counts = np.unique(_row_keys(codes), return_counts=True)
     shared = counts[counts > 1].sum()
     util = [float(len(np.unique(codes[:, lvl])) / k) for lvl in range(codes.shape[1])]
@@ -235,10 +235,9 @@ def code_metrics(x: torch.Tensor, codes: np.ndarray, recon: torch.Tensor, k: int
         p = np.bincount(codes[:, lvl], minlength=k) / len(codes)
         p = p[p > 0]
         ent.append(float(np.exp(-(p * np.log(p)).sum())))
-    err = float(((x - recon) ** 2).sum(1).mean() / (x ** 2).sum(1).mean().clamp_min(1e-12))
     return {"utilisation": util, "perplexity": ent, "collision_rate": float(shared / len(codes)),
             "max_collision_group": int(counts.max()), "unique_sids": int(len(counts)),
-            "relative_recon_error": err}
+            "relative_recon_error": relative_recon_error}
 
 
 # ---------------------------------------------------------------- RQ-VAE
@@ -502,8 +501,15 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
                                     sort_keys=True).encode()).hexdigest()[:12]
     cb = Codebook(method=method, centroids=cents, config=config, version=f"{method}-{vid}",
                   parent=parent.version if parent else None, data_hash=data_hash, vae=vae)
-    xc = x.cpu()
-    assigned = cb.assign(xc.numpy()) if assigned is None else assigned
-    cb.metrics = code_metrics(xc, assigned, cb.reconstruct(assigned), codes)
+    if assigned is None:
+        assigned = cb.assign(x.cpu().numpy())
+    if method == "rqkmeans":  # reconstruction error where x lives (GPU stays GPU)
+        codes_t = torch.as_tensor(assigned, device=x.device)
+        recon = sum(c.to(x.device)[codes_t[:, lvl]] for lvl, c in enumerate(cents))
+        recon_err = float(((x - recon) ** 2).sum(1).mean() / (x ** 2).sum(1).mean().clamp_min(1e-12))
+    else:
+        xc = x.cpu()
+        recon_err = float(((xc - cb.reconstruct(assigned)) ** 2).sum(1).mean() / (xc ** 2).sum(1).mean().clamp_min(1e-12))
+    cb.metrics = code_metrics(assigned, codes, recon_err)
     cb.metrics["parent_matched"] = bool(use_parent)
     return cb

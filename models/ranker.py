@@ -36,8 +36,8 @@ class RankerConfig:
     dropout: float = 0.1
     cross_attention: bool = True       # ablation: False keeps only modal + behavior attention
     align_init: str = "zero"           # ablation: "random"
-    keep_raw_content: bool = False     # feed the frozen generic content beside the aligned one
-    id_dropout: float = 0.0            # share of ID lookups replaced by the OOV row in training
+    keep_raw_content: bool = True      # feed the frozen generic content beside the aligned one (chosen on validation)
+    id_dropout: float = 0.1            # share of items seen through the OOV row per training step (chosen on validation)
     ngram_buckets: int = 1 << 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -68,7 +68,8 @@ class ItemTables:
 
 
 class TargetAttention(nn.Module):
-    """DIN attention; the MLP over [q, k, q-k, q*k] is split by linearity so q's share is computed once."""
+    """DIN attention. The MLP over [q, k, q-k, q*k] is split by linearity: q's share is computed once per
+    row and k's share once per catalogue item (`key_table`), so only the q*k share runs per history slot."""
 
     def __init__(self, d: int, hidden: int):
         super().__init__()
@@ -77,11 +78,12 @@ class TargetAttention(nn.Module):
         self.wp = nn.Linear(d, hidden, bias=False)
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, q, k, v, mask):
-        h = self.wq(q).unsqueeze(1) + self.wk(k) + self.wp(q.unsqueeze(1) * k)
+    def forward(self, q, k, v, mask, k_proj=None):
+        k_proj = self.wk(k) if k_proj is None else k_proj
+        h = self.wq(q).unsqueeze(1) + k_proj + self.wp(q.unsqueeze(1) * k)
         s = self.out(F.gelu(h)).squeeze(-1).masked_fill(~mask, -1e4)
         w = torch.softmax(s, dim=1) * mask  # empty histories give a zero vector
-        return (w.unsqueeze(-1) * v).sum(1)
+        return torch.bmm(w.unsqueeze(1), v).squeeze(1)
 
 
 class Ranker(nn.Module):
@@ -143,10 +145,10 @@ class Ranker(nn.Module):
             m = m + self.fusion(a)
         return m
 
-    def behavior_view(self, idx: torch.Tensor) -> torch.Tensor:
+    def behavior_view(self, idx: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
         ids = self.id_vocab[idx]
-        if self.training and self.cfg.id_dropout > 0:
-            ids = ids * (torch.rand(ids.shape, device=ids.device) >= self.cfg.id_dropout)
+        if dropped is not None:
+            ids = ids * ~dropped[idx]
         b = self.id_emb(ids)
         if self.cfg.variant == "sid_ngram":
             c = self.codes[idx]
@@ -158,19 +160,37 @@ class Ranker(nn.Module):
         if self.cfg.variant == "logreg":
             return (self.proj_raw(self.raw[cand]) + self.user_lin(user_feats)).squeeze(-1)
         mask = hist > 0
-        b_c, b_h = self.behavior_view(cand), self.behavior_view(hist)
+        n_rows = self.id_vocab.shape[0]
+        # item-ID dropout, per item and step: a dropped item is seen through the OOV row everywhere in the batch
+        dropped = (torch.rand(n_rows, device=cand.device) < self.cfg.id_dropout) \
+            if self.training and self.cfg.id_dropout > 0 else None
+        # views computed once per row, not per history slot: over the whole table when it is small next to
+        # the batch (small catalogues, CPU), else over the rows this batch touches
+        if n_rows * 4 <= hist.numel():
+            rows, inv = None, None
+            table_idx = torch.arange(n_rows, device=cand.device)
+        else:
+            rows, inv = torch.unique(torch.cat([cand, hist.reshape(-1)]), return_inverse=True)
+            table_idx = rows
+
+        def gather(tab):  # table over `table_idx` -> (candidate rows, history rows); embedding's backward is fast
+            if rows is None:
+                return F.embedding(cand, tab), F.embedding(hist, tab)
+            return F.embedding(inv[: len(cand)], tab), F.embedding(inv[len(cand):].reshape(hist.shape), tab)
+
+        b_tab = self.behavior_view(table_idx, dropped)
+        b_c, b_h = gather(b_tab)
+        att_b = self.att[1 if self.has_modal else 0]
         feats = [user_feats, b_c]
         if self.has_modal:
-            # modal views of the batch's unique items only (cheap when histories repeat items)
-            uniq, inv = torch.unique(torch.cat([cand, hist.reshape(-1)]), return_inverse=True)
-            mu = self.modal_view(uniq)[inv]
-            m_c, m_h = mu[: len(cand)], mu[len(cand):].reshape(*hist.shape, -1)
+            m_tab = self.modal_view(table_idx)
+            m_c, m_h = gather(m_tab)
             feats.append(m_c)
-            feats.append(self.att[0](m_c, m_h, m_h, mask))                       # modal
+            feats.append(self.att[0](m_c, m_h, m_h, mask, gather(self.att[0].wk(m_tab))[1]))          # modal
             if self.cfg.cross_attention:
-                feats.append(self.att[2](m_c, m_h, b_h, mask))                   # modal -> behavior
-                feats.append(self.att[3](b_c, b_h, m_h, mask))                   # behavior -> modal
-        feats.append(self.att[1 if self.has_modal else 0](b_c, b_h, b_h, mask))  # behavior
+                feats.append(self.att[2](m_c, m_h, b_h, mask, gather(self.att[2].wk(m_tab))[1]))      # modal->behavior
+                feats.append(self.att[3](b_c, b_h, m_h, mask, gather(self.att[3].wk(b_tab))[1]))      # behavior->modal
+        feats.append(att_b(b_c, b_h, b_h, mask, gather(att_b.wk(b_tab))[1]))                          # behavior
         return self.dnn(torch.cat(feats, -1)).squeeze(-1)
 
 

@@ -69,28 +69,22 @@ class TextTower:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
-        """One tokenizer call for all texts (the fast tokenizer parallelises it), then length-sorted batches;
-        on GPU the pooled vectors stay on the device until the end (one copy back, no per-batch sync)."""
+        """Length-sorted batches (little padding). On GPU nothing syncs per batch: pooled vectors stay on the
+        device and come back in one copy at the end, so the tokenizer works on the next batch while the GPU
+        runs this one."""
         if not len(texts):
             return np.zeros((0, self.dim), dtype=np.float32)
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False)
-        ids = enc["input_ids"]
-        lengths = np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids))
-        order = np.argsort(-lengths, kind="stable")
-        pad_id = self.tokenizer.pad_token_id or 0
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        on_gpu = self.device.startswith("cuda")
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
         for start in range(0, len(texts), self.batch_size):
             idx = order[start: start + self.batch_size]
-            width = int(lengths[idx[0]])
-            batch = np.full((len(idx), width), pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for row, i in enumerate(idx):
-                batch[row, : lengths[i]] = ids[i]
-                mask[row, : lengths[i]] = 1
-            input_ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            attn = torch.from_numpy(mask).to(self.device, non_blocking=True)
-            hidden = self.model(input_ids=input_ids, attention_mask=attn).last_hidden_state.float()
-            m = attn.unsqueeze(-1).to(hidden.dtype)
+            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            if on_gpu:
+                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state.float()
+            m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
             out[torch.as_tensor(idx, device=self.device)] = torch.nn.functional.normalize(pooled, dim=-1)
             if progress:
@@ -168,6 +162,9 @@ class FeatureCache:
         idx, vec, ok = self.dir / "keys.json", self.dir / "vectors.npy", self.dir / "ok.npy"
         if idx.exists() and vec.exists() and ok.exists():
             self._keys = json.loads(idx.read_text())
+            if not isinstance(self._keys, dict):  # an older layout: start over rather than misread rows
+                self._keys, self._vecs, self._ok = {}, None, None
+                return
             self._vecs = np.load(vec, allow_pickle=False)
             self._ok = np.load(ok, allow_pickle=False)
         else:

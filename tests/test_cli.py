@@ -81,3 +81,25 @@ def test_bad_dataset_is_a_clear_cli_error(tmp_path):
     assert proc.returncode == 2
     assert "interactions.csv, row 2, column 'item_id'" in proc.stderr
     assert not (tmp_path / "h" / "codebooks").exists()
+
+
+def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens):
+    shop = write_generic(tmp_path / "small", movielens, n_items=120)
+    env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_USE_IMAGES": "false"}
+    out = tmp_path / "exp" / "res.json"
+    proc = _cli("experiment", "--data", str(shop), "--seeds", "2", "--models", "full,id_only,logreg",
+                "--max-epochs", "1", "--bootstrap", "20", "--json", str(out), env=env)
+    res = json.loads(out.read_text())
+    assert res["split"] == "cold-items" and res["seeds"] == 2
+    keys = {(r["model"], r["bucket"], r["metric"]) for r in res["results"]}
+    assert ("full", "unseen", "gauc") in keys and ("logreg", "all", "auc") in keys and ("id_only", "all", "logloss") in keys
+    for r in res["results"]:
+        assert set(r) == {"model", "bucket", "metric", "mean", "std", "n_events"}
+        assert r["metric"] != "auc" or 0 <= r["mean"] <= 1
+    d = [x for x in res["deltas"] if x["baseline"] == "id_only" and x["bucket"] == "all" and x["metric"] == "gauc"]
+    assert len(d) == 1 and d[0]["ci_low"] <= d[0]["mean"] <= d[0]["ci_high"]
+    assert {x["baseline"] for x in res["deltas"]} == {"id_only", "logreg"}
+    assert out.with_suffix(".auc.png").stat().st_size > 10_000 and out.with_suffix(".md").exists()
+    assert "| GAUC |" in proc.stdout and "delta" in proc.stdout
+    # the experiment never moves the published codebook pointer
+    assert not (tmp_path / "home" / "codebooks" / "LATEST").exists()

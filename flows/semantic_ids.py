@@ -185,7 +185,8 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
                    rep: Reporter | None = None, move_latest: bool = True) -> CodebookOutput:
     """Fits the codebook on the training items' embeddings, assigns every item (cold ones included),
     adds the dedup level, and records churn against the parent's published SIDs."""
-    from semalign.models.quantizer import build_codebook, dedup_level, default_codes, embeddings_hash, sid_churn
+    from semalign.models.quantizer import (build_codebook, dedup_level, default_codes, embeddings_hash, procrustes,
+                                           sid_churn)
 
     rep = rep or Reporter(quiet=True)
     method = method or settings.codebook_method
@@ -195,11 +196,24 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     parent_version = latest_codebook_version(settings) if parent == "latest" else parent
     parent_cb = load_codebook(settings, parent_version) if parent_version else None
     item_ids = ds.items["item_id"].tolist()
-    data_hash = embeddings_hash(enc.embeddings, item_ids) + "-" + _hash(fit_items.tobytes())
+    embeddings, rotated = enc.embeddings, False
+    if parent_cb is not None and (settings.codebooks_dir / parent_cb.version / "sids.parquet").exists():
+        # a retrained encoder can come out rotated: align it to the parent's published space first
+        old = load_sids(settings, parent_cb.version).set_index("item_id")["embedding"]
+        pos = {iid: i for i, iid in enumerate(item_ids)}
+        common = [iid for iid in old.index if iid in pos]
+        old_emb = np.stack(old.loc[common].to_numpy()) if common else None
+        if old_emb is not None and old_emb.shape[1] == embeddings.shape[1] and len(common) >= embeddings.shape[1]:
+            new_common = embeddings[[pos[i] for i in common]]
+            rot = procrustes(new_common, old_emb)
+            # unchanged embeddings must stay bit-identical, or a rerun would mint a new version
+            if not np.array_equal(new_common, old_emb) and np.abs(rot - np.eye(len(rot))).max() > 1e-4:
+                embeddings, rotated = (embeddings @ rot).astype(np.float32), True
+    data_hash = embeddings_hash(embeddings, item_ids) + "-" + _hash(fit_items.tobytes())
     pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
     # same embeddings + same config as the parent: the parent *is* the result; nothing new is written
     want = {"method": method, "levels": levels, "codes": codes, "iters": settings.kmeans_iters,
-            "seed": settings.seed, "dim": int(enc.embeddings.shape[1])}
+            "seed": settings.seed, "dim": int(embeddings.shape[1])}
     if parent_cb is not None and parent_cb.data_hash == data_hash and \
             {k: parent_cb.config.get(k) for k in want} == want:
         return CodebookOutput(version=parent_cb.version, parent=parent_cb.parent, metrics=parent_cb.metrics,
@@ -212,19 +226,20 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     fit_pairs = pos[pairs]
     fit_pairs = fit_pairs[(fit_pairs >= 0).all(1)]
     with rep.stage(f"codebook {method} {levels}x{codes}", levels) as adv:
-        cb = build_codebook(enc.embeddings[fit_items], levels=levels, codes=codes, method=method,
+        cb = build_codebook(embeddings[fit_items], levels=levels, codes=codes, method=method,
                             iters=settings.kmeans_iters, seed=settings.seed, parent=parent_cb, pairs=fit_pairs,
                             data_hash=data_hash, on_level=lambda lvl: adv(1))
     folder = settings.codebooks_dir / cb.version
-    assigned = cb.assign(enc.embeddings)
+    assigned = cb.assign(embeddings)
     tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")
     dedup = dedup_level(assigned, tie_order=tie)
     sids = pd.DataFrame({"item_id": item_ids})
     for lvl in range(levels):
         sids[f"sid_{lvl}"] = assigned[:, lvl]
     sids["sid_dedup"] = dedup
-    sids["embedding"] = list(enc.embeddings.astype(np.float32))
+    sids["embedding"] = list(embeddings.astype(np.float32))
     all_metrics = dict(cb.metrics)
+    all_metrics["rotated_to_parent"] = rotated
     # the fit set's metrics are the codebook's; the catalogue's (cold items included) are what serving sees
     _, counts = np.unique(assigned, axis=0, return_counts=True)
     all_metrics["catalogue_collision_rate"] = float(counts[counts > 1].sum() / len(assigned))

@@ -184,6 +184,13 @@ def match_to_parent(new: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
     return new[torch.as_tensor(col_of_row, device=new.device)]
 
 
+def procrustes(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Orthogonal R minimising ||new @ R - old|| over paired rows. A retrained encoder may land in a rotated
+    copy of the old space; rotating it back (cosines unchanged) lets the parent's centroids still fit."""
+    u, _, vt = np.linalg.svd(np.asarray(new, np.float64).T @ np.asarray(old, np.float64))
+    return (u @ vt).astype(np.float32)
+
+
 # ---------------------------------------------------------------- dedup, metrics, churn
 
 def dedup_level(codes: np.ndarray, tie_order: np.ndarray | None = None,

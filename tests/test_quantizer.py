@@ -110,3 +110,15 @@ def test_rqvae_round_trip(tmp_path, clustered):
     again = Codebook.load(tmp_path / "v")
     assert (again.assign(clustered) == cb.assign(clustered)).all()
     assert torch.allclose(again.reconstruct(cb.assign(clustered[:5])), cb.reconstruct(cb.assign(clustered[:5])))
+
+
+def test_procrustes_undoes_a_rotation(clustered):
+    from semalign.models.quantizer import procrustes
+
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 32)))
+    rotated = clustered @ q.astype(np.float32)
+    r = procrustes(rotated, clustered)
+    assert np.allclose(rotated @ r, clustered, atol=1e-4)
+    parent = build_codebook(clustered, levels=2, codes=16)
+    # codes of the rotated space, rotated back, match the parent's assignment
+    assert (parent.assign(rotated @ r) == parent.assign(clustered)).mean() > 0.99

@@ -100,7 +100,10 @@ class EncoderOutput:
 
 
 def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFeatures,
-                  rep: Reporter | None = None) -> EncoderOutput:
+                  rep: Reporter | None = None, parent: str | None = None, move_latest: bool = False) -> EncoderOutput:
+    """Trains (or reuses) the encoder. With `parent` ("latest" or a version) a retrain starts from the parent's
+    weights and image PCA, so item embeddings move only as far as behavior changed: that is what keeps
+    semantic IDs stable across refreshes."""
     from semalign.models.encoder import EncoderConfig, embed_items, hit_at_k, load_encoder, save_encoder, train_encoder
 
     rep = rep or Reporter(quiet=True)
@@ -112,17 +115,33 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
                         hidden=settings.encoder_hidden, out_dim=settings.embed_dim, epochs=settings.encoder_epochs,
                         batch_size=settings.encoder_batch, lr=settings.encoder_lr,
                         content_weight=settings.encoder_content_weight, seed=settings.seed)
-    version = "enc-" + _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
+    input_key = _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
+    latest_p = settings.encoders_dir / "LATEST"
+    parent_version = (latest_p.read_text().strip() if latest_p.exists() else None) if parent == "latest" else parent
+    parent_model, parent_meta = None, None
+    if parent_version:
+        if not (settings.encoders_dir / parent_version / "encoder.json").exists():
+            raise KeyError(f"unknown parent encoder '{parent_version}' under {settings.encoders_dir}")
+        parent_model, parent_meta = load_encoder(settings.encoders_dir / parent_version, device)
+        if parent_meta.get("input_key") == input_key:  # same inputs as the parent: the parent is the result
+            parent_model, version = None, parent_version
+        elif parent_model.cfg != cfg:  # a different shape cannot be warm-started
+            parent_model, parent_version = None, None
+    if parent_model is not None:
+        version = "enc-" + _hash(input_key, parent_version)
+    elif not (parent_meta and parent_meta.get("input_key") == input_key):
+        version = "enc-" + input_key
     folder = settings.encoders_dir / version
     reused = (folder / "encoder.json").exists()
     if reused:
         model, meta = load_encoder(folder, device)
     else:
-        with rep.stage("encoder", cfg.epochs) as adv:
+        with rep.stage("encoder" + (" (from parent)" if parent_model is not None else ""), cfg.epochs) as adv:
             res = train_encoder(feats.text, feats.image, feats.has_image, pairs, val_pairs, cfg, device,
-                                on_epoch=lambda r: adv(1, val_hit30=f"{r['val_hit']:.3f}"))
+                                on_epoch=lambda r: adv(1, val_hit30=f"{r['val_hit']:.3f}"), init=parent_model)
         model = res.model
-        meta = {"version": version, "best_epoch": res.best_epoch, "history": res.history,
+        meta = {"version": version, "input_key": input_key, "parent": parent_version if parent_model is not None else None,
+                "best_epoch": res.best_epoch, "history": res.history,
                 "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "split": split.kind}
     emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
 
@@ -145,6 +164,9 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
         metrics["test_pairs_both_images"] = int(len(both_img))
     if not reused:
         save_encoder(model, folder, {**meta, "metrics": metrics})
+    if move_latest:
+        settings.encoders_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(latest_p, version)
     return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
 
 
@@ -283,7 +305,7 @@ def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Re
     ds = ingest(settings, data)
     split = make_split(ds, settings.split, settings.seed, settings.cold_item_share)
     feats = tower_features(settings, ds, rep)
-    enc = encoder_stage(settings, ds, split, feats, rep)
+    enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
     cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)
     return {
         "dataset": ds.name, "data": ds.report, "split": split.kind, "cold_items": int(len(split.cold_items)),

@@ -30,6 +30,7 @@ class EncoderConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     content_weight: float = 1.0  # weight of the content-preservation term
+    anchor_weight: float = 1.0   # when fine-tuning from a parent: pull items toward the parent's embedding
     init_temperature: float = 0.07
     seed: int = 0
     eval_k: int = 30
@@ -139,14 +140,21 @@ def embed_items(model: FusionEncoder, text: np.ndarray, image: np.ndarray | None
 
 def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndarray | None, pairs: np.ndarray,
                   val_pairs: np.ndarray, cfg: EncoderConfig, device: str = "cpu",
-                  on_epoch: Callable[[dict], None] | None = None) -> EncoderResult:
-    """Trains on `pairs` (item indices); keeps the epoch with the best Hit@k on `val_pairs`."""
+                  on_epoch: Callable[[dict], None] | None = None, init: FusionEncoder | None = None) -> EncoderResult:
+    """Trains on `pairs` (item indices); keeps the epoch with the best Hit@k on `val_pairs`. With `init`, starts
+    from that model's weights and keeps its image PCA (a fine-tune that keeps the embedding space in place)."""
     if len(pairs) == 0:
         raise ValueError("no behavior pairs to train the encoder on (training window has no co-engaged items)")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = FusionEncoder(cfg).to(device)
-    if cfg.image_dim and has_image is not None and has_image.sum() > 1:
+    anchor = None
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+        if cfg.anchor_weight > 0:  # where each item sat under the parent: moving it costs (stable SIDs)
+            anchor = torch.as_tensor(embed_items(init, text, image if cfg.image_dim else None,
+                                                 has_image if cfg.image_dim else None, device), device=device)
+    elif cfg.image_dim and has_image is not None and has_image.sum() > 1:
         fit_image_pca(model, image[has_image])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     t, i, m = _features(text, image if cfg.image_dim else None, has_image if cfg.image_dim else None, device)
@@ -173,6 +181,9 @@ def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndar
             loss = info_nce(za, zb, model.log_scale)
             if cfg.content_weight > 0:
                 loss = loss + cfg.content_weight * 0.5 * (content_preservation(za, t[a]) + content_preservation(zb, t[b]))
+            if anchor is not None:
+                loss = loss + cfg.anchor_weight * 0.5 * (((za - anchor[a]) ** 2).sum(1).mean()
+                                                         + ((zb - anchor[b]) ** 2).sum(1).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -44,3 +44,17 @@ def test_hit_at_k_excludes_the_query_itself():
     emb[1], emb[3] = emb[0], emb[2]
     assert hit_at_k(emb, np.array([[0, 1]]), k=1) == 1.0
     assert hit_at_k(emb, np.array([[0, 2]]), k=1) == 0.0
+
+
+def test_fine_tuning_with_the_anchor_keeps_items_near_the_parent():
+    from dataclasses import replace
+
+    text, image, has, tr, va, _ = _synthetic()
+    cfg = EncoderConfig(text_dim=64, image_dim=40, image_pca=16, hidden=64, out_dim=32, epochs=4, batch_size=256)
+    parent = train_encoder(text, image, has, tr, va, cfg).model
+    before = embed_items(parent, text, image, has)
+    changed = np.concatenate([tr[: int(0.9 * len(tr))], _synthetic(seed=1)[3][: int(0.1 * len(tr))]])
+    free = embed_items(train_encoder(text, image, has, changed, va, replace(cfg, anchor_weight=0.0), init=parent).model,
+                       text, image, has)
+    anchored = embed_items(train_encoder(text, image, has, changed, va, cfg, init=parent).model, text, image, has)
+    assert (anchored * before).sum(1).mean() > (free * before).sum(1).mean() + 0.01

@@ -15,7 +15,7 @@ Imports only torch and numpy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -281,9 +281,3 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best[1], best_val_auc=best[0],
                        samples_per_s=seen / max(busy, 1e-9))
-
-
-def config_dict(cfg: RankerConfig) -> dict:
-    d = asdict(cfg)
-    d["hidden"] = list(cfg.hidden)
-    return d

@@ -118,24 +118,22 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     input_key = _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
     latest_p = settings.encoders_dir / "LATEST"
     parent_version = (latest_p.read_text().strip() if latest_p.exists() else None) if parent == "latest" else parent
-    parent_model, parent_meta = None, None
+    parent_model, parent_meta = None, {}
     if parent_version:
         if not (settings.encoders_dir / parent_version / "encoder.json").exists():
             raise KeyError(f"unknown parent encoder '{parent_version}' under {settings.encoders_dir}")
         parent_model, parent_meta = load_encoder(settings.encoders_dir / parent_version, device)
-        if parent_meta.get("input_key") == input_key:  # same inputs as the parent: the parent is the result
-            parent_model, version = None, parent_version
-        elif parent_model.cfg != cfg:  # a different shape cannot be warm-started
-            parent_model, parent_version = None, None
-    if parent_model is not None:
+    if parent_meta.get("input_key") == input_key:  # same inputs as the parent: the parent is the result
+        version, model, meta, parent_model = parent_version, parent_model, parent_meta, None
+    elif parent_model is not None and parent_model.cfg == cfg:  # warm start; a different shape cannot
         version = "enc-" + _hash(input_key, parent_version)
-    elif not (parent_meta and parent_meta.get("input_key") == input_key):
-        version = "enc-" + input_key
+    else:
+        version, parent_model = "enc-" + input_key, None
     folder = settings.encoders_dir / version
     reused = (folder / "encoder.json").exists()
-    if reused:
+    if reused and version != parent_version:
         model, meta = load_encoder(folder, device)
-    else:
+    elif not reused:
         with rep.stage("encoder" + (" (from parent)" if parent_model is not None else ""), cfg.epochs) as adv:
             res = train_encoder(feats.text, feats.image, feats.has_image, pairs, val_pairs, cfg, device,
                                 on_epoch=lambda r: adv(1, val_hit30=f"{r['val_hit']:.3f}"), init=parent_model)

@@ -216,7 +216,7 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     parent_version = latest_codebook_version(settings) if parent == "latest" else parent
     parent_cb = load_codebook(settings, parent_version) if parent_version else None
     item_ids = ds.items["item_id"].tolist()
-    embeddings, rotated = enc.embeddings, False
+    embeddings, rotated, rot = enc.embeddings, False, None
     if parent_cb is not None and (settings.codebooks_dir / parent_cb.version / "sids.parquet").exists():
         # a retrained encoder can come out rotated: align it to the parent's published space first
         old = load_sids(settings, parent_cb.version).set_index("item_id")["embedding"]
@@ -283,6 +283,10 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     sids.to_parquet(tmp / "sids.parquet", index=False)
     if churn is not None:
         (tmp / "churn.json").write_text(json.dumps(churn, indent=2))
+    # what onboarding needs to embed a new item into this codebook's space: the encoder, then the rotation
+    (tmp / "lineage.json").write_text(json.dumps({"encoder_version": enc.version, "rotated": rotated}, indent=2))
+    if rotated:
+        np.save(tmp / "rotation.npy", rot.astype(np.float32), allow_pickle=False)
     if folder.exists():  # built before by a run that later changed LATEST: identical content
         import shutil
 
@@ -295,8 +299,27 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
                           sids=sids)
 
 
+def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
+                  make_current: bool = True) -> dict:
+    """Publishes a codebook version's SIDs and aligned vectors to the feature store (a no-op when that exact
+    version is already published). Offline rows are stamped with the item's `available_at` where known."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    codebook = load_codebook(settings, cb.version)
+    store = SemanticIdStore(settings, levels=codebook.levels)
+    avail = ds.items["available_at"] if "available_at" in ds.items else None
+    sids = cb.sids
+    if avail is not None:
+        avail = avail.set_axis(ds.items["item_id"]).reindex(sids["item_id"]).to_numpy()
+    res = store.publish(codebook, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
+                        encoder_version=enc.version, available_at=avail, make_current=make_current)
+    return {"version": res.version, "items": res.items, "published_now": res.published, "current": res.current,
+            "project": settings.feast_project, "online_store": settings.feast_online,
+            "repo": str(settings.feature_repo_dir), "wall_s": round(res.wall_s, 2)}
+
+
 def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Reporter | None = None,
-                     parent: str | None = "latest") -> dict:
+                     parent: str | None = "latest", publish: bool = True) -> dict:
     """The main job so far: ingest -> towers -> encoder -> codebook -> SIDs; returns a summary."""
     t0 = time.perf_counter()
     rep = rep or Reporter(quiet=True)
@@ -305,10 +328,13 @@ def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Re
     feats = tower_features(settings, ds, rep)
     enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
     cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)
+    with rep.stage("publish semantic IDs", None):
+        pub = publish_stage(settings, ds, cb, enc) if publish else None
     return {
         "dataset": ds.name, "data": ds.report, "split": split.kind, "cold_items": int(len(split.cold_items)),
         "towers": {"text_model": feats.text_model, "image_model": feats.image_model, "embedded_now": feats.computed},
         "encoder": {"version": enc.version, "reused": enc.reused, **enc.metrics},
         "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, **cb.metrics, "churn": cb.churn},
+        "feature_store": pub,
         "wall_s": round(time.perf_counter() - t0, 2),
     }

@@ -12,8 +12,12 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Behavior-aligned semantic IDs for cold-start CTR.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate a dataset.")
 codebook_app = typer.Typer(no_args_is_help=True, help="Build and inspect semantic-ID codebooks.")
+ids_app = typer.Typer(no_args_is_help=True, help="Semantic IDs in the feature store: publish and read.")
+items_app = typer.Typer(no_args_is_help=True, help="Catalogue changes: onboard new items.")
 app.add_typer(data_app, name="data")
 app.add_typer(codebook_app, name="codebook")
+app.add_typer(ids_app, name="ids")
+app.add_typer(items_app, name="items")
 
 DataOpt = typer.Option(None, "--data", help="Dataset folder (env SEMALIGN_DATA).")
 HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
@@ -156,6 +160,108 @@ def codebook_list(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
         Console().print(t)
 
     _emit({"codebooks": rows}, as_json, render)
+
+
+def _store_errors():
+    from semalign.feature_repo.store import FeatureStoreError
+
+    return (ValueError, FileNotFoundError, KeyError, FeatureStoreError)
+
+
+@ids_app.command("publish")
+def ids_publish(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+                version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: the latest built)."),
+                current: bool = typer.Option(True, help="Make it the version unpinned readers get.")):
+    """Publish a built codebook version's SIDs and aligned vectors to the feature store (offline + online)."""
+    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
+    import numpy as np
+
+    s = _settings(home, None)
+    try:
+        version = version or latest_codebook_version(s)
+        if version is None:
+            raise KeyError(f"no codebook built under {s.codebooks_dir}: run `semalign run` first")
+        cb = load_codebook(s, version)
+        sids = load_sids(s, version)
+        lineage_p = s.codebooks_dir / version / "lineage.json"
+        enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
+        res = SemanticIdStore(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
+                                                           encoder_version=enc_v, make_current=current)
+    except _store_errors() as e:
+        _fail(e)
+    _emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,
+                       "current": res.current, "wall_s": round(res.wall_s, 3)}}, as_json, _print_summary)
+
+
+@ids_app.command("get")
+def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Optional[Path] = HomeOpt,
+            as_json: bool = JsonOpt,
+            version: Optional[str] = typer.Option(None, "--version", help="Pinned codebook version (default: current)."),
+            embedding: bool = typer.Option(False, help="Also return the aligned vector.")):
+    """Read items' semantic IDs from the online store."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    s = _settings(home, None)
+    try:
+        df = SemanticIdStore(s).semantic_ids(items, version=version, with_embedding=embedding)
+    except _store_errors() as e:
+        _fail(e)
+    rows = df.to_dict("records")
+    for r in rows:
+        if "embedding" in r:
+            r["embedding"] = [float(x) for x in r["embedding"]]
+
+    def render(res):
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("item_id", "codebook_version", "semantic id")
+        for r in res["items"]:
+            codes = [str(v) for k, v in r.items() if k.startswith("sid_")]
+            t.add_row(r["item_id"], r["codebook_version"], "-".join(codes))
+        Console().print(t)
+
+    _emit({"items": rows}, as_json, render)
+
+
+@items_app.command("add")
+def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with item_id, text[, image_path]."),
+              home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+              version: Optional[str] = typer.Option(None, "--version", help="Pinned codebook version (default: current).")):
+    """Onboard new items: content -> encoder -> SID with the pinned codebook -> online + offline store."""
+    import time
+
+    import pandas as pd
+
+    from semalign.feature_repo.store import SemanticIdStore
+
+    s = _settings(home, None)
+    try:
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no such file")
+        suffix = file.suffix.lower()
+        if suffix == ".csv":
+            items = pd.read_csv(file, dtype={"item_id": str})
+        elif suffix == ".parquet":
+            items = pd.read_parquet(file)
+        elif suffix in (".jsonl", ".json"):
+            items = pd.read_json(file, lines=suffix == ".jsonl", dtype={"item_id": str})
+        else:
+            raise ValueError(f"{file}: expected .csv, .parquet or .jsonl, got '{suffix}'")
+        missing = [c for c in ("item_id", "text") if c not in items.columns]
+        if missing:
+            raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
+        if "image_path" in items:  # relative image paths are relative to the file
+            items["image_path"] = [str((file.parent / p).resolve()) if isinstance(p, str) and p else None
+                                   for p in items["image_path"]]
+        t0 = time.perf_counter()
+        out = SemanticIdStore(s).onboard(items, version=version)
+    except _store_errors() as e:
+        _fail(e)
+    res = {"items": out.to_dict("records"), "onboarded": int(out["onboarded"].sum()),
+           "already_present": int((~out["onboarded"]).sum()), "wall_s": round(time.perf_counter() - t0, 3)}
+    _emit(res, as_json, lambda r: _print_summary({"onboarding": {k: v for k, v in r.items() if k != "items"}}))
 
 
 @app.command("run")

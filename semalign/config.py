@@ -39,6 +39,17 @@ class Settings(BaseSettings):
     codebook_codes: int | None = None
     kmeans_iters: int = 20
 
+    # semalign's own state (codebook catalogue, audit, locks); default sqlite under `home`
+    state_url: str | None = None
+
+    # feature store: embedded (sqlite online, parquet offline, file registry) unless told otherwise
+    feast_project: str = "semalign"
+    feast_online: Literal["sqlite", "redis"] = "sqlite"
+    feast_offline: Literal["file", "postgres"] = "file"
+    feast_registry: Literal["file", "sql"] = "file"
+    redis_url: str = "127.0.0.1:6379"          # Feast connection string: host:port[,db=N][,password=...]
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
@@ -50,6 +61,13 @@ class Settings(BaseSettings):
     @property
     def codebooks_dir(self) -> Path:
         return self.home / "codebooks"
+
+    @property
+    def feature_repo_dir(self) -> Path:
+        return self.home / "feature_repo"
+
+    def resolved_state_url(self) -> str:
+        return self.state_url or f"sqlite:///{(self.home / 'state.db').resolve()}"
 
     def resolved_text_model(self) -> Path:
         if self.text_model is not None:

@@ -103,3 +103,36 @@ def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens
     assert "| GAUC |" in proc.stdout and "delta" in proc.stdout
     # the experiment never moves the published codebook pointer
     assert not (tmp_path / "home" / "codebooks" / "LATEST").exists()
+
+
+def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop):
+    env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_DATA": str(shop)}
+    run = json.loads(_cli("run", "--json", env=env).stdout)
+    version = run["codebook"]["version"]
+    assert run["feature_store"]["version"] == version and run["feature_store"]["published_now"]
+    sids = pd.read_parquet(tmp_path / "home" / "codebooks" / version / "sids.parquet").set_index("item_id")
+    cols = ["sid_0", "sid_1", "sid_2", "sid_dedup"]
+
+    got = json.loads(_cli("ids", "get", "sku-1", "sku-2", "--json", env=env).stdout)["items"]
+    assert [r["item_id"] for r in got] == ["sku-1", "sku-2"]
+    assert [[r[c] for c in cols] for r in got] == sids.loc[["sku-1", "sku-2"], cols].to_numpy().tolist()
+
+    # a new item with exactly the content of sku-1 lands on sku-1's codes with its own dedup slot
+    text = pd.read_csv(shop / "items.csv").set_index("item_id").loc["sku-1", "text"]
+    new = tmp_path / "new.csv"
+    pd.DataFrame({"item_id": ["brand-new", "twin-of-1"], "text": ["A heist film set on a night train.", text]}).to_csv(new, index=False)
+    added = json.loads(_cli("items", "add", str(new), "--json", env=env).stdout)
+    assert added["onboarded"] == 2
+    twin = next(r for r in added["items"] if r["item_id"] == "twin-of-1")
+    assert [twin[c] for c in cols[:3]] == sids.loc["sku-1", cols[:3]].tolist()
+    assert twin["sid_dedup"] not in sids[(sids[cols[:3]] == sids.loc["sku-1", cols[:3]]).all(axis=1)]["sid_dedup"].tolist()
+    online = json.loads(_cli("ids", "get", "brand-new", "twin-of-1", "--json", env=env).stdout)["items"]
+    assert [[r[c] for c in cols] for r in online] == [[r[c] for c in cols] for r in added["items"]]
+    again = json.loads(_cli("items", "add", str(new), "--json", env=env).stdout)
+    assert again["onboarded"] == 0 and again["already_present"] == 2
+
+    assert not json.loads(_cli("ids", "publish", "--json", env=env).stdout)["publish"]["published_now"]
+    bad = _cli("ids", "get", "sku-1", "--version", "rqkmeans-nope", env=env, check=False)
+    assert bad.returncode == 2 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("ids", "get", "sku-1", "no-such-item", env=env, check=False)
+    assert missing.returncode == 2 and "no-such-item" in missing.stderr

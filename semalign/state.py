@@ -1,0 +1,101 @@
+"""semalign's own small state in SQL tables (design section 6): the catalogue of codebook versions and where
+they are published, every item's semantic ID per version (which also hands out dedup slots to onboarded
+items without races), named pointers (the current codebook version), the promotion audit history and refresh
+locks. sqlite under SEMALIGN_HOME by default; the same Postgres as Feast and MLflow at scale. Feast and MLflow
+stay the source of truth for their own objects: these tables link them."""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+codebook_versions = sa.Table(
+    "codebook_versions", metadata,
+    sa.Column("project", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("parent", sa.String(64)),
+    sa.Column("encoder_version", sa.String(64)),
+    sa.Column("data_hash", sa.String(64)),
+    sa.Column("levels", sa.Integer, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("n_items", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),       # publishing | published
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("published_at", sa.Float),
+)
+
+item_sids = sa.Table(
+    "item_sids", metadata,
+    sa.Column("project", sa.String(64), primary_key=True),
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("item_id", sa.String(256), primary_key=True),
+    sa.Column("sid_key", sa.String(128), nullable=False),     # "c0-c1-c2": the codes without the dedup level
+    sa.Column("dedup", sa.Integer, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),       # batch | onboard
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("project", "version", "sid_key", "dedup", name="uq_item_sids_slot"),
+)
+
+pointers = sa.Table(
+    "pointers", metadata,
+    sa.Column("project", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+audit = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("project", sa.String(64), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("subject", sa.String(128), nullable=False),
+    sa.Column("from_value", sa.String(256)),
+    sa.Column("to_value", sa.String(256)),
+    sa.Column("actor", sa.String(128)),
+    sa.Column("reason", sa.Text),
+)
+
+locks = sa.Table(
+    "locks", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+)
+
+
+@lru_cache(maxsize=8)
+def engine(url: str) -> sa.Engine:
+    kw = {}
+    if url.startswith("sqlite"):
+        kw["connect_args"] = {"timeout": 30}
+    eng = sa.create_engine(url, future=True, pool_pre_ping=True, **kw)
+    if url.startswith("sqlite"):
+        @sa.event.listens_for(eng, "connect")
+        def _wal(conn, _):  # readers never block the writer of a publish
+            conn.execute("PRAGMA journal_mode=WAL")
+    metadata.create_all(eng)
+    return eng
+
+
+def get_pointer(eng: sa.Engine, project: str, name: str) -> str | None:
+    with eng.connect() as c:
+        return c.execute(sa.select(pointers.c.value).where(pointers.c.project == project,
+                                                           pointers.c.name == name)).scalar()
+
+
+def set_pointer(conn: sa.Connection, project: str, name: str, value: str) -> str | None:
+    """Moves a pointer inside the caller's transaction; returns the previous value."""
+    old = conn.execute(sa.select(pointers.c.value).where(pointers.c.project == project,
+                                                         pointers.c.name == name)).scalar()
+    if old is None:
+        conn.execute(pointers.insert().values(project=project, name=name, value=value, updated_at=time.time()))
+    elif old != value:
+        conn.execute(pointers.update().where(pointers.c.project == project, pointers.c.name == name)
+                     .values(value=value, updated_at=time.time()))
+    return old

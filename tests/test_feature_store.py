@@ -1,0 +1,345 @@
+"""Feature-store conformance: one suite, run against the embedded store (sqlite online, parquet offline, file
+registry) and against the real Redis online store + Postgres offline store + SQL registry on this machine."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from semalign.config import Settings
+from semalign.models.quantizer import build_codebook, dedup_level
+
+REDIS = os.environ.get("SEMALIGN_TEST_REDIS", "127.0.0.1:6379")
+POSTGRES = os.environ.get("SEMALIGN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+BACKENDS = {
+    "sqlite": {},
+    "redis-postgres": {"feast_online": "redis", "feast_offline": "postgres", "feast_registry": "sql",
+                       "redis_url": REDIS, "postgres_url": POSTGRES},
+}
+
+
+def _server_up(backend: str) -> bool:
+    if backend == "sqlite":
+        return True
+    import socket
+
+    for hostport in (REDIS.split(",")[0], "127.0.0.1:5432"):
+        host, port = hostport.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            return False
+    return True
+
+
+def make_settings(home: Path, backend: str, project: str) -> Settings:
+    return Settings(home=home, feast_project=project, **BACKENDS[backend])
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def env(request, tmp_path_factory):
+    """One applied store per backend for the module (apply is the slow part); each test uses its own versions."""
+    backend = request.param
+    if not _server_up(backend):
+        pytest.fail(f"{backend}: Redis/Postgres not reachable on loopback (.ci/run starts them)")
+    from semalign.feature_repo.store import SemanticIdStore
+
+    project = f"t{uuid.uuid4().hex[:10]}"
+    home = tmp_path_factory.mktemp(f"fs-{backend}")
+    settings = make_settings(home, backend, project)
+    store = SemanticIdStore(settings)
+    store.fs  # renders + applies
+    yield {"backend": backend, "settings": settings, "store": store, "home": home, "project": project}
+    try:
+        store.fs.teardown()
+    except Exception:
+        pass
+    if backend != "sqlite":
+        import sqlalchemy as sa
+
+        eng = sa.create_engine(POSTGRES.replace("postgresql://", "postgresql+psycopg://"))
+        with eng.begin() as c:
+            for view in ("item_semantic_id", "item_embedding", "user_recent_items"):
+                c.execute(sa.text(f'DROP TABLE IF EXISTS "{project}_{view}"'))
+        eng.dispose()
+
+
+def codebook_for(seed: int, n: int = 600, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    cb = build_codebook(x, levels=3, codes=8, iters=5, seed=seed, data_hash=f"test-{seed}-{uuid.uuid4().hex[:6]}")
+    ids = [f"item-{seed}-{i}" for i in range(n)]
+    return cb, ids, x
+
+
+def expected_sids(cb, ids, x):
+    codes = cb.assign(x)
+    tie = np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"), kind="stable")
+    return np.c_[codes, dedup_level(codes, tie_order=tie)]
+
+
+SID_COLS = ["sid_0", "sid_1", "sid_2", "sid_dedup"]
+
+
+def test_publish_then_online_read_matches_the_codebook(env):
+    store = env["store"]
+    cb, ids, x = codebook_for(1)
+    res = store.publish(cb, ids, x)
+    assert res.published and res.items == len(ids) and store.current_version() == cb.version
+    got = store.semantic_ids(ids[:50] + ids[-50:], with_embedding=True)
+    want = expected_sids(cb, ids, x)
+    sel = list(range(50)) + list(range(len(ids) - 50, len(ids)))
+    assert got["item_id"].tolist() == [ids[i] for i in sel]
+    np.testing.assert_array_equal(got[SID_COLS].to_numpy(), want[sel])
+    np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), x[sel], rtol=1e-6)
+    # every published item has a unique full SID
+    allsid = store.semantic_ids(ids)[SID_COLS].to_numpy()
+    assert len(np.unique(allsid, axis=0)) == len(ids)
+
+
+def _offline_snapshot(env, version):
+    if env["backend"] == "sqlite":
+        root = env["settings"].feature_repo_dir / "data" / "offline"
+        return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*.parquet"))
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(POSTGRES.replace("postgresql://", "postgresql+psycopg://"))
+    with eng.connect() as c:
+        n = c.execute(sa.text(f'SELECT count(*), max(created) FROM "{env["project"]}_item_semantic_id" '
+                              "WHERE codebook_version = :v"), {"v": version}).first()
+    eng.dispose()
+    return tuple(n)
+
+
+def test_republishing_a_version_is_a_noop_and_changed_content_is_refused(env):
+    from semalign.feature_repo.store import FeatureStoreError
+
+    store = env["store"]
+    cb, ids, x = codebook_for(2)
+    store.publish(cb, ids, x)
+    before = _offline_snapshot(env, cb.version)
+    again = store.publish(cb, ids, x)
+    assert not again.published
+    assert _offline_snapshot(env, cb.version) == before
+    x2 = x.copy()
+    x2[0] += 1.0
+    with pytest.raises(FeatureStoreError, match="already published with different content"):
+        store.publish(cb, ids, x2)
+
+
+def test_readers_pinned_to_v1_are_unaffected_by_publishing_v2(env):
+    store = env["store"]
+    cb1, ids, x = codebook_for(3)
+    store.publish(cb1, ids, x)
+    v1_before = store.semantic_ids(ids, version=cb1.version)
+    rng = np.random.default_rng(99)
+    x_b = x + 0.5 * rng.standard_normal(x.shape).astype(np.float32)  # same items, moved embeddings
+    cb2 = build_codebook(x_b, levels=3, codes=8, iters=5, seed=4, data_hash="v2-" + uuid.uuid4().hex[:6])
+    store.publish(cb2, ids, x_b)
+    assert store.current_version() == cb2.version
+    pd.testing.assert_frame_equal(store.semantic_ids(ids, version=cb1.version), v1_before)
+    v2 = store.semantic_ids(ids)  # unpinned: the current version
+    assert (v2["codebook_version"] == cb2.version).all()
+    np.testing.assert_array_equal(v2[SID_COLS].to_numpy(), expected_sids(cb2, ids, x_b))
+    assert (v2[SID_COLS].to_numpy() != v1_before[SID_COLS].to_numpy()).any(axis=1).mean() > 0.2
+    names = [v["version"] for v in store.versions()]
+    assert cb1.version in names and cb2.version in names
+
+
+def test_point_in_time_join_respects_publish_and_onboarding_times(env):
+    store = env["store"]
+    cb1, ids, x = codebook_for(5, n=200)
+    t_avail = pd.Timestamp("2020-06-01", tz="UTC")
+    avail = [pd.Timestamp("2020-01-01", tz="UTC")] * 199 + [t_avail]   # the last item appears later
+    store.publish(cb1, ids, x, available_at=avail)
+    cb2 = build_codebook(x[::-1].copy(), levels=3, codes=8, iters=5, seed=6, data_hash="pit-" + uuid.uuid4().hex[:6])
+    store.publish(cb2, ids, x)
+
+    late = ids[-1]
+    frame = pd.DataFrame({"item_id": [late, late, ids[0]],
+                          "event_timestamp": pd.to_datetime(["2020-05-31", "2020-06-02", "2020-05-31"], utc=True)})
+    h1 = store.historical(frame, version=cb1.version).sort_values(["item_id", "event_timestamp"]).reset_index(drop=True)
+    want1 = expected_sids(cb1, ids, x)
+    r = {(row.item_id, str(row.event_timestamp)[:10]): row for row in h1.itertuples()}
+    assert pd.isna(r[(late, "2020-05-31")].sid_0)                    # not yet available
+    assert int(r[(late, "2020-06-02")].sid_0) == want1[-1, 0]
+    assert int(r[(ids[0], "2020-05-31")].sid_dedup) == want1[0, 3]
+    # the same frame pinned to v2 sees v2's codes, not v1's
+    h2 = store.historical(frame, version=cb2.version)
+    row2 = h2[(h2["item_id"] == ids[0])].iloc[0]
+    want2 = expected_sids(cb2, ids, x)
+    assert [int(row2[c]) for c in SID_COLS] == want2[0].tolist()
+
+    # an item onboarded now is visible from its onboarding time on, in v1 only
+    newx = np.random.default_rng(7).standard_normal((1, x.shape[1])).astype(np.float32)
+    t_before = pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=5)
+    out = store.onboard(pd.DataFrame({"item_id": ["fresh-5"]}), version=cb1.version, embeddings=newx)
+    t_after = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=5)
+    fr = pd.DataFrame({"item_id": ["fresh-5", "fresh-5"], "event_timestamp": [t_before, t_after]})
+    h = store.historical(fr, version=cb1.version).sort_values("event_timestamp")
+    assert pd.isna(h["sid_0"].iloc[0]) and int(h["sid_0"].iloc[1]) == int(out["sid_0"].iloc[0])
+    h = store.historical(fr, version=cb2.version)
+    assert h["sid_0"].isna().all()
+
+
+def test_onboarding_is_servable_at_once_without_collisions_and_idempotent(env):
+    store = env["store"]
+    cb, ids, x = codebook_for(8, n=300)
+    store.publish(cb, ids, x)
+    # new items placed on existing items' embeddings: same codes, so they must get fresh dedup slots
+    newx = x[:5] + 1e-4
+    new_ids = [f"new-8-{i}" for i in range(5)]
+    out = store.onboard(pd.DataFrame({"item_id": new_ids}), embeddings=newx)
+    assert out["onboarded"].all()
+    np.testing.assert_array_equal(out[["sid_0", "sid_1", "sid_2"]].to_numpy(), cb.assign(newx))
+    online = store.semantic_ids(new_ids)
+    np.testing.assert_array_equal(online[SID_COLS].to_numpy(), out[SID_COLS].to_numpy())
+    every = store.semantic_ids(ids + new_ids)[SID_COLS].to_numpy()
+    assert len(np.unique(every, axis=0)) == len(ids) + 5
+    # onboarding the same items again changes nothing
+    again = store.onboard(pd.DataFrame({"item_id": new_ids}), embeddings=newx + 0.3)
+    assert not again["onboarded"].any()
+    np.testing.assert_array_equal(again[SID_COLS].to_numpy(), out[SID_COLS].to_numpy())
+
+
+def test_bad_input_gets_clear_errors_and_writes_nothing(env):
+    from semalign.feature_repo.store import ItemsNotFoundError, UnknownVersionError
+
+    store = env["store"]
+    cb, ids, x = codebook_for(9, n=100)
+    with pytest.raises(ValueError, match="width 16"):
+        store.publish(cb, ids, x[:, :8])
+    with pytest.raises(ValueError, match="duplicate item ids"):
+        store.publish(cb, ids[:-1] + ids[:1], x)
+    assert cb.version not in [v["version"] for v in store.versions()]
+    with pytest.raises(UnknownVersionError, match="unknown"):
+        store.semantic_ids(ids[:2], version=cb.version)
+    store.publish(cb, ids, x)
+    with pytest.raises(ItemsNotFoundError, match="nope-1"):
+        store.semantic_ids([ids[0], "nope-1"], version=cb.version)
+    soft = store.semantic_ids([ids[0], "nope-1"], version=cb.version, strict=False)
+    assert soft["found"].tolist() == [True, False] and soft["sid_0"].iloc[1] == -1
+    with pytest.raises(ValueError, match="shape"):
+        store.onboard(pd.DataFrame({"item_id": ["w"]}), version=cb.version, embeddings=np.zeros((1, 3)))
+    with pytest.raises(UnknownVersionError):
+        store.onboard(pd.DataFrame({"item_id": ["w"]}), version="no-such-version", embeddings=np.zeros((1, 16)))
+
+
+def test_a_store_that_is_down_is_a_clear_error_and_nothing_is_published(env, tmp_path):
+    from semalign.feature_repo.store import SemanticIdStore, StoreUnavailableError, UnknownVersionError
+
+    if env["backend"] == "sqlite":
+        pytest.skip("the embedded store has no server to be down")
+    s = env["settings"].model_copy(update={"redis_url": "127.0.0.1:1"})  # same registry and state, dead Redis
+    store = SemanticIdStore(s)
+    cb, ids, x = codebook_for(10, n=50)
+    with pytest.raises(StoreUnavailableError, match="redis online store is unreachable"):
+        store.publish(cb, ids, x)
+    live = env["store"]
+    with pytest.raises(UnknownVersionError, match="still being published"):
+        live.semantic_ids(ids[:1], version=cb.version)
+    assert live.current_version() != cb.version
+    assert live.publish(cb, ids, x).published  # the same publish completes once the store is back
+
+
+KILL_SCRIPT = """
+import json, sys
+import numpy as np
+from semalign.config import Settings
+from semalign.feature_repo.store import SemanticIdStore
+from semalign.models.quantizer import Codebook
+cfg = json.loads(sys.argv[1])
+s = Settings(**cfg["settings"])
+cb = Codebook.load(cfg["codebook"])
+data = np.load(cfg["data"])
+SemanticIdStore(s).publish(cb, [str(i) for i in data["ids"]], data["x"])
+"""
+
+
+@pytest.mark.parametrize("point", ["publish.after_offline", "publish.online"])
+def test_a_publish_killed_half_way_leaves_readers_on_the_old_version(env, tmp_path, point):
+    store = env["store"]
+    cb1, ids, x = codebook_for(11, n=200)
+    store.publish(cb1, ids, x)
+    before = store.semantic_ids(ids)
+    x_b = (x + 0.7 * np.random.default_rng(1).standard_normal(x.shape)).astype(np.float32)
+    cb2 = build_codebook(x_b, levels=3, codes=8, iters=5, seed=12, data_hash="kill-" + uuid.uuid4().hex[:6])
+    folder = cb2.save(tmp_path / "cb2")
+    np.savez(tmp_path / "data.npz", ids=np.array(ids), x=x_b)
+    s = env["settings"]
+    cfg = {"settings": json.loads(s.model_dump_json()), "codebook": str(folder), "data": str(tmp_path / "data.npz")}
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg)],
+                            env={**os.environ, "SEMALIGN_PAUSE_AT": point, "SEMALIGN_PAUSE_MARK": str(mark)})
+    deadline = time.time() + 120
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), f"the publisher never reached {point} (rc={proc.poll()})"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    from semalign.feature_repo.store import SemanticIdStore, UnknownVersionError
+
+    reader = SemanticIdStore(s)  # a fresh reader process's view
+    assert reader.current_version() == cb1.version
+    pd.testing.assert_frame_equal(reader.semantic_ids(ids), before)
+    with pytest.raises(UnknownVersionError, match="still being published"):
+        reader.semantic_ids(ids[:1], version=cb2.version)
+    # the next publish of the same version completes and is then readable
+    assert reader.publish(cb2, ids, x_b).published
+    np.testing.assert_array_equal(reader.semantic_ids(ids)[SID_COLS].to_numpy(), expected_sids(cb2, ids, x_b))
+
+
+PLAIN_CLIENT = """
+import json, sys
+import feast
+cfg = json.loads(sys.argv[1])
+store = feast.FeatureStore(repo_path=cfg["repo"])
+rows = [{"item_id": i, "codebook_version": cfg["version"]} for i in cfg["items"]]
+out = store.get_online_features(features=["item_semantic_id:sid_0", "item_semantic_id:sid_1",
+    "item_semantic_id:sid_2", "item_semantic_id:sid_dedup"], entity_rows=rows).to_dict()
+svc = store.get_feature_service(cfg["service"])
+out2 = store.get_online_features(features=svc, entity_rows=[{**r, "user_id": "nobody"} for r in rows]).to_dict()
+assert not [m for m in sys.modules if m.split(".")[0] == "semalign"], "the plain client imported semalign"
+print(json.dumps({"direct": out, "service": {k: out2[k] for k in ("sid_0", "sid_dedup")},
+                  "service_tags": dict(svc.tags)}))
+"""
+
+
+def test_a_plain_feast_client_reads_the_semantic_ids(env):
+    store = env["store"]
+    cb, ids, x = codebook_for(13, n=100)
+    store.publish(cb, ids, x)
+    svc = store.register_ranker_service(f"ranker_test_{cb.version[-6:]}", cb.version, tags={"ranker_version": "7"})
+    assert store.service_version(svc) == cb.version
+    cfg = {"repo": str(env["settings"].feature_repo_dir), "version": cb.version, "items": ids[:5], "service": svc}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=env["home"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = expected_sids(cb, ids, x)[:5]
+    assert res["direct"]["sid_0"] == want[:, 0].tolist() and res["direct"]["sid_dedup"] == want[:, 3].tolist()
+    assert res["service"]["sid_0"] == want[:, 0].tolist()
+    assert res["service_tags"]["codebook_version"] == cb.version
+
+
+def test_the_repo_folder_is_accepted_by_feast_apply_as_is(tmp_path):
+    import shutil
+
+    repo = tmp_path / "feature_repo"
+    src = Path(__file__).resolve().parents[1] / "feature_repo"
+    shutil.copytree(src, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    feast_bin = Path(sys.executable).with_name("feast")
+    proc = subprocess.run([str(feast_bin), "apply"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    for name in ("item_semantic_id", "item_embedding", "user_recent_items", "semantic_ids"):
+        assert name in out
+    assert (repo / "data" / "registry.db").exists()

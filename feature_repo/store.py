@@ -570,6 +570,30 @@ class SemanticIdStore:
         self._write_online({USER_VIEW: df})
         return len(df)
 
+    def users_online(self, user_ids: list[str]) -> list[dict | None]:
+        """Each user's recent items and activity from the online store (None for users it does not hold)."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        fs = self.fs
+        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=str(u))]) for u in user_ids]
+        try:
+            res = fs._get_provider().online_read(fs.config, self.view(USER_VIEW), keys,
+                                                 ["recent_items", "n_events", "positive_rate"])
+        except Exception as e:
+            if _is_connection_error(e):
+                raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
+            raise
+        out = []
+        for _, vals in res:
+            if not vals or not vals.get("n_events") or not vals["n_events"].HasField("int64_val"):
+                out.append(None)
+                continue
+            out.append({"recent_items": list(vals["recent_items"].string_list_val.val),
+                        "n_events": int(vals["n_events"].int64_val),
+                        "positive_rate": float(vals["positive_rate"].float_val)})
+        return out
+
     def register_ranker_service(self, name: str, codebook_version: str, tags: dict | None = None) -> str:
         """One feature service per ranker version, tagged with the codebook version its readers must pin."""
         from feast import FeatureService

@@ -267,17 +267,170 @@ def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with 
 @app.command("run")
 def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
         images: bool = typer.Option(True, help="Use the image tower where items have images.")):
-    """The main job: ingest + validate -> towers -> behavior-aware encoder -> codebook -> semantic IDs."""
-    from semalign.flows.semantic_ids import semantic_ids_job
+    """The main job: the `refresh` flow in-process on embedded defaults. Ingest + validate -> encoder ->
+    codebook -> publish SIDs to Feast -> train ranker -> evaluate vs champion -> gates -> MLflow -> promote."""
+    from semalign.flows.refresh import RefreshError, run_refresh
     from semalign.progress import Reporter
 
     s = _settings(home, data, use_images=images)
     try:
         with Reporter(quiet=as_json) as rep:
-            res = semantic_ids_job(s, data, rep)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+            res = run_refresh(s, data, rep)
+    except (RefreshError,) + _store_errors() as e:
         _fail(e)
-    _emit(res, as_json, _print_summary)
+    _emit(res, as_json, _print_refresh)
+
+
+def _print_refresh(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title="refresh", show_header=False, title_justify="left")
+    t.add_row("dataset", f"{res['dataset']} ({res['data'].get('items')} items, {res['data'].get('interactions')} events)")
+    t.add_row("encoder", f"{res['encoder']['version']}" + (" (reused)" if res["encoder"]["reused"] else ""))
+    cb = res["codebook"]
+    churn = f", churn vs parent {cb['churn']['churn']:.3f}" if cb.get("churn") else ""
+    t.add_row("codebook", f"{cb['version']}" + (" (reused)" if cb["reused"] else "") + churn)
+    fs = res.get("feature_store") or {}
+    t.add_row("feature store", f"{fs.get('version')} {'published' if fs.get('published_now') else 'already published'}"
+              f" ({fs.get('online_store')}, current: {fs.get('current')})")
+    t.add_row("ranker", f"model version {res.get('model_version')}" + (" (reused)" if res["ranker"].get("reused") else ""))
+    ev = res.get("evaluation") or {}
+    for who in ("challenger", "champion"):
+        m = ev.get(who)
+        if m:
+            t.add_row(f"{who} AUC", "  ".join(f"{b} {v['auc']:.4f}" for b, v in m.items()))
+    v = res.get("verdict") or {}
+    t.add_row("gates", v.get("summary") or ("passed" if v.get("passed") else "failed"))
+    t.add_row("promoted", str(res.get("promoted")))
+    t.add_row("champion", str(res.get("champion")))
+    if res.get("note"):
+        t.add_row("note", res["note"])
+    t.add_row("wall time", f"{res['wall_s']} s")
+    con.print(t)
+
+
+@app.command("schedule")
+def schedule(cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 3 * * *".'),
+             data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+             pool: str = typer.Option("semalign", help="Prefect process work pool (created if missing)."),
+             name: str = typer.Option("semalign-refresh", help="Deployment name."),
+             timezone: str = typer.Option("UTC", help="Time zone of the cron schedule.")):
+    """Create a Prefect deployment of `refresh` on a cron schedule (needs PREFECT_API_URL: a Prefect server;
+    runs happen on a worker: `prefect worker start --pool semalign`)."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail(ValueError("set PREFECT_API_URL to a Prefect server (start one with `prefect server start`); "
+                         "`semalign run` runs the flow in-process without one"))
+    s = _settings(home, data)
+    try:
+        from semalign.flows.deployment import schedule as make_schedule
+
+        res = make_schedule(str(s.resolved_data()), str(s.home), cron, pool=pool, name=name, timezone=timezone)
+    except (ValueError, RuntimeError) as e:
+        _fail(e)
+    _emit({"schedule": res}, as_json, _print_summary)
+
+
+@app.command("serve")
+def serve(home: Optional[Path] = HomeOpt,
+          host: str = typer.Option("127.0.0.1", help="Bind address (loopback unless you mean otherwise)."),
+          port: int = typer.Option(8000, help="Port."),
+          workers: int = typer.Option(1, help="Worker processes."),
+          check_interval: float = typer.Option(30.0, help="Seconds between checks of the champion alias."),
+          max_candidates: int = typer.Option(1000, help="Largest accepted candidate list.")):
+    """HTTP scoring API: the champion ranker + Feast online features; new items scored from content."""
+    import os
+
+    import uvicorn
+
+    s = _settings(home, None)
+    os.environ["SEMALIGN_HOME"] = str(s.home)
+    os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
+    os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)
+    uvicorn.run("semalign.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")
+
+
+@app.command("report")
+def report(home: Optional[Path] = HomeOpt, out: Path = typer.Option(Path("semalign-report.html"), "--out", help="HTML file to write."),
+           run_id: Optional[str] = typer.Option(None, help="MLflow run (default: the last refresh).")):
+    """Write one self-contained HTML page of the last refresh (gates, AUC per bucket, drift, plots, audit)."""
+    from semalign.deploy.report import build_report
+
+    s = _settings(home, None)
+    try:
+        path = build_report(s, out, run_id)
+    except ValueError as e:
+        _fail(e)
+    sys.stdout.write(f"{path}\n")
+
+
+@app.command("promote")
+def promote(version: str = typer.Argument(..., help="Registered model version to make champion."),
+            home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+            reason: str = typer.Option("manual promotion", help="Recorded in the audit history.")):
+    """Move the `champion` alias to a model version (and the store's current codebook with it)."""
+    from semalign.deploy.registry import Registry, RegistryError
+
+    s = _settings(home, None)
+    try:
+        res = Registry(s).promote(version, reason=reason)
+    except RegistryError as e:
+        _fail(e)
+    _emit({"promote": res}, as_json, _print_summary)
+
+
+@app.command("rollback")
+def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+             to: Optional[str] = typer.Option(None, "--to", help="Version to roll back to (default: the previous champion)."),
+             reason: str = typer.Option("manual rollback", help="Recorded in the audit history.")):
+    """Move `champion` back to the previous champion (one alias move, audited)."""
+    from semalign.deploy.registry import Registry, RegistryError
+
+    s = _settings(home, None)
+    try:
+        res = Registry(s).rollback(to=to, reason=reason)
+    except RegistryError as e:
+        _fail(e)
+    _emit({"rollback": res}, as_json, _print_summary)
+
+
+@app.command("status")
+def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+           history: int = typer.Option(10, help="Audit entries to show.")):
+    """Who is champion, since when and why, the last gate's verdict, and the audit history."""
+    from semalign.deploy.registry import Registry
+
+    s = _settings(home, None)
+    reg = Registry(s)
+    res = reg.status()
+    res["history"] = [{k: r[k] for k in ("at", "action", "subject", "from_value", "to_value", "actor")}
+                      | {"reason": (r["reason"] or "")[:200]} for r in reg.history(limit=history)]
+
+    def render(r):
+        from rich.console import Console
+        from rich.table import Table
+
+        con = Console()
+        champ = r["champion"] or {}
+        con.print(f"[bold]{r['model']}[/] champion: v{champ.get('version')} (codebook {champ.get('codebook_version')}), "
+                  f"since {time.ctime(r['champion_since']) if r['champion_since'] else '-'}: {r['champion_reason']}")
+        if r.get("last_gate"):
+            g = r["last_gate"]
+            con.print(f"last gate: v{g['version']} {'passed' if g['passed'] else 'FAILED'}: {g.get('summary', '')}")
+        if r.get("warning"):
+            con.print(f"[yellow]warning:[/] {r['warning']}")
+        t = Table("when", "action", "subject", "from", "to", "by")
+        for h in r["history"]:
+            t.add_row(time.ctime(h["at"]), h["action"], h["subject"], str(h["from_value"]), str(h["to_value"]), h["actor"] or "")
+        con.print(t)
+
+    import time
+
+    _emit(res, as_json, render)
 
 
 @app.command("experiment")

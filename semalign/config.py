@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     redis_url: str = "127.0.0.1:6379"          # Feast connection string: host:port[,db=N][,password=...]
     postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
 
+    # MLflow: sqlite + local artifacts under `home` unless told otherwise (s3://... goes through boto3)
+    mlflow_tracking_uri: str | None = None
+    artifact_uri: str | None = None
+    mlflow_experiment: str = "semalign"
+    model_name: str = "semalign-ranker"
+
+    # refresh: the served ranker and the gates that guard promotion
+    ranker_epochs: int = 10
+    hist_len: int = 50
+    gate_auc_tolerance: float = 0.005
+    gate_cold_auc_tolerance: float = 0.01
+    gate_max_level0_churn: float = 0.6
+    drift_label_rate_tolerance: float = 0.03
+    drift_volume_min_ratio: float = 0.5
+    drift_volume_max_ratio: float = 2.0
+    drift_popularity_kl: float = 0.25
+    drift_sid_kl: float = 1.0
+
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
@@ -68,6 +86,12 @@ class Settings(BaseSettings):
 
     def resolved_state_url(self) -> str:
         return self.state_url or f"sqlite:///{(self.home / 'state.db').resolve()}"
+
+    def resolved_tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    def resolved_artifact_uri(self) -> str:
+        return self.artifact_uri or (self.home / "mlartifacts").resolve().as_uri()
 
     def resolved_text_model(self) -> Path:
         if self.text_model is not None:

@@ -74,6 +74,11 @@ def engine(url: str) -> sa.Engine:
     kw = {}
     if url.startswith("sqlite"):
         kw["connect_args"] = {"timeout": 30}
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            from pathlib import Path
+
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     eng = sa.create_engine(url, future=True, pool_pre_ping=True, **kw)
     if url.startswith("sqlite"):
         @sa.event.listens_for(eng, "connect")

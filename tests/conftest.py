@@ -57,3 +57,31 @@ def clustered():
     labels = rng.integers(0, 40, 4000)
     x = centers[labels] + 0.3 * rng.standard_normal((4000, 32)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+SMALL_REFRESH = {"SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2"}
+
+
+def run_cli(*args, env=None, check=True, timeout=900):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **SMALL_REFRESH, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def refreshed(tmp_path_factory, movielens):
+    """A small shop after its first `semalign run`: one champion. Tests that continue from here run in order
+    on the same home (each refresh costs most of a minute on 2 cores)."""
+    import json
+
+    root = tmp_path_factory.mktemp("refreshed")
+    shop = write_generic(root / "shop", movielens, n_items=300)
+    home = root / "home"
+    env = {"SEMALIGN_HOME": str(home)}
+    first = json.loads(run_cli("run", "--data", str(shop), "--json", env=env).stdout)
+    return {"root": root, "shop": shop, "home": home, "env": env, "first": first}

@@ -33,7 +33,7 @@ def shop(tmp_path_factory, movielens):
 
 def test_run_rerun_and_stable_rebuild_on_generic_folder(tmp_path, shop):
     env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "3", "SEMALIGN_DATA": str(shop)}
-    first = json.loads(_cli("run", "--json", env=env).stdout)
+    first = json.loads(_cli("codebook", "build", "--json", env=env).stdout)
     cb = first["codebook"]
     assert first["dataset"].startswith("shop") and cb["parent"] is None and not cb["reused"]
     assert cb["catalogue_collision_rate_after_dedup"] == 0.0
@@ -45,7 +45,7 @@ def test_run_rerun_and_stable_rebuild_on_generic_folder(tmp_path, shop):
 
     # unchanged input: same versions, nothing recomputed or written
     listing = sorted(p.name for p in (tmp_path / "home" / "codebooks").iterdir())
-    again = json.loads(_cli("run", "--json", env=env).stdout)
+    again = json.loads(_cli("codebook", "build", "--json", env=env).stdout)
     assert again["codebook"]["version"] == cb["version"] and again["codebook"]["reused"]
     assert again["encoder"]["reused"] and again["towers"]["embedded_now"] == {"text": 0, "image": 0}
     assert sorted(p.name for p in (tmp_path / "home" / "codebooks").iterdir()) == listing
@@ -107,7 +107,7 @@ def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens
 
 def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop):
     env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_DATA": str(shop)}
-    run = json.loads(_cli("run", "--json", env=env).stdout)
+    run = json.loads(_cli("codebook", "build", "--json", env=env).stdout)
     version = run["codebook"]["version"]
     assert run["feature_store"]["version"] == version and run["feature_store"]["published_now"]
     sids = pd.read_parquet(tmp_path / "home" / "codebooks" / version / "sids.parquet").set_index("item_id")

@@ -1,0 +1,232 @@
+"""MLflow side: one run per refresh, the registered ranker with its lineage tags, the champion/challenger
+aliases, promotion and rollback as single alias moves, and the audit history of every move (state tables).
+
+Embedded default: sqlite tracking store and local artifacts under SEMALIGN_HOME. With SEMALIGN_ARTIFACT_URI
+set to s3://bucket/prefix, artifacts go to any S3-compatible endpoint through boto3 (MLFLOW_S3_ENDPOINT_URL
+and the standard AWS credential chain; nothing of that is logged)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from semalign import state
+from semalign.config import Settings
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def _actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:
+        return "unknown"
+
+
+class Registry:
+    def __init__(self, settings: Settings):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import logging
+        import warnings
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        self.name = settings.model_name
+        self.project = settings.feast_project
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = settings.resolved_tracking_uri()
+        self.artifact_uri = settings.resolved_artifact_uri()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.mlflow = mlflow
+        self.client = MlflowClient(self.tracking_uri)
+        exp = self.client.get_experiment_by_name(settings.mlflow_experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(settings.mlflow_experiment,
+                                                                   artifact_location=self.artifact_uri)
+            except Exception:  # created by a concurrent process
+                self.experiment_id = self.client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        self.state = state.engine(settings.resolved_state_url())
+
+    # ------------------------------------------------------------------ lookups
+    def version_by_alias(self, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def version_by_input(self, input_key: str):
+        """A registered version trained on exactly these inputs (so a rerun retrains nothing)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{self.name}' and tags.input_key='{input_key}'")
+        except MlflowException:
+            return None
+        return max(found, key=lambda v: int(v.version)) if found else None
+
+    def get_version(self, version: str | int):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException as e:
+            raise RegistryError(f"model '{self.name}' has no version {version}") from e
+
+    def download_ranker(self, mv, dest: Path) -> Path:
+        """The ranker folder of a registered version (from whatever artifact store holds it)."""
+        from mlflow.artifacts import download_artifacts
+
+        dest = Path(dest)
+        if (dest / "ranker.json").exists():
+            return dest
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        path = download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}", dst_path=str(tmp),
+                                  tracking_uri=self.tracking_uri)
+        found = next(Path(path).rglob("ranker.json")).parent
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(found, dest)
+        return dest
+
+    # ------------------------------------------------------------------ logging
+    def log_refresh(self, *, params: dict, metrics: dict, tags: dict, ranker_dir: Path, artifacts: dict[str, Path],
+                    json_artifacts: dict[str, dict], input_key: str) -> tuple[str, str]:
+        """One MLflow run for a refresh: params, metrics, artifacts, the pyfunc ranker registered as a new model
+        version tagged with its lineage and aliased `challenger`. Returns (run_id, version)."""
+        import pandas as pd
+        from mlflow.models import infer_signature
+
+        mlflow = self.mlflow
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"refresh-{time.strftime('%Y%m%d-%H%M%S')}") as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and v == v})
+            mlflow.set_tags({**tags, "input_key": input_key})
+            for path, src in artifacts.items():
+                src = Path(src)
+                if src.is_dir():
+                    mlflow.log_artifacts(str(src), artifact_path=path)
+                elif src.exists():
+                    mlflow.log_artifact(str(src), artifact_path=path)
+            for name, body in json_artifacts.items():
+                mlflow.log_dict(body, name)
+            sig = infer_signature(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}),
+                                  pd.Series([0.5], name="score"))
+            info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
+                                           artifacts={"ranker": str(ranker_dir)}, signature=sig,
+                                           pip_requirements=["semalign"], registered_model_name=self.name)
+            run_id = run.info.run_id
+        mv = self._version_of_run(run_id, info)
+        for k, v in {**tags, "input_key": input_key}.items():
+            self.client.set_model_version_tag(self.name, mv, k, str(v))
+        self.client.set_registered_model_alias(self.name, CHALLENGER, mv)
+        return run_id, mv
+
+    def _version_of_run(self, run_id: str, info) -> str:
+        v = getattr(info, "registered_model_version", None)
+        if v:
+            return str(v)
+        found = self.client.search_model_versions(f"name='{self.name}' and run_id='{run_id}'")
+        return str(max(int(x.version) for x in found))
+
+    def run_artifact_json(self, run_id: str, name: str) -> dict | None:
+        try:
+            return self.mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------ alias moves
+    def promote(self, version: str, reason: str, actor: str | None = None, action: str = "promote") -> dict:
+        """Moves `champion` to `version` (one alias move), then the feature store's current codebook pointer to
+        the version's codebook, and records both in the audit history."""
+        mv = self.get_version(version)
+        old = self.version_by_alias(CHAMPION)
+        old_v = str(old.version) if old else None
+        if old_v == str(version):
+            return {"moved": False, "champion": str(version), "previous": old_v}
+        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        cb = mv.tags.get("codebook_version")
+        with self.state.begin() as c:
+            c.execute(state.audit.insert().values(project=self.project, at=time.time(), action=action,
+                                                  subject=f"{self.name}@{CHAMPION}", from_value=old_v,
+                                                  to_value=str(version), actor=actor or _actor(), reason=reason))
+            if cb:
+                prev = state.set_pointer(c, self.project, "current_codebook", cb)
+                if prev != cb:
+                    c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
+                                                          subject="current_codebook", from_value=prev, to_value=cb,
+                                                          actor=actor or _actor(), reason=f"{action} v{version}"))
+        return {"moved": True, "champion": str(version), "previous": old_v, "codebook_version": cb}
+
+    def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
+        """Champion back to `to`, or to the version that was champion before the current one."""
+        cur = self.version_by_alias(CHAMPION)
+        if cur is None:
+            raise RegistryError(f"model '{self.name}' has no champion to roll back")
+        if to is None:
+            for row in self.history(actions=("promote", "rollback")):
+                if row["to_value"] == str(cur.version) and row["from_value"]:
+                    to = row["from_value"]
+                    break
+            if to is None:
+                raise RegistryError(f"no earlier champion of '{self.name}' in the audit history; pass --to VERSION")
+        return self.promote(str(to), reason=reason, actor=actor, action="rollback")
+
+    def record_gate(self, version: str, verdict: dict) -> None:
+        with self.state.begin() as c:
+            c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="gate",
+                                                  subject=f"{self.name}/{version}",
+                                                  to_value="passed" if verdict["passed"] else "failed",
+                                                  actor=_actor(), reason=json.dumps(verdict, default=float)))
+
+    def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate"), limit: int = 50) -> list[dict]:
+        a = state.audit
+        with self.state.connect() as c:
+            rows = c.execute(sa.select(a).where(a.c.project == self.project, a.c.action.in_(actions))
+                             .order_by(a.c.id.desc()).limit(limit))
+            return [dict(r._mapping) for r in rows]
+
+    def status(self) -> dict:
+        champ = self.version_by_alias(CHAMPION)
+        chall = self.version_by_alias(CHALLENGER)
+        moves = self.history(actions=("promote", "rollback"))
+        since = next((m for m in moves if champ and m["to_value"] == str(champ.version)), None)
+        gate = next(iter(self.history(actions=("gate",), limit=1)), None)
+        current = state.get_pointer(self.state, self.project, "current_codebook")
+
+        def desc(mv):
+            if mv is None:
+                return None
+            return {"version": str(mv.version), "run_id": mv.run_id, **{k: mv.tags.get(k) for k in
+                    ("codebook_version", "encoder_version", "data_hash", "feature_service")}}
+
+        out = {"model": self.name, "champion": desc(champ), "challenger": desc(chall),
+               "champion_since": since["at"] if since else None, "champion_reason": since["reason"] if since else None,
+               "current_codebook": current,
+               "last_gate": json.loads(gate["reason"]) | {"version": gate["subject"].split("/")[-1], "at": gate["at"]}
+               if gate else None,
+               "tracking_uri": self.tracking_uri, "artifact_uri": self.artifact_uri}
+        if champ is not None and current and champ.tags.get("codebook_version") not in (None, current):
+            out["warning"] = (f"the store's current codebook {current} is not the champion's "
+                              f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")
+        return out

@@ -1,0 +1,164 @@
+"""Scoring a trained ranker against features read from the feature store.
+
+A ranker folder holds `ranker.safetensors` (parameters only), `ranker.json` (config, pinned codebook version,
+label prior, history length) and `vocab.json` (training item ids in ID-row order). At scoring time the item
+tables (aligned vector, SIDs, ID row) are built for just the rows a request touches, from the online store
+pinned to the ranker's codebook version, and swapped into the model's buffers."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RANKER_FILES = ("ranker.safetensors", "ranker.json", "vocab.json")
+
+
+class ScoringError(ValueError):
+    pass
+
+
+def save_ranker(model, folder: Path, meta: dict, vocab: list[str]) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buffers = {n for n, _ in model.named_buffers()}
+    params = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in buffers}
+    save_file(params, str(folder / "ranker.safetensors"))
+    (folder / "ranker.json").write_text(json.dumps({**meta, "config": asdict(model.cfg)}, indent=2, default=float))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    return folder
+
+
+class RankerScorer:
+    def __init__(self, folder: Path, settings=None, store=None):
+        import torch
+        from safetensors.torch import load_file
+
+        from semalign.models.ranker import ItemTables, Ranker, RankerConfig
+
+        folder = Path(folder)
+        missing = [f for f in RANKER_FILES if not (folder / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: not a ranker folder (missing {missing})")
+        self.meta = json.loads((folder / "ranker.json").read_text())
+        cfg = self.meta["config"]
+        cfg["hidden"] = tuple(cfg["hidden"])
+        self.cfg = RankerConfig(**cfg)
+        self.codebook_version = self.meta["codebook_version"]
+        self.levels = int(self.meta["levels"])
+        vocab = json.loads((folder / "vocab.json").read_text())
+        self.id_row = {iid: i + 1 for i, iid in enumerate(vocab)}
+        dim = int(self.meta["content_dim"])
+        tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32), raw=None,
+                            codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]))
+        self.model = Ranker(self.cfg, tables, int(self.meta["n_user_feats"]))
+        state = load_file(str(folder / "ranker.safetensors"))
+        missing_keys, unexpected = self.model.load_state_dict(state, strict=False)
+        buffers = {n for n, _ in self.model.named_buffers()}
+        if unexpected or set(missing_keys) - buffers:
+            raise ValueError(f"{folder}: ranker weights do not match its config (missing {missing_keys}, "
+                             f"unexpected {unexpected})")
+        self.model.eval()
+        self.torch = torch
+        if store is None:
+            from semalign.config import Settings
+            from semalign.feature_repo.store import SemanticIdStore
+
+            settings = settings or Settings()
+            if self.meta.get("feast_project"):
+                settings = settings.model_copy(update={"feast_project": self.meta["feast_project"]})
+            store = SemanticIdStore(settings, levels=self.levels)
+        self.store = store
+
+    # ------------------------------------------------------------------ features
+    def user_rows(self, user_ids: list[str]) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+        """(user features [n, 2], recent items per user, known mask) from the online store."""
+        rec = self.store.users_online(user_ids)
+        prior = float(self.meta["label_prior"])
+        n = np.array([r["n_events"] if r else 0 for r in rec], np.float64)
+        rate = np.array([r["positive_rate"] if r else prior for r in rec], np.float64)
+        feats = np.stack([rate - prior, np.log1p(n) / 5.0], 1).astype(np.float32)
+        hists = [list(r["recent_items"])[-int(self.meta["hist_len"]):] if r else [] for r in rec]
+        return feats, hists, np.array([r is not None for r in rec])
+
+    def score(self, user_ids: list[str], item_ids: list[str], strict_users: bool = False) -> np.ndarray:
+        """Probability of a positive for each (user_ids[j], item_ids[j]); user features and histories come
+        from the online store (unknown users: no history, prior rate)."""
+        if len(user_ids) != len(item_ids):
+            raise ScoringError("user_ids and item_ids must have the same length")
+        if not item_ids:
+            return np.zeros(0, np.float32)
+        user_ids, item_ids = [str(u) for u in user_ids], [str(i) for i in item_ids]
+        uniq_users = list(dict.fromkeys(user_ids))
+        ufeat, hists, known = self.user_rows(uniq_users)
+        if strict_users and not known.all():
+            raise ScoringError(f"unknown users: {[u for u, k in zip(uniq_users, known) if not k][:10]}")
+        uidx = {u: k for k, u in enumerate(uniq_users)}
+        sel = np.array([uidx[u] for u in user_ids])
+        return self.score_rows(ufeat[sel], item_ids, [hists[k] for k in sel])
+
+    def score_rows(self, user_feats: np.ndarray, item_ids: list[str], histories: list[list[str]],
+                   batch: int = 8192, extra: dict | None = None) -> np.ndarray:
+        """Scores rows given explicit user features and histories (item ids, most recent last); item features
+        come from the online store pinned to this ranker's codebook version, or from `extra`
+        ({item_id: (codes [levels], aligned vector)}) for items encoded on the fly."""
+        torch = self.torch
+        hl = int(self.meta["hist_len"])
+        extra = extra or {}
+        items = list(dict.fromkeys(list(item_ids) + [i for h in histories for i in h[-hl:]]))
+        stored = [i for i in items if i not in extra]
+        codes_s, found_s, emb_s = self.store.read_online(stored, self.codebook_version, self.levels, with_embedding=True)
+        look = {i: (c, f, e) for i, c, f, e in zip(stored, codes_s, found_s, emb_s)}
+        codes = np.zeros((len(items), self.levels + 1), np.int64)
+        found = np.zeros(len(items), bool)
+        emb = [None] * len(items)
+        for k, i in enumerate(items):
+            if i in extra:
+                codes[k, : self.levels] = extra[i][0][: self.levels]
+                found[k], emb[k] = True, np.asarray(extra[i][1], np.float32)
+            else:
+                codes[k], found[k], emb[k] = look[i]
+        cands = set(item_ids)
+        cand_missing = [i for i, f in zip(items, found) if not f and i in cands]
+        if cand_missing:
+            from semalign.feature_repo.store import ItemsNotFoundError
+
+            raise ItemsNotFoundError(self.codebook_version, cand_missing)
+        # rows: 0 = padding, k+1 = items[k]; history items the version lacks are dropped
+        pos = {iid: k + 1 for k, (iid, f) in enumerate(zip(items, found)) if f}
+        content = np.zeros((len(items) + 1, int(self.meta["content_dim"])), np.float32)
+        code_tab = np.zeros((len(items) + 1, self.levels), np.int64)
+        id_vocab = np.zeros(len(items) + 1, np.int64)
+        for k, (iid, f) in enumerate(zip(items, found)):
+            if f:
+                content[k + 1] = emb[k]
+                code_tab[k + 1] = codes[k, : self.levels]
+                id_vocab[k + 1] = self.id_row.get(iid, 0)
+        hist_rows = np.zeros((len(item_ids), hl), np.int64)
+        for r, h in enumerate(histories):
+            rows = [pos[i] for i in h if i in pos][-hl:]
+            if rows:
+                hist_rows[r, hl - len(rows):] = rows
+        m = self.model
+        m.id_vocab = torch.as_tensor(id_vocab)
+        if hasattr(m, "content"):
+            m.content = torch.as_tensor(content)
+        if hasattr(m, "codes"):
+            m.codes = torch.as_tensor(code_tab)
+        cand = torch.as_tensor([pos[i] for i in item_ids])
+        u, h = torch.as_tensor(np.asarray(user_feats, np.float32)), torch.as_tensor(hist_rows)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(cand), batch):
+                out.append(torch.sigmoid(m(u[s:s + batch], cand[s:s + batch], h[s:s + batch]).float()))
+        return torch.cat(out).numpy()
+
+    def score_frame(self, df: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in ("user_id", "item_id") if c not in df.columns]
+        if missing:
+            raise ScoringError(f"the frame needs columns user_id and item_id (missing {missing})")
+        return self.score(df["user_id"].astype(str).tolist(), df["item_id"].astype(str).tolist())

@@ -1,0 +1,219 @@
+"""The refresh flow end to end on a small generic-folder shop: real Prefect, real MLflow registry (sqlite),
+real Feast store, real Great Expectations suites. Promotion, the drift gate, rollback, crash safety, S3."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SMALL_REFRESH as SMALL
+
+
+@pytest.fixture(scope="module")
+def shop(refreshed):
+    return refreshed["shop"]
+
+
+def drifted_copy(src: Path, dest: Path, share: float = 0.3, seed: int = 0) -> Path:
+    """Flip the labels of `share` of the events (the label rate moves, as when tracking breaks)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "items.csv").write_bytes((src / "items.csv").read_bytes())
+    ev = pd.read_csv(src / "interactions.csv")
+    idx = np.random.default_rng(seed).choice(len(ev), int(share * len(ev)), replace=False)
+    ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
+    ev.to_csv(dest / "interactions.csv", index=False)
+    return dest
+
+
+def _cli(*args, env=None, check=True, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **SMALL, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _settings(home):
+    from semalign.config import Settings
+
+    return Settings(home=home)
+
+
+def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_path, refreshed):
+    import mlflow
+
+    from semalign.deploy.registry import Registry
+    from semalign.feature_repo.store import SemanticIdStore
+
+    home, env, first, shop = refreshed["home"], refreshed["env"], refreshed["first"], refreshed["shop"]
+    assert first["promoted"] and first["champion"] == first["model_version"]
+    s = _settings(home)
+    reg = Registry(s)
+    st = reg.status()
+    assert st["champion"]["codebook_version"] == first["codebook"]["version"] == st["current_codebook"]
+    assert st["last_gate"]["passed"]
+
+    # the champion loads with plain MLflow and scores (user, item) rows from the feature store
+    mlflow.set_tracking_uri(s.resolved_tracking_uri())
+    os.environ["SEMALIGN_HOME"] = str(home)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{s.model_name}@champion")
+        scores = model.predict(pd.DataFrame({"user_id": ["u1", "u2", "nobody"], "item_id": ["sku-1", "sku-2", "sku-3"]}))
+    finally:
+        del os.environ["SEMALIGN_HOME"]
+    assert len(scores) == 3 and ((scores > 0) & (scores < 1)).all()
+
+    # run metrics and artifacts are in the run
+    run = reg.client.get_run(first["run_id"])
+    assert "challenger_auc_all" in run.data.metrics and run.data.params["split"] == "cold-items"
+    arts = {a.path for a in reg.client.list_artifacts(first["run_id"])}
+    assert {"plots", "encoder", "codebook", "validation_report.json", "reference_profile.json"} <= arts
+
+    store = SemanticIdStore(s)
+    sids_before = store.semantic_ids([f"sku-{i}" for i in range(1, 40)])
+    services_before = sorted(fs.name for fs in store.fs.list_feature_services())
+
+    # unchanged input: nothing retrained, published or promoted
+    again = json.loads(_cli("run", "--data", str(shop), "--json", env=env).stdout)
+    assert again["ranker"]["reused"] and again["encoder"]["reused"] and again["codebook"]["reused"]
+    assert not again["feature_store"]["published_now"] and not again["promoted"]
+    assert again["model_version"] == first["model_version"]
+
+    # drifted input: blocked by the gate, the champion and what it serves stay as they were
+    drift = drifted_copy(shop, tmp_path / "drift")
+    blocked = json.loads(_cli("run", "--data", str(drift), "--json", env=env).stdout)
+    assert not blocked["verdict"]["passed"] and not blocked["promoted"]
+    failed = [c["name"] for g in blocked["verdict"]["gates"] for c in g["checks"] if not c["passed"]]
+    assert "label rate" in failed
+    assert blocked["champion"] == first["model_version"]
+    store2 = SemanticIdStore(s)
+    assert store2.current_version() == first["codebook"]["version"]
+    pd.testing.assert_frame_equal(store2.semantic_ids([f"sku-{i}" for i in range(1, 40)]), sids_before)
+    assert sorted(fs.name for fs in store2.fs.list_feature_services()) == services_before
+    status = json.loads(_cli("status", "--json", env=env).stdout)
+    assert status["champion"]["version"] == first["model_version"]
+    assert not status["last_gate"]["passed"] and "label rate" in status["last_gate"]["summary"]
+
+    # promotion and rollback are single audited alias moves
+    v2 = blocked["model_version"]
+    moved = json.loads(_cli("promote", v2, "--reason", "test override", "--json", env=env).stdout)["promote"]
+    assert moved["moved"] and moved["champion"] == v2 and moved["previous"] == first["model_version"]
+    assert SemanticIdStore(s).current_version() == blocked["codebook"]["version"]
+    back = json.loads(_cli("rollback", "--json", env=env).stdout)["rollback"]
+    assert back["champion"] == first["model_version"]
+    status = json.loads(_cli("status", "--json", env=env).stdout)
+    assert status["champion"]["version"] == first["model_version"]
+    actions = [(h["action"], h["to_value"]) for h in status["history"]]
+    assert ("rollback", first["model_version"]) in actions and ("promote", v2) in actions
+    assert SemanticIdStore(s).current_version() == first["codebook"]["version"]
+
+
+def test_a_crash_between_training_and_promotion_promotes_nothing(tmp_path, refreshed):
+    from semalign.deploy.registry import Registry
+
+    home, env, shop = refreshed["home"], refreshed["env"], refreshed["shop"]
+    before = Registry(_settings(home)).status()
+    first = {"model_version": before["champion"]["version"], "codebook": {"version": before["current_codebook"]}}
+    drift = drifted_copy(shop, tmp_path / "changed", share=0.02, seed=1)   # a small, legitimate change
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "run", "--data", str(drift), "--json"],
+                            env={**os.environ, **SMALL, **env, "SEMALIGN_PAUSE_AT": "refresh.before_promote",
+                                 "SEMALIGN_PAUSE_MARK": str(mark)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert mark.exists(), f"the refresh never reached the promotion step (rc={proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its ephemeral Prefect server, as a machine crash would
+    proc.wait()
+    reg = Registry(_settings(home))
+    st = reg.status()
+    assert st["champion"]["version"] == first["model_version"]
+    assert st["current_codebook"] == first["codebook"]["version"]
+    assert "warning" not in st
+    # the lock of the killed run does not block the next one, which completes
+    nxt = json.loads(_cli("run", "--data", str(drift), "--json", env=env).stdout)
+    assert nxt["model_version"] is not None and nxt["champion"] in (first["model_version"], nxt["model_version"])
+
+
+def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
+    from semalign.flows.refresh import RefreshLockedError, refresh_lock, run_refresh
+
+    s = _settings(tmp_path / "home")
+    with refresh_lock(s):
+        with pytest.raises(RefreshLockedError, match="another refresh"):
+            with refresh_lock(s):
+                pass
+    proc = _cli("run", "--data", str(tmp_path / "nothing-here"), env={"SEMALIGN_HOME": str(tmp_path / "home")},
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def moto_s3(tmp_path):
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    creds = {"AWS_ACCESS_KEY_ID": "semalign-test-key", "AWS_SECRET_ACCESS_KEY": "semalign-test-secret-do-not-log",
+             "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": url}
+    yield url, creds
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_artifacts_go_to_an_s3_compatible_server(tmp_path, shop, moto_s3):
+    import boto3
+
+    url, creds = moto_s3
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    s3.create_bucket(Bucket="semalign-artifacts")
+    home = tmp_path / "home"
+    env = {"SEMALIGN_HOME": str(home), "SEMALIGN_ARTIFACT_URI": "s3://semalign-artifacts/mlflow", **creds}
+    res = json.loads(_cli("run", "--data", str(shop), "--json", env=env).stdout)
+    assert res["promoted"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="semalign-artifacts").get("Contents", [])]
+    assert any(k.endswith("ranker.safetensors") for k in keys)
+    assert any(k.endswith("validation_report.json") for k in keys)
+    assert not (home / "mlartifacts").exists()
+    # the champion loads from S3 in a fresh process with plain MLflow
+    code = ("import mlflow, pandas as pd; mlflow.set_tracking_uri(%r); "
+            "m = mlflow.pyfunc.load_model('models:/semalign-ranker@champion'); "
+            "print(float(m.predict(pd.DataFrame({'user_id': ['u1'], 'item_id': ['sku-1']})).iloc[0]))"
+            % f"sqlite:///{home / 'mlflow.db'}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 0 < float(out.stdout.strip().splitlines()[-1]) < 1
+    # credentials never reach MLflow params, tags or artifacts
+    from semalign.deploy.registry import Registry
+
+    reg = Registry(_settings(home))
+    run = reg.client.get_run(res["run_id"])
+    blob = json.dumps({**run.data.params, **run.data.tags})
+    for k in keys:
+        if k.endswith(".json") or k.endswith(".yaml") or k.endswith("MLmodel"):
+            blob += s3.get_object(Bucket="semalign-artifacts", Key=k)["Body"].read().decode(errors="replace")
+    assert creds["AWS_SECRET_ACCESS_KEY"] not in blob and creds["AWS_ACCESS_KEY_ID"] not in blob

@@ -1,0 +1,146 @@
+"""`semalign serve` as a user runs it: a real uvicorn process on loopback, the champion from the MLflow registry,
+features from the Feast online store, a brand-new item scored from its content."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_cli as _cli
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _req(url, body=None, method=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def served(refreshed):
+    root, shop, home, env = refreshed["root"], refreshed["shop"], refreshed["home"], refreshed["env"]
+    st = json.loads(_cli("status", "--json", env=env).stdout)
+    first = {"model_version": st["champion"]["version"], "codebook": {"version": st["champion"]["codebook_version"]}}
+    port = _free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port), "--check-interval", "1"],
+                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if _req(base + "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("server did not become healthy: " + (root / "serve.log").read_text()[-3000:])
+    yield {"base": base, "home": home, "shop": shop, "first": first, "env": env, "root": root}
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+def test_scores_100_candidates_with_one_brand_new_item(served):
+    from semalign.config import Settings
+    from semalign.feature_repo.store import _Onboarder
+
+    base, first = served["base"], served["first"]
+    items = pd.read_csv(served["shop"] / "items.csv")["item_id"].tolist()[:99]
+    new = {"item_id": "brand-new-1", "text": "A documentary about lighthouse keepers on a stormy coast. Genres: Documentary"}
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": i} for i in items] + [new]})
+    assert status == 200, body
+    assert len(body["items"]) == 100 and body["model_version"] == first["model_version"]
+    assert body["codebook_version"] == first["codebook"]["version"]
+    scores = [r["score"] for r in body["items"]]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    got = next(r for r in body["items"] if r["item_id"] == "brand-new-1")
+    assert got["source"] == "on_the_fly"
+    ob = _Onboarder(Settings(home=served["home"]), body["codebook_version"], None)
+    want = ob.codebook.assign(ob.embed(pd.DataFrame([new])))[0].tolist()
+    assert got["sid"] == want
+    # on the fly means not written: the store still does not hold it
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "brand-new-1"}]})
+    assert status == 404 and "brand-new-1" in body["detail"]
+    # with onboard=true it is written and then served from the store
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [new], "onboard": True})
+    assert status == 200 and body["items"][0]["source"] == "onboarded" and body["items"][0]["sid"][:3] == want
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "brand-new-1"}]})
+    assert status == 200 and body["items"][0]["source"] == "store"
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
+    base = served["base"]
+    cases = [
+        ({"user_id": "no-such-user", "candidates": [{"item_id": "sku-1"}]}, 404, "unknown user"),
+        ({"user_id": "u1", "candidates": []}, 422, None),
+        ({"user_id": "u1", "candidates": "sku-1"}, 422, None),
+        ({"user_id": "u1", "candidates": [{"item_id": "x", "text": "t" * 30000}]}, 422, None),
+        ({"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(1001)]}, 413, "at most 1000"),
+        ({"user_id": "u1", "candidates": [{"item_id": "sku-1"}, {"item_id": "sku-1"}]}, 422, "unique"),
+        ({"user_id": "u1", "candidates": [{"item_id": "never-seen"}]}, 404, "without content"),
+    ]
+    for body, code, text in cases:
+        status, resp = _req(base + "/score", body)
+        assert status == code, (body if len(json.dumps(body)) < 300 else "big", status, resp)
+        if text:
+            assert text in json.dumps(resp)
+    assert _req(base + "/health")[0] == 200
+    assert _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]})[0] == 200
+    status, spec = _req(base + "/openapi.json")
+    assert status == 200 and "/score" in spec["paths"] and "examples" in json.dumps(spec["components"])
+
+
+def test_a_new_champion_is_picked_up_without_restart(served):
+    from semalign.config import Settings
+    from semalign.deploy.registry import Registry
+
+    env = served["env"]
+    reg = Registry(Settings(home=served["home"]))
+    others = [v for v in reg.client.search_model_versions(f"name='{reg.name}'")
+              if str(v.version) != served["first"]["model_version"]]
+    if not others:  # run alone: make a second version (drifted input, so the gate keeps it a challenger)
+        drift = served["root"] / "drift-serve"
+        drift.mkdir(exist_ok=True)
+        (drift / "items.csv").write_bytes((served["shop"] / "items.csv").read_bytes())
+        ev = pd.read_csv(served["shop"] / "interactions.csv")
+        idx = np.random.default_rng(0).choice(len(ev), int(0.3 * len(ev)), replace=False)
+        ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
+        ev.to_csv(drift / "interactions.csv", index=False)
+        _cli("run", "--data", str(drift), "--json", env=env)
+        others = [v for v in reg.client.search_model_versions(f"name='{reg.name}'")
+                  if str(v.version) != served["first"]["model_version"]]
+    target = max(others, key=lambda v: int(v.version))
+    second = {"model_version": str(target.version), "codebook": {"version": target.tags["codebook_version"]}}
+    _cli("promote", second["model_version"], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status, v = _req(served["base"] + "/version")
+        if v.get("model_version") == second["model_version"]:
+            break
+        time.sleep(0.5)
+    assert v["model_version"] == second["model_version"]
+    assert v["codebook_version"] == second["codebook"]["version"]   # the ranker and its own codebook, together
+    status, body = _req(served["base"] + "/score", {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]})
+    assert status == 200 and body["codebook_version"] == second["codebook"]["version"]
+    _cli("rollback", env=env)

@@ -1,0 +1,208 @@
+"""Great Expectations suites and the promotion gates (design section 6).
+
+- input suite: the data contract on the loaded frames (after the loader's own row checks);
+- drift suite: the new window against the champion's reference profile (label rate, volume, item popularity,
+  per-level SID distribution, embedding statistics); KL divergences use smoothed reference bins;
+- quality gate: challenger vs champion on the same window, overall and on cold buckets, with tolerances;
+- churn gate: how many items changed their first-level code against the champion's codebook.
+Every check comes back as {name, passed, observed, expected}: a failed gate says which check and the numbers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+POP_BINS = 18          # log2 popularity bins: 0 events, 1, 2-3, 4-7, ...
+SMOOTH = 1e-3
+
+
+@dataclass
+class Verdict:
+    gate: str
+    checks: list[dict] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks)
+
+    def failed(self) -> list[dict]:
+        return [c for c in self.checks if not c["passed"]]
+
+    def as_dict(self) -> dict:
+        return {"gate": self.gate, "passed": self.passed, "checks": self.checks}
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"{self.gate}: passed ({len(self.checks)} checks)"
+        return f"{self.gate}: FAILED " + "; ".join(
+            f"{c['name']} observed {_fmt(c['observed'])}, expected {c['expected']}" for c in self.failed())
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------- profiles
+
+def _smoothed(counts: np.ndarray) -> list[float]:
+    w = counts.astype(np.float64) / max(counts.sum(), 1)
+    w = w + SMOOTH
+    return (w / w.sum()).tolist()
+
+
+def pop_bins(counts: np.ndarray) -> np.ndarray:
+    return np.minimum(np.where(counts > 0, np.floor(np.log2(np.maximum(counts, 1))) + 1, 0), POP_BINS - 1).astype(int)
+
+
+def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame | None = None,
+                   embeddings: np.ndarray | None = None) -> dict:
+    """What the drift suite compares: computed on the champion's window at promotion, kept with its run."""
+    counts = np.bincount(interactions["item_idx"].to_numpy(), minlength=n_items)
+    prof = {"n_events": int(len(interactions)), "label_rate": float(interactions["label"].mean()),
+            "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS))}
+    if sids is not None:
+        levels = sorted(c for c in sids.columns if c.startswith("sid_") and c != "sid_dedup")
+        k = int(max(sids[c].max() for c in levels)) + 1
+        prof["sid_codes"] = k
+        prof["sid_weights"] = {c: _smoothed(np.bincount(sids[c].to_numpy(), minlength=k)) for c in levels}
+    if embeddings is not None:
+        norms = np.linalg.norm(embeddings, axis=1)
+        prof["embedding_norm_mean"] = float(norms.mean())
+        prof["embedding_dim_std_mean"] = float(embeddings.std(0).mean())
+    return prof
+
+
+# ---------------------------------------------------------------- GE plumbing
+
+class _GE:
+    def __init__(self):
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import logging
+
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        import great_expectations as gx
+
+        self.gx = gx
+        self.ctx = gx.get_context(mode="ephemeral")
+        try:
+            self.ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
+        except Exception:
+            pass
+        self.source = self.ctx.data_sources.add_pandas("semalign")
+
+    def validate(self, name: str, df: pd.DataFrame, expectations: list) -> list[dict]:
+        gx = self.gx
+        asset = self.source.add_dataframe_asset(name)
+        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
+        suite = self.ctx.suites.add(gx.ExpectationSuite(name=name))
+        labels = []
+        for label, exp in expectations:
+            suite.add_expectation(exp)
+            labels.append(label)
+        res = batch.validate(suite)
+        out = []
+        for label, r in zip(labels, res.results):
+            cfg = r.expectation_config
+            obs = r.result.get("observed_value")
+            if obs is None and "unexpected_count" in r.result:
+                obs = int(r.result["unexpected_count"])
+            if isinstance(obs, (np.floating, np.integer)):
+                obs = obs.item()
+            kw = {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id", "partition_object")}
+            out.append({"name": label, "passed": bool(r.success), "observed": obs,
+                        "expected": f"{cfg.type} {kw}", "suite": name})
+        return out
+
+
+# ---------------------------------------------------------------- suites
+
+def input_suite(items: pd.DataFrame, interactions: pd.DataFrame, min_events: int = 100) -> Verdict:
+    ge = _GE()
+    E = ge.gx.expectations
+    v = Verdict("input")
+    v.checks += ge.validate("input_items", items[["item_id", "text"]].assign(text_len=items["text"].str.len()), [
+        ("items: item_id unique", E.ExpectColumnValuesToBeUnique(column="item_id")),
+        ("items: item_id present", E.ExpectColumnValuesToNotBeNull(column="item_id")),
+        ("items: text present", E.ExpectColumnValuesToNotBeNull(column="text")),
+        ("items: text length", E.ExpectColumnValuesToBeBetween(column="text_len", min_value=1, max_value=100_000)),
+    ])
+    ev = interactions[["user_id", "item_id", "ts", "label"]]
+    v.checks += ge.validate("input_interactions", ev, [
+        ("interactions: volume", E.ExpectTableRowCountToBeBetween(min_value=min_events)),
+        ("interactions: user_id present", E.ExpectColumnValuesToNotBeNull(column="user_id")),
+        ("interactions: item_id present", E.ExpectColumnValuesToNotBeNull(column="item_id")),
+        ("interactions: label is 0/1", E.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1])),
+        ("interactions: timestamp not in the future",
+         E.ExpectColumnValuesToBeBetween(column="ts", min_value=0, max_value=int(pd.Timestamp.now(tz="UTC").timestamp()) + 86400)),
+        ("interactions: item_id in the catalogue",
+         E.ExpectColumnValuesToBeInSet(column="item_id", value_set=items["item_id"].tolist())),
+    ])
+    return v
+
+
+def drift_suite(reference: dict, interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame,
+                embeddings: np.ndarray, label_rate_tol: float = 0.03, volume_ratio: tuple = (0.5, 2.0),
+                kl_max: float = 0.25, sid_kl_max: float = 1.0, norm_tol: float = 0.15) -> Verdict:
+    ge = _GE()
+    E = ge.gx.expectations
+    v = Verdict("drift")
+    ref_rate, ref_n = reference["label_rate"], reference["n_events"]
+    v.checks += ge.validate("drift_events", interactions[["label"]].astype(float), [
+        ("label rate", E.ExpectColumnMeanToBeBetween(column="label", min_value=ref_rate - label_rate_tol,
+                                                     max_value=ref_rate + label_rate_tol)),
+        ("volume", E.ExpectTableRowCountToBeBetween(min_value=int(ref_n * volume_ratio[0]),
+                                                    max_value=int(ref_n * volume_ratio[1]))),
+    ])
+    counts = np.bincount(interactions["item_idx"].to_numpy(), minlength=n_items)
+    pop = pd.DataFrame({"pop_bin": pop_bins(counts).astype(float)})
+    edges = [b - 0.5 for b in range(POP_BINS + 1)]
+    v.checks += ge.validate("drift_popularity", pop, [
+        ("item popularity (KL)", E.ExpectColumnKLDivergenceToBeLessThan(
+            column="pop_bin", partition_object={"bins": edges, "weights": reference["pop_weights"]}, threshold=kl_max)),
+    ])
+    if "sid_weights" in reference:
+        k = reference["sid_codes"]
+        exps = []
+        cols = [c for c in reference["sid_weights"] if c in sids.columns]
+        frame = sids[cols].astype(float).clip(upper=k - 1)
+        for c in cols:
+            exps.append((f"SID level {c[4:]} distribution (KL)", E.ExpectColumnKLDivergenceToBeLessThan(
+                column=c, partition_object={"bins": [b - 0.5 for b in range(k + 1)],
+                                            "weights": reference["sid_weights"][c]}, threshold=sid_kl_max)))
+        v.checks += ge.validate("drift_sids", frame, exps)
+    if "embedding_norm_mean" in reference:
+        m = reference["embedding_norm_mean"]
+        v.checks += ge.validate("drift_embeddings", pd.DataFrame({"norm": np.linalg.norm(embeddings, axis=1)}), [
+            ("embedding norm mean", E.ExpectColumnMeanToBeBetween(column="norm", min_value=m * (1 - norm_tol),
+                                                                  max_value=m * (1 + norm_tol))),
+        ])
+    return v
+
+
+def quality_gate(challenger: dict, champion: dict, tol: float = 0.005, cold_tol: float = 0.01,
+                 cold_buckets: tuple = ("unseen",)) -> Verdict:
+    """challenger / champion: {bucket: {"auc": .., "gauc": ..}} on the same events."""
+    v = Verdict("quality")
+    for b in ("all",) + tuple(cold_buckets):
+        if b not in challenger or b not in champion:
+            continue
+        t = tol if b == "all" else cold_tol
+        new, old = challenger[b]["auc"], champion[b]["auc"]
+        ok = bool(np.isfinite(new) and new >= old - t)
+        v.checks.append({"name": f"AUC {b}", "passed": ok, "observed": float(new),
+                         "expected": f">= champion {old:.4f} - {t}"})
+    return v
+
+
+def churn_gate(churn: dict | None, max_level0: float = 0.6) -> Verdict:
+    v = Verdict("churn")
+    if churn is None:
+        return v
+    per = churn.get("per_level") or []
+    if per:
+        v.checks.append({"name": "SID level-0 churn", "passed": bool(per[0] <= max_level0), "observed": float(per[0]),
+                         "expected": f"<= {max_level0}"})
+    return v

@@ -41,11 +41,12 @@ class Registry:
         import logging
         import warnings
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
         import mlflow
         from mlflow import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # after import: MLflow sets up its own loggers
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.settings = settings
         self.name = settings.model_name
@@ -132,9 +133,13 @@ class Registry:
                 mlflow.log_dict(body, name)
             sig = infer_signature(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}),
                                   pd.Series([0.5], name="score"))
-            info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
-                                           artifacts={"ranker": str(ranker_dir)}, signature=sig,
-                                           pip_requirements=["semalign"], registered_model_name=self.name)
+            import warnings
+
+            with warnings.catch_warnings():  # MLflow's advice on type hints / input examples, once per refresh
+                warnings.simplefilter("ignore", UserWarning)
+                info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
+                                               artifacts={"ranker": str(ranker_dir)}, signature=sig,
+                                               pip_requirements=["semalign"], registered_model_name=self.name)
             run_id = run.info.run_id
         mv = self._version_of_run(run_id, info)
         for k, v in {**tags, "input_key": input_key}.items():

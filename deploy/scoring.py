@@ -64,6 +64,9 @@ class RankerScorer:
                              f"unexpected {unexpected})")
         self.model.eval()
         self.torch = torch
+        import threading
+
+        self._lock = threading.Lock()
         if store is None:
             from semalign.config import Settings
             from semalign.feature_repo.store import SemanticIdStore
@@ -75,9 +78,10 @@ class RankerScorer:
         self.store = store
 
     # ------------------------------------------------------------------ features
-    def user_rows(self, user_ids: list[str]) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
-        """(user features [n, 2], recent items per user, known mask) from the online store."""
-        rec = self.store.users_online(user_ids)
+    def user_rows(self, user_ids: list[str], records: list | None = None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+        """(user features [n, 2], recent items per user, known mask) from the online store (or from `records`
+        already read with `store.users_online`)."""
+        rec = self.store.users_online(user_ids) if records is None else records
         prior = float(self.meta["label_prior"])
         n = np.array([r["n_events"] if r else 0 for r in rec], np.float64)
         rate = np.array([r["positive_rate"] if r else prior for r in rec], np.float64)
@@ -110,9 +114,7 @@ class RankerScorer:
         hl = int(self.meta["hist_len"])
         extra = extra or {}
         items = list(dict.fromkeys(list(item_ids) + [i for h in histories for i in h[-hl:]]))
-        stored = [i for i in items if i not in extra]
-        codes_s, found_s, emb_s = self.store.read_online(stored, self.codebook_version, self.levels, with_embedding=True)
-        look = {i: (c, f, e) for i, c, f, e in zip(stored, codes_s, found_s, emb_s)}
+        look = self.item_features([i for i in items if i not in extra])
         codes = np.zeros((len(items), self.levels + 1), np.int64)
         found = np.zeros(len(items), bool)
         emb = [None] * len(items)
@@ -144,18 +146,26 @@ class RankerScorer:
             if rows:
                 hist_rows[r, hl - len(rows):] = rows
         m = self.model
-        m.id_vocab = torch.as_tensor(id_vocab)
-        if hasattr(m, "content"):
-            m.content = torch.as_tensor(content)
-        if hasattr(m, "codes"):
-            m.codes = torch.as_tensor(code_tab)
         cand = torch.as_tensor([pos[i] for i in item_ids])
         u, h = torch.as_tensor(np.asarray(user_feats, np.float32)), torch.as_tensor(hist_rows)
         out = []
-        with torch.no_grad():
+        # the request's tables are swapped into the model's buffers: one request at a time per scorer
+        with self._lock, torch.no_grad():
+            m.id_vocab = torch.as_tensor(id_vocab)
+            if hasattr(m, "content"):
+                m.content = torch.as_tensor(content)
+            if hasattr(m, "codes"):
+                m.codes = torch.as_tensor(code_tab)
             for s in range(0, len(cand), batch):
                 out.append(torch.sigmoid(m(u[s:s + batch], cand[s:s + batch], h[s:s + batch]).float()))
         return torch.cat(out).numpy()
+
+    def item_features(self, items: list[str]) -> dict:
+        """{item_id: (codes [levels + 1] or -1s, found, aligned vector or None)} from the online store."""
+        if not items:
+            return {}
+        codes, found, emb = self.store.read_online(items, self.codebook_version, self.levels, with_embedding=True)
+        return {i: (c, f, e) for i, c, f, e in zip(items, codes, found, emb)}
 
     def score_frame(self, df: pd.DataFrame) -> np.ndarray:
         missing = [c for c in ("user_id", "item_id") if c not in df.columns]

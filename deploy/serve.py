@@ -156,8 +156,10 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
             users = sc.store.users_online([req.user_id])
             if users[0] is None:
                 raise HTTPException(404, detail=f"unknown user '{req.user_id}' (not in the feature store)")
-            codes, found, _ = sc.store.read_online(ids, s.codebook_version, sc.levels)
-            new = [c for c, f in zip(req.candidates, found) if not f]
+            feats, hists, _ = sc.user_rows([req.user_id], records=users)
+            # one read for candidates and history: whatever the store lacks must come with content
+            known = sc.item_features(list(dict.fromkeys(ids + hists[0])))
+            new = [c for c in req.candidates if not known[c.item_id][1]]
             no_content = [c.item_id for c in new if not (c.text and c.text.strip())]
             if no_content:
                 raise HTTPException(404, detail=f"items not in the store and sent without content: {no_content[:10]}")
@@ -167,20 +169,25 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
 
                 frame = pd.DataFrame({"item_id": [c.item_id for c in new], "text": [c.text for c in new],
                                       "image_path": [c.image_path for c in new]})
+                ob = sc.store._onboarder(s.codebook_version, sc.store._published(s.codebook_version))
                 if req.onboard:
                     out = sc.store.onboard(frame, version=s.codebook_version)
                     for r in out.itertuples():
                         source[r.item_id] = "onboarded"
+                    known.update(sc.item_features([c.item_id for c in new]))
                 else:
-                    ob = sc.store._onboarder(s.codebook_version, sc.store._published(s.codebook_version))
                     emb = ob.embed(frame)
                     c_new = ob.codebook.assign(emb)
                     for k, c in enumerate(new):
                         extra[c.item_id] = (c_new[k], emb[k])
                         source[c.item_id] = "on_the_fly"
-                codes, _, _ = sc.store.read_online(ids, s.codebook_version, sc.levels)
-            feats, hists, _ = sc.user_rows([req.user_id])
-            p = sc.score_rows(np.repeat(feats, len(ids), 0), ids, [hists[0]] * len(ids), extra=extra)
+            # the response's SIDs: on-the-fly items have no dedup level (they hold no slot in the store)
+            sids = {i: (extra[i][0] if i in extra else known[i][0]) for i in ids}
+            feats_of = dict(extra)  # everything already read goes in, so scoring reads nothing twice
+            for iid, (c, f, e) in known.items():
+                if f and iid not in feats_of:
+                    feats_of[iid] = (c[: sc.levels], e)
+            p = sc.score_rows(np.repeat(feats, len(ids), 0), ids, [hists[0]] * len(ids), extra=feats_of)
         except FeatureStoreError as e:
             code = 503 if isinstance(e, StoreUnavailableError) else 404
             raise HTTPException(code, detail=str(e)) from e
@@ -188,7 +195,7 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
             raise HTTPException(422, detail=str(e)) from e
         items = []
         for j, iid in enumerate(ids):
-            sid = extra[iid][0].tolist() if iid in extra else codes[j].tolist()
+            sid = np.asarray(sids[iid]).tolist()
             items.append(Scored(item_id=iid, score=float(p[j]), sid=[int(x) for x in sid], source=source[iid]))
         items.sort(key=lambda r: -r.score)
         return ScoreResponse(user_id=req.user_id, model_version=s.model_version, codebook_version=s.codebook_version,

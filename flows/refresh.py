@@ -207,6 +207,48 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing
     return out
 
 
+def _drift_plot(path: Path, reference: dict, profile: dict) -> None:
+    """Reference window vs new window: item popularity bins, label rate, first SID level's code usage."""
+    import matplotlib.pyplot as plt
+
+    panels = [("item popularity (log2 bins)", reference["pop_weights"], profile["pop_weights"])]
+    first = next(iter(sorted(reference.get("sid_weights", {}))), None)
+    if first and first in profile.get("sid_weights", {}):
+        k = min(len(reference["sid_weights"][first]), len(profile["sid_weights"][first]))
+        panels.append((f"{first} code usage", reference["sid_weights"][first][:k], profile["sid_weights"][first][:k]))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3))
+    for ax, (title, ref, new) in zip(axes, panels):
+        xs = np.arange(len(ref))
+        ax.bar(xs - 0.2, ref, 0.4, label="champion window")
+        ax.bar(xs + 0.2, new, 0.4, label="new window")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    axes[-1].bar(["champion", "new"], [reference["label_rate"], profile["label_rate"]], color=["C0", "C1"])
+    axes[-1].set_title("label rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _prefect_artifacts(summary: dict) -> None:
+    """The refresh's verdict and AUC table as Prefect artifacts (shown in the Prefect UI); best effort."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        v = summary.get("verdict") or {}
+        create_markdown_artifact(key="refresh-verdict", description="semalign refresh verdict", markdown=(
+            f"**model version {summary.get('model_version')}**, codebook `{summary['codebook']['version']}`: "
+            f"{'promoted' if summary.get('promoted') else 'not promoted'}\n\n{v.get('summary', '')}"))
+        ev = summary.get("evaluation") or {}
+        rows = [{"bucket": b, "challenger_auc": round(m["auc"], 4),
+                 "champion_auc": round(((ev.get("champion") or {}).get(b) or {}).get("auc", float("nan")), 4)}
+                for b, m in (ev.get("challenger") or {}).items()]
+        if rows:
+            create_table_artifact(key="refresh-auc", table=rows, description="AUC per item bucket, test window")
+    except Exception:
+        pass
+
+
 def _plots(folder: Path, challenger: dict, champion: dict | None, cb_metrics: dict) -> dict[str, Path]:
     import matplotlib
 
@@ -312,7 +354,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         train = split.part("train")
         emb = np.stack(cb.sids["embedding"].to_numpy())
         profile = window_profile(train, ds.n_items, cb.sids, emb)
-        verdicts = []
+        verdicts, reference = [], None
         if champ:
             reference = registry.run_artifact_json(champ["run_id"], "reference_profile.json")
             if reference is not None:
@@ -331,6 +373,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                    "summary": "; ".join(v.summary() for v in verdicts)}
         run_dir = settings.home / "runs" / rk.input_key
         plots = _plots(run_dir / "plots", challenger, champion_metrics, cb.metrics)
+        if champ and reference is not None:
+            _drift_plot(run_dir / "plots" / "drift.png", reference, profile)
         def key(b):  # MLflow metric names allow no '+'
             return b.replace("+", "plus")
 
@@ -376,18 +420,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                        evaluation={"challenger": challenger, "champion": champion_metrics},
                        champion=champion_lineage(registry).get("version"))
         summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        _prefect_artifacts(summary)
         return summary
-
-
-def _flow():
-    from prefect import flow
-
-    @flow(name="refresh", description="Refresh encoder, codebook, semantic IDs and ranker; promote behind gates.")
-    def refresh(data: str | None = None, settings_json: str | None = None) -> dict:
-        settings = Settings(**json.loads(settings_json)) if settings_json else Settings()
-        return refresh_job(settings, data)
-
-    return refresh
 
 
 def run_refresh(settings: Settings, data=None, rep: Reporter | None = None) -> dict:

@@ -82,8 +82,9 @@ class _GE:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import logging
 
-        logging.getLogger("great_expectations").setLevel(logging.WARNING)
         import great_expectations as gx
+
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)  # after import: GE sets its own
 
         self.gx = gx
         self.ctx = gx.get_context(mode="ephemeral")

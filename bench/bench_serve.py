@@ -1,0 +1,165 @@
+"""Benchmark: scoring latency of `semalign serve` for 1 user x 100 candidates, and requests/s under a bounded
+concurrent loopback load.
+
+Reference in the same process: the same scoring done in-process (`RankerScorer.score`, features from the same
+Feast online store, no HTTP), i.e. what the server adds on top of the model + feature reads.
+Needs a home with a champion (`semalign run`).
+
+  python bench/bench_serve.py [--home ~/.semalign] [--requests 200] [--concurrency 8] [--seconds 15]
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results"
+
+
+def pct(ts):
+    a = np.asarray(ts) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
+
+
+def post(conn, body: bytes):
+    conn.request("POST", "/score", body=body, headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, data
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", type=Path, default=Path(os.environ.get("SEMALIGN_HOME", Path.home() / ".semalign")))
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    args = ap.parse_args()
+
+    from semalign.config import Settings
+    from semalign.deploy.registry import CHAMPION, Registry
+    from semalign.deploy.scoring import RankerScorer
+
+    s = Settings(home=args.home)
+    reg = Registry(s)
+    mv = reg.version_by_alias(CHAMPION)
+    if mv is None:
+        raise SystemExit(f"no champion under {args.home}: run `semalign run` first")
+    folder = reg.download_ranker(mv, s.home / "rankers" / (mv.tags.get("input_key") or f"v{mv.version}"))
+    scorer = RankerScorer(folder, s)
+    users = [u for u, r in zip(map(str, range(1, 400)), scorer.store.users_online([str(u) for u in range(1, 400)])) if r]
+    rng = np.random.default_rng(0)
+    vocab = json.loads((folder / "vocab.json").read_text())
+    bodies, calls = [], []
+    for k in range(50):
+        user = users[k % len(users)]
+        cands = [str(x) for x in rng.choice(vocab, 100, replace=False)]
+        bodies.append(json.dumps({"user_id": user, "candidates": [{"item_id": c} for c in cands]}).encode())
+        calls.append((user, cands))
+
+    # reference: in-process scoring (feature reads + model), no HTTP
+    for u, c in calls[:5]:
+        scorer.score([u] * len(c), c)
+    ref = []
+    for i in range(args.requests):
+        u, c = calls[i % len(calls)]
+        t = time.perf_counter()
+        scorer.score([u] * len(c), c)
+        ref.append(time.perf_counter() - t)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SEMALIGN_HOME": str(args.home)}
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"semalign-bench-serve-{port}.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for b in bodies[:5]:
+            assert post(conn, b)[0] == 200
+        seq, errors = [], 0
+        for i in range(args.requests):
+            t = time.perf_counter()
+            st, _ = post(conn, bodies[i % len(bodies)])
+            seq.append(time.perf_counter() - t)
+            errors += st != 200
+
+        lat, errs, done = [], [0], [0]
+        stop = time.time() + args.seconds
+
+        def worker(wid):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            i = wid
+            while time.time() < stop:
+                t = time.perf_counter()
+                try:
+                    st, _ = post(c, bodies[i % len(bodies)])
+                except OSError:
+                    st = 0
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                lat.append(time.perf_counter() - t)
+                errs[0] += st != 200
+                done[0] += 1
+                i += args.concurrency
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(args.concurrency)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(20)
+        log.close()
+        print(f"server log: {log_path}", file=sys.stderr)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    res = {"machine": machine, "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
+           "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
+           "in_process_reference": pct(ref), "http_sequential": pct(seq), "http_sequential_errors": errors,
+           "http_over_in_process_p50": pct(seq)["p50_ms"] / pct(ref)["p50_ms"],
+           "load": {"concurrency": args.concurrency, "seconds": wall, "requests": done[0], "errors": errs[0],
+                    "rps": done[0] / wall, **pct(lat)}}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "serve_cpu.json").write_text(json.dumps(res, indent=2))
+    md = ["# Scoring API: 1 user x 100 candidates", "",
+          f"Machine: {machine}. Command: `{res['command']}`. Champion v{res['model_version']} "
+          f"(codebook {res['codebook_version']}), sqlite online store, one uvicorn worker, loopback HTTP client.", "",
+          "| what | p50 ms | p99 ms | n |", "|---|---|---|---|",
+          f"| in-process scoring (reference: feature reads + model, no HTTP) | {res['in_process_reference']['p50_ms']:.2f} | "
+          f"{res['in_process_reference']['p99_ms']:.2f} | {res['in_process_reference']['n']} |",
+          f"| `POST /score`, sequential | {res['http_sequential']['p50_ms']:.2f} | {res['http_sequential']['p99_ms']:.2f} | "
+          f"{res['http_sequential']['n']} |",
+          f"| `POST /score`, {args.concurrency} concurrent clients for {wall:.0f} s | {res['load']['p50_ms']:.2f} | "
+          f"{res['load']['p99_ms']:.2f} | {res['load']['requests']} |", "",
+          f"HTTP / in-process p50: {res['http_over_in_process_p50']:.2f}x. Under load: {res['load']['rps']:.0f} "
+          f"requests/s, {res['load']['errors']} errors; sequential errors: {errors}."]
+    (OUT / "serve_cpu.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

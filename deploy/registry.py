@@ -34,6 +34,16 @@ def _actor() -> str:
         return "unknown"
 
 
+def _safe_uri(uri: str) -> str:
+    """A database URI with its password masked, for printing."""
+    if "://" in uri and "@" in uri.split("://", 1)[1]:
+        try:
+            return sa.engine.make_url(uri).render_as_string(hide_password=True)
+        except Exception:
+            return uri.split("://", 1)[0] + "://***"
+    return uri
+
+
 class Registry:
     def __init__(self, settings: Settings):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -230,7 +240,7 @@ class Registry:
                "current_codebook": current,
                "last_gate": json.loads(gate["reason"]) | {"version": gate["subject"].split("/")[-1], "at": gate["at"]}
                if gate else None,
-               "tracking_uri": self.tracking_uri, "artifact_uri": self.artifact_uri}
+               "tracking_uri": _safe_uri(self.tracking_uri), "artifact_uri": self.artifact_uri}
         if champ is not None and current and champ.tags.get("codebook_version") not in (None, current):
             out["warning"] = (f"the store's current codebook {current} is not the champion's "
                               f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")

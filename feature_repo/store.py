@@ -17,7 +17,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ REPO_TEMPLATE = Path(__file__).resolve().parent
 SID_VIEW, EMB_VIEW, USER_VIEW = "item_semantic_id", "item_embedding", "user_recent_items"
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 CURRENT = "current_codebook"
+PG_PASSWORD_ENV = "SEMALIGN_FEAST_PG_PASSWORD"  # what the rendered feature_store.yaml refers to
 # Feast converts every timestamp through datetime and says so once per row batch
 warnings.filterwarnings("ignore", message="Discarding nonzero nanoseconds", category=UserWarning)
 
@@ -73,9 +73,19 @@ def render_repo(settings: Settings, levels: int) -> Path:
     repo = settings.feature_repo_dir
     (repo / "data" / "offline").mkdir(parents=True, exist_ok=True)
     s = settings
+    pg = sa.engine.make_url(_sa_url(s.postgres_url))
+    pg_url = pg.render_as_string(hide_password=False)
+    if pg.password:  # the file gets references, not the secret: Feast expands ${VARS} when it reads it
+        from urllib.parse import quote
+
+        os.environ[PG_PASSWORD_ENV] = pg.password
+        os.environ[PG_PASSWORD_ENV + "_URL"] = quote(pg.password, safe="")
+        pg_url = pg.set(password="PASSWORD").render_as_string(hide_password=False).replace(
+            ":PASSWORD@", ":${" + PG_PASSWORD_ENV + "_URL}@", 1)
+        pg = pg.set(password="${" + PG_PASSWORD_ENV + "}")
     lines = [f"project: {s.feast_project}", "provider: local"]
     if s.feast_registry == "sql":
-        lines += ["registry:", "  registry_type: sql", f"  path: {_sa_url(s.postgres_url)}", "  cache_ttl_seconds: 60",
+        lines += ["registry:", "  registry_type: sql", f"  path: {pg_url}", "  cache_ttl_seconds: 60",
                   "  sqlalchemy_config_kwargs:", "    pool_pre_ping: true"]
     else:
         lines += ["registry: data/registry.db"]
@@ -84,9 +94,9 @@ def render_repo(settings: Settings, levels: int) -> Path:
     else:
         lines += ["online_store:", "  type: sqlite", "  path: data/online_store.db"]
     if s.feast_offline == "postgres":
-        u = sa.engine.make_url(_sa_url(s.postgres_url))
+        u = pg
         lines += ["offline_store:", "  type: postgres", f"  host: {u.host or '127.0.0.1'}", f"  port: {u.port or 5432}",
-                  f"  database: {u.database or 'postgres'}", f"  db_schema: public", f"  user: {u.username or 'postgres'}",
+                  f"  database: {u.database or 'postgres'}", "  db_schema: public", f"  user: {u.username or 'postgres'}",
                   f"  password: \"{u.password or ''}\"", "  sslmode: disable"]
     else:
         lines += ["offline_store:", "  type: file"]

@@ -8,12 +8,11 @@ is reused with its recorded verdict. A refresh holds a lock so two runs never pu
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -372,7 +371,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         verdict = {"passed": passed, "gates": [v.as_dict() for v in verdicts],
                    "summary": "; ".join(v.summary() for v in verdicts)}
         run_dir = settings.home / "runs" / rk.input_key
-        plots = _plots(run_dir / "plots", challenger, champion_metrics, cb.metrics)
+        _plots(run_dir / "plots", challenger, champion_metrics, cb.metrics)
         if champ and reference is not None:
             _drift_plot(run_dir / "plots" / "drift.png", reference, profile)
         def key(b):  # MLflow metric names allow no '+'

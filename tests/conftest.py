@@ -85,3 +85,25 @@ def refreshed(tmp_path_factory, movielens):
     env = {"SEMALIGN_HOME": str(home)}
     first = json.loads(run_cli("run", "--data", str(shop), "--json", env=env).stdout)
     return {"root": root, "shop": shop, "home": home, "env": env, "first": first}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")

@@ -343,3 +343,15 @@ def test_the_repo_folder_is_accepted_by_feast_apply_as_is(tmp_path):
     for name in ("item_semantic_id", "item_embedding", "user_recent_items", "semantic_ids"):
         assert name in out
     assert (repo / "data" / "registry.db").exists()
+
+
+def test_the_rendered_repo_refers_to_the_postgres_password_instead_of_holding_it(tmp_path, monkeypatch):
+    from semalign.feature_repo.store import render_repo
+
+    monkeypatch.delenv("SEMALIGN_FEAST_PG_PASSWORD", raising=False)
+    s = Settings(home=tmp_path, feast_offline="postgres", feast_registry="sql",
+                 postgres_url="postgresql://bob:s3cr%40t@db.internal:5432/feast")
+    text = (render_repo(s, 3) / "feature_store.yaml").read_text()
+    assert "s3cr" not in text
+    expanded = os.path.expandvars(text)   # what Feast does when it loads the file
+    assert "bob:s3cr%40t@db.internal:5432/feast" in expanded and 'password: "s3cr@t"' in expanded

@@ -3,7 +3,6 @@ real Feast store, real Great Expectations suites. Promotion, the drift gate, rol
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import pandas as pd
 import pytest
 
 from conftest import SMALL_REFRESH as SMALL
+from conftest import free_port, wait_for_port
+from conftest import run_cli as _cli
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,6 @@ def drifted_copy(src: Path, dest: Path, share: float = 0.3, seed: int = 0) -> Pa
     ev.to_csv(dest / "interactions.csv", index=False)
     return dest
 
-
-def _cli(*args, env=None, check=True, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **SMALL, **(env or {})}, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def _settings(home):
@@ -144,7 +138,7 @@ def test_a_crash_between_training_and_promotion_promotes_nothing(tmp_path, refre
 
 
 def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
-    from semalign.flows.refresh import RefreshLockedError, refresh_lock, run_refresh
+    from semalign.flows.refresh import RefreshLockedError, refresh_lock
 
     s = _settings(tmp_path / "home")
     with refresh_lock(s):
@@ -156,26 +150,15 @@ def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def moto_s3(tmp_path):
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_for_port(port)
     creds = {"AWS_ACCESS_KEY_ID": "semalign-test-key", "AWS_SECRET_ACCESS_KEY": "semalign-test-secret-do-not-log",
              "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": url}
     yield url, creds

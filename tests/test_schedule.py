@@ -1,7 +1,6 @@
 """`semalign schedule` creates a cron deployment that a real local Prefect server and process worker run."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_generic
+from conftest import free_port, write_generic
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOGGING_LEVEL": "WARNING"}
     exe = Path(sys.executable).with_name("prefect")

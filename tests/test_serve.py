@@ -2,25 +2,19 @@
 features from the Feast online store, a brand-new item scored from its content."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import free_port
 from conftest import run_cli as _cli
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _req(url, body=None, method=None):
@@ -39,7 +33,7 @@ def served(refreshed):
     root, shop, home, env = refreshed["root"], refreshed["shop"], refreshed["home"], refreshed["env"]
     st = json.loads(_cli("status", "--json", env=env).stdout)
     first = {"model_version": st["champion"]["version"], "codebook": {"version": st["champion"]["codebook_version"]}}
-    port = _free_port()
+    port = free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port), "--check-interval", "1"],
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)

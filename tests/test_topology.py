@@ -5,7 +5,6 @@ worker, and `semalign serve` with two workers. One scheduled refresh and one sco
 with configuration only (SEMALIGN_* / MLFLOW_* / PREFECT_* variables), no code change."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_generic
+from conftest import free_port, wait_for_port, write_generic
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 BIN = Path(sys.executable).parent
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 180, proc=None, log=None):
@@ -63,28 +57,22 @@ def topology(tmp_path):
                 "AWS_ACCESS_KEY_ID": "topology-key", "AWS_SECRET_ACCESS_KEY": "topology-secret",
                 "AWS_DEFAULT_REGION": "us-east-1"}
     try:
-        s3_port = _free_port()
+        s3_port = free_port()
         s3, s3_log = start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], base_env)
         s3_url = f"http://127.0.0.1:{s3_port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", s3_port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
+        wait_for_port(s3_port)
         import boto3
 
         boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="topology-key",
                      aws_secret_access_key="topology-secret", region_name="us-east-1").create_bucket(Bucket="semalign")
         env = {**base_env, "MLFLOW_S3_ENDPOINT_URL": s3_url}
 
-        ml_port = _free_port()
+        ml_port = free_port()
         ml, ml_log = start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ml_port),
                                       "--backend-store-uri", f"{PG.replace('postgresql://', 'postgresql+psycopg://')}/{dbs['mlflow']}",
                                       "--default-artifact-root", "s3://semalign/mlflow", "--no-serve-artifacts",
                                       "--workers", "1"], env)
-        pf_port = _free_port()
+        pf_port = free_port()
         pf_env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"),
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"{PG.replace('postgresql://', 'postgresql+asyncpg://')}/{dbs['prefect']}"}
         pf, pf_log = start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(pf_port)],
@@ -141,7 +129,7 @@ def test_one_refresh_and_one_scoring_request_through_the_scale_out_topology(topo
     assert st["tracking_uri"].startswith("http://") and st["artifact_uri"].startswith("s3://")
     assert st["current_codebook"] == st["champion"]["codebook_version"]
 
-    port = _free_port()
+    port = free_port()
     srv, log = start("serve", cli + ["serve", "--port", str(port), "--workers", "2"], env)
     _wait_http(f"http://127.0.0.1:{port}/health", proc=srv, log=log)
     body = {"user_id": "u1", "candidates": [{"item_id": f"sku-{i}"} for i in range(1, 21)] +

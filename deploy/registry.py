@@ -24,15 +24,6 @@ class RegistryError(RuntimeError):
     pass
 
 
-def _actor() -> str:
-    import getpass
-    import socket
-
-    try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:
-        return "unknown"
-
 
 def _safe_uri(uri: str) -> str:
     """A database URI with its password masked, for printing."""
@@ -184,13 +175,13 @@ class Registry:
         with self.state.begin() as c:
             c.execute(state.audit.insert().values(project=self.project, at=time.time(), action=action,
                                                   subject=f"{self.name}@{CHAMPION}", from_value=old_v,
-                                                  to_value=str(version), actor=actor or _actor(), reason=reason))
+                                                  to_value=str(version), actor=actor or state.actor(), reason=reason))
             if cb:
                 prev = state.set_pointer(c, self.project, "current_codebook", cb)
                 if prev != cb:
                     c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
                                                           subject="current_codebook", from_value=prev, to_value=cb,
-                                                          actor=actor or _actor(), reason=f"{action} v{version}"))
+                                                          actor=actor or state.actor(), reason=f"{action} v{version}"))
         return {"moved": True, "champion": str(version), "previous": old_v, "codebook_version": cb}
 
     def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
@@ -212,7 +203,7 @@ class Registry:
             c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="gate",
                                                   subject=f"{self.name}/{version}",
                                                   to_value="passed" if verdict["passed"] else "failed",
-                                                  actor=_actor(), reason=json.dumps(verdict, default=float)))
+                                                  actor=state.actor(), reason=json.dumps(verdict, default=float)))
 
     def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate"), limit: int = 50) -> list[dict]:
         a = state.audit

@@ -272,7 +272,7 @@ class SemanticIdStore:
             if old != version:
                 c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
                                                       subject=CURRENT, from_value=old, to_value=version,
-                                                      actor=actor or _actor(), reason=reason))
+                                                      actor=actor or state.actor(), reason=reason))
         return old
 
     def _version_row(self, version: str) -> dict | None:
@@ -685,15 +685,6 @@ def _timestamps(available_at, n: int) -> pd.Series:
         raise ValueError(f"available_at has {len(ts)} values for {n} items")
     return ts.fillna(EPOCH)
 
-
-def _actor() -> str:
-    import getpass
-    import socket
-
-    try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:
-        return "unknown"
 
 
 def _is_connection_error(e: BaseException) -> bool:

@@ -88,6 +88,17 @@ def engine(url: str) -> sa.Engine:
     return eng
 
 
+def actor() -> str:
+    """Who made a change, for the audit history: user@host of this process."""
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:
+        return "unknown"
+
+
 def get_pointer(eng: sa.Engine, project: str, name: str) -> str | None:
     with eng.connect() as c:
         return c.execute(sa.select(pointers.c.value).where(pointers.c.project == project,

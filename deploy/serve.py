@@ -168,15 +168,13 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
 
                 frame = pd.DataFrame({"item_id": [c.item_id for c in new], "text": [c.text for c in new],
                                       "image_path": [c.image_path for c in new]})
-                ob = sc.store._onboarder(s.codebook_version, sc.store._published(s.codebook_version))
                 if req.onboard:
                     out = sc.store.onboard(frame, version=s.codebook_version)
                     for r in out.itertuples():
                         source[r.item_id] = "onboarded"
                     known.update(sc.item_features([c.item_id for c in new]))
                 else:
-                    emb = ob.embed(frame)
-                    c_new = ob.codebook.assign(emb)
+                    c_new, emb = sc.store.encode(frame, version=s.codebook_version)
                     for k, c in enumerate(new):
                         extra[c.item_id] = (c_new[k], emb[k])
                         source[c.item_id] = "on_the_fly"

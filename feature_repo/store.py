@@ -554,6 +554,14 @@ class SemanticIdStore:
         out["onboarded"] = fresh
         return out
 
+    def encode(self, items: pd.DataFrame, version: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SIDs [n, levels] (no dedup level) and aligned vectors for items' content under a published version,
+        without writing anything: what serving does for candidates it is not asked to onboard."""
+        row = self._published(version)
+        ob = self._onboarder(row["version"], row)
+        emb = ob.embed(items)
+        return ob.codebook.assign(emb), emb
+
     def _push_online(self, frames: dict[str, pd.DataFrame]):
         from feast.data_source import PushMode
 
@@ -639,10 +647,11 @@ class _Onboarder:
 
         if self.encoder_version is None:
             raise FeatureStoreError(f"codebook {self.codebook.version} does not record its encoder; pass embeddings")
-        if "text" not in items or items["text"].isna().any() or (items["text"].astype(str).str.strip() == "").any():
-            bad = items.loc[items.get("text", pd.Series(index=items.index)).isna() |
-                            (items.get("text", pd.Series("", index=items.index)).astype(str).str.strip() == ""), "item_id"]
-            raise ValueError(f"onboarding needs a non-empty 'text' for every item; missing for {bad.tolist()[:5]}")
+        text = items["text"] if "text" in items else pd.Series(None, index=items.index, dtype=object)
+        empty = text.isna() | (text.astype(str).str.strip() == "")
+        if empty.any():
+            raise ValueError(f"onboarding needs a non-empty 'text' for every item; missing for "
+                             f"{items.loc[empty, 'item_id'].tolist()[:5]}")
         dev = self.settings.resolved_device()
         if self._encoder is None:
             self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)

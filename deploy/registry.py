@@ -39,6 +39,10 @@ class Registry:
     def __init__(self, settings: Settings):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # an unreachable tracking server fails a call in ~10 s (3 retries, 1-2-4 s backoff), not minutes
+        for k, v in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+            os.environ.setdefault(k, v)
         import logging
         import warnings
 
@@ -165,24 +169,39 @@ class Registry:
     def promote(self, version: str, reason: str, actor: str | None = None, action: str = "promote") -> dict:
         """Moves `champion` to `version` (one alias move), then the feature store's current codebook pointer to
         the version's codebook, and records both in the audit history."""
+        from semalign.checkpoints import checkpoint
+
         mv = self.get_version(version)
         old = self.version_by_alias(CHAMPION)
         old_v = str(old.version) if old else None
-        if old_v == str(version):
-            return {"moved": False, "champion": str(version), "previous": old_v}
-        self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+        moved = old_v != str(version)
+        if moved:
+            self.client.set_registered_model_alias(self.name, CHAMPION, str(version))
+            checkpoint("registry.promote.after_alias")
         cb = mv.tags.get("codebook_version")
         with self.state.begin() as c:
-            c.execute(state.audit.insert().values(project=self.project, at=time.time(), action=action,
-                                                  subject=f"{self.name}@{CHAMPION}", from_value=old_v,
-                                                  to_value=str(version), actor=actor or state.actor(), reason=reason))
+            if not moved and self._last_champion(c) != str(version):
+                # already champion but unrecorded: a promotion stopped after the alias move; finish it
+                old_v, moved, reason = self._last_champion(c), True, f"{reason} (completes an interrupted {action})"
+            if moved:
+                c.execute(state.audit.insert().values(project=self.project, at=time.time(), action=action,
+                                                      subject=f"{self.name}@{CHAMPION}", from_value=old_v,
+                                                      to_value=str(version), actor=actor or state.actor(),
+                                                      reason=reason))
             if cb:
                 prev = state.set_pointer(c, self.project, "current_codebook", cb)
                 if prev != cb:
                     c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
                                                           subject="current_codebook", from_value=prev, to_value=cb,
                                                           actor=actor or state.actor(), reason=f"{action} v{version}"))
-        return {"moved": True, "champion": str(version), "previous": old_v, "codebook_version": cb}
+        return {"moved": moved, "champion": str(version), "previous": old_v, "codebook_version": cb}
+
+    def _last_champion(self, conn) -> str | None:
+        """The champion the audit's latest promote/rollback recorded."""
+        a = state.audit
+        row = conn.execute(sa.select(a.c.to_value).where(a.c.project == self.project, a.c.action.in_(
+            ("promote", "rollback"))).order_by(a.c.id.desc()).limit(1)).first()
+        return row[0] if row else None
 
     def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
         """Champion back to `to`, or to the version that was champion before the current one."""

@@ -56,8 +56,15 @@ class RankerScorer:
         tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32), raw=None,
                             codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]))
         self.model = Ranker(self.cfg, tables, int(self.meta["n_user_feats"]))
-        state = load_file(str(folder / "ranker.safetensors"))
-        missing_keys, unexpected = self.model.load_state_dict(state, strict=False)
+        try:
+            state = load_file(str(folder / "ranker.safetensors"))
+        except Exception as e:  # truncated or tampered: refuse, naming the file
+            raise ValueError(f"{folder / 'ranker.safetensors'}: not a readable safetensors file ({str(e)[:200]}); "
+                             "refusing to load") from e
+        try:
+            missing_keys, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # right names, wrong shapes
+            raise ValueError(f"{folder}: ranker weights do not match its config ({str(e)[:300]})") from e
         buffers = {n for n, _ in self.model.named_buffers()}
         if unexpected or set(missing_keys) - buffers:
             raise ValueError(f"{folder}: ranker weights do not match its config (missing {missing_keys}, "

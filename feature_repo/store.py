@@ -68,6 +68,17 @@ def _sa_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
 
 
+REDIS_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+
+
+def redis_connection_string(url: str) -> str:
+    """The Feast connection string with socket timeouts unless the user set them: without them a hung Redis
+    blocks a reader forever. redis-py then retries a failed command 3 times with jittered backoff (<= 7 s)."""
+    given = {part.split("=", 1)[0].strip() for part in url.split(",") if "=" in part}
+    extra = [f"{k}={v}" for k, v in REDIS_TIMEOUTS.items() if k not in given]
+    return ",".join([url, *extra])
+
+
 def render_repo(settings: Settings, levels: int) -> Path:
     """Writes the Feast repo for the configured backends under SEMALIGN_HOME (only what changed)."""
     repo = settings.feature_repo_dir
@@ -90,7 +101,7 @@ def render_repo(settings: Settings, levels: int) -> Path:
     else:
         lines += ["registry: data/registry.db"]
     if s.feast_online == "redis":
-        lines += ["online_store:", "  type: redis", f"  connection_string: \"{s.redis_url}\""]
+        lines += ["online_store:", "  type: redis", f"  connection_string: \"{redis_connection_string(s.redis_url)}\""]
     else:
         lines += ["online_store:", "  type: sqlite", "  path: data/online_store.db"]
     if s.feast_offline == "postgres":

@@ -119,6 +119,14 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Re
     mv = registry.version_by_input(key)
     if mv is not None:
         return RankerOut(key, folder, str(mv.version), {"reused": True})
+    meta_file = folder / "ranker.json"   # a run that stopped after training (the folder lands whole, by rename)
+    if meta_file.exists():
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        if meta.get("input_key") == key:
+            return RankerOut(key, folder, None, {"reused": True, "best_epoch": meta.get("best_epoch"),
+                                                 "val_auc": meta.get("val_auc")})
     codebook = load_codebook(settings, cb.version)
     sid_cols = [f"sid_{lvl}" for lvl in range(codebook.levels)]
     codes = cb.sids[sid_cols].to_numpy()
@@ -319,17 +327,22 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
     rep = rep or Reporter(quiet=True)
     T = _tasks()
     t0 = time.perf_counter()
-    with refresh_lock(settings):
+    at = _Stage()
+    with at, refresh_lock(settings):
+        at("registry lookup")
         registry = Registry(settings)
         champ = champion_lineage(registry)
-        ds, input_verdict = T["ingest"](settings, data)
+        at.champion = champ.get("version")
+        ds, input_verdict = at.run("ingest", T["ingest"], settings, data)
         split = make_split(ds, settings.split, settings.seed, settings.cold_item_share)
-        feats = T["towers"](settings, ds, rep)
-        enc = T["encoder"](settings, ds, split, feats, rep, parent=champ.get("encoder_version"), move_latest=True)
-        cb = T["codebook"](settings, ds, split, enc, parent=champ.get("codebook_version"), rep=rep, move_latest=True)
-        pub = T["publish"](settings, ds, cb, enc, make_current=not champ)  # readers move only at promotion
-        T["users"](settings, ds, split)
-        rk = T["ranker"](settings, ds, split, cb, enc, registry, rep)
+        feats = at.run("towers", T["towers"], settings, ds, rep)
+        enc = at.run("encoder", T["encoder"], settings, ds, split, feats, rep, parent=champ.get("encoder_version"),
+                     move_latest=True)
+        cb = at.run("codebook", T["codebook"], settings, ds, split, enc, parent=champ.get("codebook_version"), rep=rep,
+                    move_latest=True)
+        pub = at.run("publish", T["publish"], settings, ds, cb, enc, make_current=not champ)  # readers move at promotion
+        at.run("users", T["users"], settings, ds, split)
+        rk = at.run("ranker", T["ranker"], settings, ds, split, cb, enc, registry, rep)
         summary = {"dataset": ds.name, "data": ds.report, "input_validation": input_verdict.as_dict(),
                    "encoder": {"version": enc.version, "reused": enc.reused, "parent": champ.get("encoder_version"),
                                **{k: v for k, v in enc.metrics.items() if k.startswith("hit@")}},
@@ -337,19 +350,33 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                    "feature_store": pub, "ranker": {"input_key": rk.input_key, **rk.fit}}
         if rk.registered is not None:  # these exact inputs were refreshed before: keep that outcome
             mv = registry.get_version(rk.registered)
-            summary.update(model_version=rk.registered, promoted=False,
-                           verdict={"passed": mv.tags.get("gate") == "passed", "reused": True},
-                           champion=champion_lineage(registry).get("version"),
+            passed = mv.tags.get("gate") == "passed"
+            summary.update(model_version=rk.registered, promoted=False, verdict={"passed": passed, "reused": True},
                            note="unchanged input: nothing retrained, published or promoted")
+            if passed and _interrupted_before_promotion(registry, mv, champ.get("version")):
+                at("promote")  # a run on these inputs passed its gates and died before promoting: finish it
+                if not any(h["subject"].endswith(f"/{mv.version}") for h in registry.history(actions=("gate",),
+                                                                                               limit=10_000)):
+                    verdict = registry.run_artifact_json(mv.run_id, "validation_report.json") or {}
+                    registry.record_gate(str(mv.version), {**verdict, "passed": True})  # it died before this row
+                summary["promoted"] = _promote(settings, registry, mv, f"resumed: v{mv.version} passed its gates "
+                                               "in a refresh that stopped before promotion")
+                summary["note"] = "finished the promotion of an interrupted refresh on the same input"
+            elif champ.get("version") == str(mv.version):  # finishes a promotion a crash cut after the alias move
+                summary["promoted"] = registry.promote(str(mv.version), reason="re-run")["moved"]
+            summary["champion"] = champion_lineage(registry).get("version")
             summary["wall_s"] = round(time.perf_counter() - t0, 2)
             return summary
 
+        at("evaluate")
         challenger = T["evaluate"](settings, ds, split, rk.folder)
         champion_metrics, champ_dir = None, None
         if champ:
             champ_dir = registry.download_ranker(registry.get_version(champ["version"]),
                                                  settings.home / "rankers" / (champ.get("input_key") or f"v{champ['version']}"))
             champion_metrics = T["evaluate"](settings, ds, split, champ_dir, onboard_missing=True)
+        at.done("evaluate")
+        at("gates")
         train = split.part("train")
         emb = np.stack(cb.sids["embedding"].to_numpy())
         profile = window_profile(train, ds.n_items, cb.sids, emb)
@@ -402,25 +429,87 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         json_art = {"validation_report.json": {"input": input_verdict.as_dict(), **verdict},
                     "reference_profile.json": profile,
                     "evaluation.json": {"challenger": challenger, "champion": champion_metrics}}
+        at("log to MLflow")
         with rep.stage("log to MLflow", None):
             run_id, version = registry.log_refresh(params=params, metrics=metrics, tags=tags, ranker_dir=rk.folder,
                                                    artifacts=artifacts, json_artifacts=json_art, input_key=rk.input_key)
         registry.record_gate(version, verdict)
         checkpoint("refresh.before_promote")
-        promoted = None
+        promoted = False
         if passed:
-            from semalign.feature_repo.store import SemanticIdStore
-
-            SemanticIdStore(settings).register_ranker_service(tags["feature_service"], cb.version,
-                                                              tags={"model": settings.model_name, "model_version": version})
-            promoted = registry.promote(version, reason=("first model" if not champ else
-                                                         f"refresh passed gates: {verdict['summary']}"))
-        summary.update(model_version=version, run_id=run_id, verdict=verdict, promoted=bool(promoted and promoted["moved"]),
+            at("promote")
+            promoted = _promote(settings, registry, registry.get_version(version),
+                                "first model" if not champ else f"refresh passed gates: {verdict['summary']}")
+        summary.update(model_version=version, run_id=run_id, verdict=verdict, promoted=promoted,
                        evaluation={"challenger": challenger, "champion": champion_metrics},
                        champion=champion_lineage(registry).get("version"))
         summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        at("done")
         _prefect_artifacts(summary)
         return summary
+
+
+class _Stage:
+    """Which stage a refresh is in, so a failure says where it stopped and whether anything moved. The end of
+    each stage is a checkpoint (a kill point for the fault-injection tests)."""
+
+    def __init__(self):
+        self.name, self.champion = "take the refresh lock", None
+
+    def __call__(self, name: str) -> None:
+        self.name = name
+
+    def done(self, name: str) -> None:
+        checkpoint(f"refresh.after_{name.replace(' ', '_')}")
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.name = name
+        out = fn(*args, **kwargs)
+        self.done(name)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or isinstance(err, RefreshError) or not isinstance(err, Exception):
+            return False
+        champ = f"champion v{self.champion}" if self.champion else "the champion"
+        if self.name in ("promote", "done"):
+            after = ("promotion may be partly done; `semalign status` shows where the champion and the current "
+                     "codebook stand and re-running the refresh finishes it")
+        else:
+            after = f"nothing was promoted ({champ} and the semantic IDs it serves are unchanged)"
+        raise RefreshError(f"refresh failed at stage '{self.name}': {type(err).__name__}: "
+                           f"{_first_line(err)}; {after}") from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else repr(err))[:500]
+
+
+def _promote(settings: Settings, registry, mv, reason: str) -> bool:
+    """The feature service for the new champion's codebook first (so nothing points at a missing service), then
+    the alias and the store's current pointer."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    SemanticIdStore(settings).register_ranker_service(mv.tags["feature_service"], mv.tags["codebook_version"],
+                                                      tags={"model": settings.model_name, "model_version": str(mv.version)})
+    checkpoint("refresh.after_feature_service")
+    return bool(registry.promote(str(mv.version), reason=reason)["moved"])
+
+
+def _interrupted_before_promotion(registry, mv, champion: str | None) -> bool:
+    """True when `mv` passed its gates against the current champion but was never champion (no promotion or
+    rollback ever named it): its refresh stopped between recording the verdict and moving the alias."""
+    if champion == str(mv.version):
+        return False
+    named = registry.history(actions=("promote", "rollback"), limit=10_000)
+    if any(str(mv.version) in (h["to_value"], h["from_value"]) for h in named):
+        return False
+    before = registry.client.get_run(mv.run_id).data.params.get("champion_before")
+    return before == str(champion)  # else its gates compared it with another champion: not valid today
 
 
 def run_refresh(settings: Settings, data=None, rep: Reporter | None = None) -> dict:
@@ -440,4 +529,10 @@ def run_refresh(settings: Settings, data=None, rep: Reporter | None = None) -> d
         return refresh_job(settings, data, rep)
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return refresh_inprocess()
+        try:
+            return refresh_inprocess()
+        except RefreshError:
+            raise
+        except Exception as e:  # the orchestrator itself (its database, its server) failed around the flow
+            raise RefreshError(f"the refresh flow could not run: {type(e).__name__}: {_first_line(e)}; "
+                               "nothing was promoted") from e

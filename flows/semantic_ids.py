@@ -160,8 +160,14 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
                                    raw_image_image_pairs=hit_at_k(feats.image, both_img, k),
                                    raw_text_image_pairs=hit_at_k(feats.text, both_img, k))
         metrics["test_pairs_both_images"] = int(len(both_img))
-    if not reused:
-        save_encoder(model, folder, {**meta, "metrics": metrics})
+    if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
+        tmp = settings.encoders_dir / f".{version}.tmp-{os.getpid()}"
+        save_encoder(model, tmp, {**meta, "metrics": metrics})
+        if folder.exists():  # a partial folder from before this fix, or a concurrent identical build
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     if move_latest:
         settings.encoders_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(latest_p, version)
@@ -229,6 +235,11 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
             # unchanged embeddings must stay bit-identical, or a rerun would mint a new version
             if not np.array_equal(new_common, old_emb) and np.abs(rot - np.eye(len(rot))).max() > 1e-4:
                 embeddings, rotated = (embeddings @ rot).astype(np.float32), True
+                rows = [pos[i] for i in common]
+                if np.allclose(embeddings[rows], old_emb, rtol=0, atol=1e-5):
+                    # the parent's own encoder output, up to the rotation's float noise: keep the parent's
+                    # bits, or re-running the champion's input would mint a new version
+                    embeddings[rows] = old_emb
     data_hash = embeddings_hash(embeddings, item_ids) + "-" + _hash(fit_items.tobytes())
     pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
     # same embeddings + same config as the parent: the parent *is* the result; nothing new is written

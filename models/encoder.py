@@ -227,7 +227,12 @@ def load_encoder(folder, device: str = "cpu") -> tuple[FusionEncoder, dict]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = json.loads((folder / "encoder.json").read_text())
-    model = FusionEncoder(EncoderConfig(**meta["config"]))
-    model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    try:
+        meta = json.loads((folder / "encoder.json").read_text())
+        model = FusionEncoder(EncoderConfig(**meta["config"]))
+        model.load_state_dict(load_file(str(folder / "encoder.safetensors")))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated, tampered or foreign files: say which folder, never guess
+        raise ValueError(f"{folder}: not a loadable encoder ({type(e).__name__}: {str(e)[:200]}); refusing to load") from e
     return model.to(device).eval(), meta

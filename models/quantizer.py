@@ -451,7 +451,12 @@ class Codebook:
         if digest != meta.get("weights_sha256"):
             raise ValueError(f"{w_p}: checksum mismatch (file changed since it was written); refusing to load")
         tensors = load_file(str(w_p))
-        cents = [tensors[f"level_{i}"] for i in range(meta["levels"])]
+        cents = [tensors.get(f"level_{i}") for i in range(int(meta.get("levels", -1)))]
+        held = sorted(k for k in tensors if k.startswith("level_"))
+        if (not cents or any(c is None or c.ndim != 2 or c.shape[0] != meta.get("codes") for c in cents)
+                or len(held) != len(cents)):
+            raise ValueError(f"{meta_p}: says {meta.get('levels')} levels of {meta.get('codes')} codes but {w_p.name} "
+                             f"holds {[tuple(tensors[k].shape) for k in held]}; refusing to load")
         vae = None
         if meta["method"] == "rqvae":
             vae = RQVAE(RQVAEConfig(**meta["vae_config"]))

@@ -165,8 +165,11 @@ class FeatureCache:
             if not isinstance(self._keys, dict):  # an older layout: start over rather than misread rows
                 self._keys, self._vecs, self._ok = {}, None, None
                 return
-            self._vecs = np.load(vec, allow_pickle=False)
-            self._ok = np.load(ok, allow_pickle=False)
+            try:
+                self._vecs = np.load(vec, allow_pickle=False)
+                self._ok = np.load(ok, allow_pickle=False)
+            except (ValueError, OSError) as e:  # never unpickle; a damaged cache is named, not guessed around
+                raise ValueError(f"{self.dir}: damaged feature cache ({e}); delete this folder to rebuild it") from e
         else:
             self._keys, self._vecs, self._ok = {}, None, None
 

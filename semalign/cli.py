@@ -24,10 +24,16 @@ HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME)
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 
 
-def _settings(home: Optional[Path], data: Optional[Path], **kw):
+def _settings(home: Optional[Path], data: Optional[Path], write: bool = False, **kw):
     from semalign.config import get_settings
 
-    return get_settings(home=home, data=data, **kw)
+    s = get_settings(home=home, data=data, **kw)
+    if write:  # commands that write under SEMALIGN_HOME find out it is unwritable before doing any work
+        try:
+            s.ensure_home()
+        except ValueError as e:
+            _fail(e)
+    return s
 
 
 def _emit(result: dict, as_json: bool, render) -> None:
@@ -103,7 +109,7 @@ def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_js
     from semalign.data import make_split
     from semalign.progress import Reporter
 
-    s = _settings(home, data, use_images=images, encoder_epochs=epochs)
+    s = _settings(home, data, write=True, use_images=images, encoder_epochs=epochs)
     try:
         with Reporter(quiet=as_json) as rep:
             ds = ingest(s, data)
@@ -126,7 +132,7 @@ def codebook_build(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOp
     from semalign.flows.semantic_ids import semantic_ids_job
     from semalign.progress import Reporter
 
-    s = _settings(home, data, use_images=images, codebook_method=method, codebook_levels=levels,
+    s = _settings(home, data, write=True, use_images=images, codebook_method=method, codebook_levels=levels,
                   codebook_codes=codes)
     try:
         with Reporter(quiet=as_json) as rep:
@@ -177,7 +183,7 @@ def ids_publish(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
     import numpy as np
 
-    s = _settings(home, None)
+    s = _settings(home, None, write=True)
     try:
         version = version or latest_codebook_version(s)
         if version is None:
@@ -236,7 +242,7 @@ def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with 
 
     from semalign.feature_repo.store import SemanticIdStore
 
-    s = _settings(home, None)
+    s = _settings(home, None, write=True)
     try:
         if not file.exists():
             raise FileNotFoundError(f"{file}: no such file")
@@ -272,9 +278,11 @@ def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json:
     from semalign.flows.refresh import RefreshError, run_refresh
     from semalign.progress import Reporter
 
-    s = _settings(home, data, use_images=images)
-    try:
-        with Reporter(quiet=as_json) as rep:
+    s = _settings(home, data, write=True, use_images=images)
+    import contextlib
+
+    try:  # with --json, stdout carries only the JSON (MLflow prints run links to stdout)
+        with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout), Reporter(quiet=as_json) as rep:
             res = run_refresh(s, data, rep)
     except (RefreshError,) + _store_errors() as e:
         _fail(e)
@@ -346,7 +354,7 @@ def serve(home: Optional[Path] = HomeOpt,
 
     import uvicorn
 
-    s = _settings(home, None)
+    s = _settings(home, None, write=True)
     os.environ["SEMALIGN_HOME"] = str(s.home)
     os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
     os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)
@@ -375,7 +383,7 @@ def promote(version: str = typer.Argument(..., help="Registered model version to
     """Move the `champion` alias to a model version (and the store's current codebook with it)."""
     from semalign.deploy.registry import Registry, RegistryError
 
-    s = _settings(home, None)
+    s = _settings(home, None, write=True)
     try:
         res = Registry(s).promote(version, reason=reason)
     except RegistryError as e:
@@ -390,7 +398,7 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     """Move `champion` back to the previous champion (one alias move, audited)."""
     from semalign.deploy.registry import Registry, RegistryError
 
-    s = _settings(home, None)
+    s = _settings(home, None, write=True)
     try:
         res = Registry(s).rollback(to=to, reason=reason)
     except RegistryError as e:
@@ -452,7 +460,7 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
     from semalign.flows.experiment import run_experiment
     from semalign.progress import Reporter
 
-    s = _settings(home, data, use_images=images, codebook_method=codebook_method)
+    s = _settings(home, data, write=True, use_images=images, codebook_method=codebook_method)
     over = {"cross_attention": not no_cross, "align_init": "random" if random_align else "zero"}
     if id_dropout is not None:
         over["id_dropout"] = id_dropout

@@ -84,6 +84,27 @@ class Settings(BaseSettings):
     def feature_repo_dir(self) -> Path:
         return self.home / "feature_repo"
 
+    def ensure_home(self) -> Path:
+        """SEMALIGN_HOME exists and takes writes, or a clear error before any work starts."""
+        import errno
+        import os
+        import tempfile
+
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=self.home)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
+            why = e.strerror or str(e)
+            hint = " (free some space)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            raise ValueError(f"SEMALIGN_HOME {self.home} is not writable: {why}{hint}; nothing was changed") from e
+        return self.home
+
     def resolved_state_url(self) -> str:
         return self.state_url or f"sqlite:///{(self.home / 'state.db').resolve()}"
 

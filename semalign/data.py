@@ -25,6 +25,8 @@ MOVIELENS_GENRES = [
 ]
 POSITIVE_RATING = 4
 BUCKETS = ("unseen", "1-9", "10-99", "100+")
+MAX_TEXT_CHARS = 100_000     # longer item text is a broken export, not a description
+FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
 BadRowPolicy = Literal["error", "quarantine"]
 
 
@@ -239,6 +241,8 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
     text = items["text"].map(lambda v: "" if _isnull(v) else str(v))
     items["text"] = text
     items = chk.bad("items", items, (text.str.strip() == "").to_numpy(), "text", "non-empty item text")
+    items = chk.bad("items", items, (items["text"].str.len() > MAX_TEXT_CHARS).to_numpy(), "text",
+                    f"item text of at most {MAX_TEXT_CHARS:,} characters")
     if "image_path" not in items.columns:
         items["image_path"] = None
     items["image_path"] = items["image_path"].map(lambda v: None if _isnull(v) else str(v))
@@ -256,6 +260,11 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
     ts = _parse_timestamps(inter["timestamp"])
     inter = chk.bad("interactions", inter.assign(_ts=ts), ts.isna().to_numpy(), "timestamp",
                     "a UTC timestamp (unix seconds or ISO 8601)")
+    inter = chk.bad("interactions", inter, (inter["_ts"] < pd.Timestamp(0, tz="UTC")).to_numpy(), "timestamp",
+                    "a timestamp at or after 1970-01-01T00:00:00Z")
+    latest = pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=FUTURE_SLACK_S)
+    inter = chk.bad("interactions", inter, (inter["_ts"] > latest).to_numpy(), "timestamp",
+                    "a timestamp that is not in the future (1 day of clock skew allowed)")
     if "label" in inter.columns:
         lab = pd.to_numeric(inter["label"], errors="coerce")
         inter = chk.bad("interactions", inter.assign(_label=lab), ~lab.isin([0, 1]).to_numpy(), "label", "0 or 1")

@@ -55,6 +55,18 @@ def served(refreshed):
     log.close()
 
 
+def test_binds_to_loopback_only_by_default(served):
+    port = int(served["base"].rsplit(":", 1)[1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            addr, hexport = fields[1].rsplit(":", 1)
+            if int(hexport, 16) == port and fields[3] == "0A":   # 0A: LISTEN
+                listening.append(addr)
+    assert listening == ["0100007F"], listening                 # 127.0.0.1 only, no wildcard, no IPv6 any
+
+
 def test_scores_100_candidates_with_one_brand_new_item(served):
     from semalign.config import Settings
     from semalign.feature_repo.store import _Onboarder

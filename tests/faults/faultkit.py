@@ -322,4 +322,4 @@ def remount(path: Path, option: str) -> None:
 
 
 def umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    subprocess.run(["umount", "-l", str(path)], check=True, capture_output=True)

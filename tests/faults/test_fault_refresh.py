@@ -59,7 +59,12 @@ def test_sigkill_at_every_stage_boundary_changes_nothing_and_the_next_run_comple
     assert before["champion"] == d["first"]["champion"] and before["sids"] is not None
     data = changed_copy(d["shop"], tmp_path / "changed", share=0.02, seed=1)
     for point in STAGE_KILLS:
-        Paused(data, env, point, tmp_path).kill()
+        paused = Paused(data, env, point, tmp_path)
+        if point == STAGE_KILLS[0]:  # a second refresh while one runs: refused cleanly by the lock
+            second = run(["run", "--data", str(data), "--json"], env)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert "another refresh of project 'faults' is running" in second.stderr
+        paused.kill()
         after = snapshot(env, items)
         assert after == before, f"state changed after a SIGKILL at {point}"
         nothing_half_written(d["home"])

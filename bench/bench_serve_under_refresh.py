@@ -177,7 +177,8 @@ def main():
         p["p50_ratio"] = p["p50_ms"] / ref["p50_ms"]
         p["p99_ratio"] = p["p99_ms"] / ref["p99_ms"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    cmd = "python bench/bench_serve_under_refresh.py " + " ".join(sys.argv[1:])
+    given = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("SEMALIGN_"))
+    cmd = (given + " " if given else "") + "python bench/bench_serve_under_refresh.py " + " ".join(sys.argv[1:])
     res = {"machine": machine, "command": cmd, "items": args.items, "clients": args.clients,
            "refresh_s": refresh_s, "refresh_promoted": promoted.get("promoted"),
            "champion_before": json.loads(first.stdout).get("champion"), "champion_after": promoted.get("champion"),

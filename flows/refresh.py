@@ -70,6 +70,27 @@ def refresh_lock(settings: Settings):
             c.execute(state.locks.delete().where(state.locks.c.name == name, state.locks.c.owner == me))
 
 
+def remove_dead_temporaries(settings: Settings) -> list[str]:
+    """Temp folders (`.<name>.tmp-<pid>`) that killed runs left under encoders/, codebooks/ and rankers/:
+    nothing reads them; they only take disk. Those of live processes (a server downloading a ranker) stay."""
+    import shutil
+
+    removed = []
+    for sub in (settings.encoders_dir, settings.codebooks_dir, settings.home / "rankers"):
+        for tmp in sub.glob(".*.tmp-*") if sub.exists() else []:
+            pid = tmp.name.rsplit("-", 1)[-1]
+            try:
+                os.kill(int(pid), 0)
+                continue
+            except (ProcessLookupError, ValueError):
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
 # ---------------------------------------------------------------- stages (plain functions; the flow wraps them)
 
 def ingest_and_validate(settings: Settings, data):
@@ -329,6 +350,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
     t0 = time.perf_counter()
     at = _Stage()
     with at, refresh_lock(settings):
+        remove_dead_temporaries(settings)  # under the lock: no other refresh is writing them
         at("registry lookup")
         registry = Registry(settings)
         champ = champion_lineage(registry)

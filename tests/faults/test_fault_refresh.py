@@ -236,6 +236,8 @@ def test_disk_full_then_read_only_home(deployment, tmp_path):
     print("disk full:", res.stderr.strip().splitlines()[-1][:300])
     assert snapshot(env, items) == before
     nothing_half_written(home)
+    left = [p for sub in ("encoders", "codebooks", "rankers") for p in (home / sub).glob(".*.tmp-*")]
+    print("disk full left temporaries:", [p.name for p in left])
 
     # a read-only filesystem (this deployment's own home stays mounted read-write: its databases are open)
     ro_root = tmp_path / "ro"
@@ -250,3 +252,4 @@ def test_disk_full_then_read_only_home(deployment, tmp_path):
         umount(ro_root)
     nxt = run(["run", "--data", str(data), "--json"], env)
     assert nxt.returncode == 0 and json.loads(nxt.stdout)["promoted"], nxt.stderr[-3000:]
+    assert not any(p.exists() for p in left)   # the failed run's temporaries went with the next run

@@ -51,6 +51,10 @@ class RedisServer:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, 30)
 
+    def hang(self, on: bool) -> None:
+        """SIGSTOP / SIGCONT: the server keeps its socket open but answers nothing (a hung Redis)."""
+        self.proc.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(self.port), "shutdown"],

@@ -136,6 +136,21 @@ def test_redis_stopped_while_serving_gives_503_and_unhealthy_then_recovers(deplo
     assert {r["item_id"]: (r["score"], r["sid"]) for r in again["items"]} == \
         {r["item_id"]: (r["score"], r["sid"]) for r in ok["items"]}
 
+    # hung instead of stopped: the connection is accepted but nothing answers; socket timeouts bound the wait
+    d["redis"].hang(True)
+    try:
+        t = time.perf_counter()
+        code, err = post(f"{url}/score", body, timeout=90)
+        took = time.perf_counter() - t
+        assert code == 503 and "unreachable" in err["detail"], (code, err)
+        print(f"redis hung: /score answered 503 after {took:.2f} s")
+    finally:
+        d["redis"].hang(False)
+    deadline = time.time() + 60
+    while get(f"{url}/health")[0] != 200 and time.time() < deadline:
+        time.sleep(0.5)
+    assert post(f"{url}/score", body)[0] == 200
+
 
 def test_serving_under_load_while_a_refresh_runs_has_no_errors(deployment, service, tmp_path):
     d, url = deployment, service["url"]
@@ -183,7 +198,7 @@ def test_redis_stopped_during_publish_fails_the_refresh_cleanly(deployment, tmp_
     assert res["feature_store"]["published_now"] and res["promoted"]
 
 
-def test_mlflow_unreachable_fails_before_promotion(deployment, tmp_path):
+def test_mlflow_unreachable_fails_before_promotion(deployment, service, tmp_path):
     d = deployment
     env, items = d["env"], d["items"]
     before = snapshot(env, items)
@@ -192,6 +207,11 @@ def test_mlflow_unreachable_fails_before_promotion(deployment, tmp_path):
     d["mlflow"].stop()
     try:
         rc, out, err = paused.resume()
+        # the scoring service keeps serving the champion it loaded; its alias checks report the outage
+        time.sleep(2)
+        assert post(f"{service['url']}/score", service["bodies"][0])[0] == 200
+        hc, health = get(f"{service['url']}/health")
+        assert hc == 200 and health["last_check_error"], health
     finally:
         d["mlflow"].start()
     assert rc == 2 and "Traceback" not in err, err[-3000:]

@@ -49,6 +49,18 @@ def write_generic(folder: Path, ds, n_items: int = 300, images: bool = False, fm
     return folder
 
 
+def flipped_copy(src: Path, dest: Path, share: float, seed: int = 0) -> Path:
+    """A copy of a generic shop folder with the labels of `share` of the events flipped: a small share is a
+    legitimate change (every stage retrains), a large one moves the label rate as broken tracking would."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "items.csv").write_bytes((src / "items.csv").read_bytes())
+    ev = pd.read_csv(src / "interactions.csv")
+    idx = np.random.default_rng(seed).choice(len(ev), int(share * len(ev)), replace=False)
+    ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
+    ev.to_csv(dest / "interactions.csv", index=False)
+    return dest
+
+
 @pytest.fixture
 def clustered():
     """Synthetic embeddings with cluster structure (like real item embeddings, unlike isotropic noise)."""

@@ -7,29 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import free_port, wait_for_port
+from conftest import flipped_copy, free_port, wait_for_port
 from conftest import run_cli as _cli
 
 
 @pytest.fixture(scope="module")
 def shop(refreshed):
     return refreshed["shop"]
-
-
-def drifted_copy(src: Path, dest: Path, share: float = 0.3, seed: int = 0) -> Path:
-    """Flip the labels of `share` of the events (the label rate moves, as when tracking breaks)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "items.csv").write_bytes((src / "items.csv").read_bytes())
-    ev = pd.read_csv(src / "interactions.csv")
-    idx = np.random.default_rng(seed).choice(len(ev), int(share * len(ev)), replace=False)
-    ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
-    ev.to_csv(dest / "interactions.csv", index=False)
-    return dest
-
 
 
 def _settings(home):
@@ -79,7 +66,7 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     assert again["model_version"] == first["model_version"]
 
     # drifted input: blocked by the gate, the champion and what it serves stay as they were
-    drift = drifted_copy(shop, tmp_path / "drift")
+    drift = flipped_copy(shop, tmp_path / "drift", share=0.3)
     blocked = json.loads(_cli("run", "--data", str(drift), "--json", env=env).stdout)
     assert not blocked["verdict"]["passed"] and not blocked["promoted"]
     failed = [c["name"] for g in blocked["verdict"]["gates"] for c in g["checks"] if not c["passed"]]

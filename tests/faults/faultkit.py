@@ -15,9 +15,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from conftest import SMALL_REFRESH, free_port, wait_for_port
 
 # gates wide open: these tests are about faults, and every refresh on changed input must reach promotion
@@ -66,9 +63,12 @@ class RedisServer:
                 self.proc.wait()
 
 
-class MlflowServer:
-    """`mlflow server` on loopback: sqlite backend and artifact folder outside SEMALIGN_HOME (another machine,
-    as in production). Stopping it is the 'MLflow backend unreachable' fault."""
+class HttpServer:
+    """A server process on a free loopback port, in its own session (stopping it stops its workers too),
+    up once `health_path` answers."""
+
+    health_path = "/health"
+    name = "server"
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -80,21 +80,21 @@ class MlflowServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> tuple[list[str], dict]:
+        raise NotImplementedError
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--default-artifact-root", (self.folder / "artifacts").as_uri()],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        argv, env = self.command()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, env={**os.environ, **env})
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).read()
+                urllib.request.urlopen(self.url + self.health_path, timeout=2).read()
                 return
             except OSError:
                 time.sleep(0.5)
-        raise AssertionError("mlflow server did not come up")
+        raise AssertionError(f"{self.name} did not come up")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -106,43 +106,33 @@ class MlflowServer:
                 self.proc.wait()
 
 
-class PrefectServer:
+class MlflowServer(HttpServer):
+    """`mlflow server` on loopback: sqlite backend and artifact folder outside SEMALIGN_HOME (another machine,
+    as in production). Stopping it is the 'MLflow backend unreachable' fault."""
+
+    name = "mlflow server"
+
+    def command(self):
+        return ([_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+                 "--default-artifact-root", (self.folder / "artifacts").as_uri()],
+                {"MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+class PrefectServer(HttpServer):
     """`prefect server start` on loopback, so the runs under test report to a real Prefect API (and do not
     each start an ephemeral one)."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = None
+    name = "prefect server"
+    health_path = "/api/health"
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.url}/api"
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "PREFECT_HOME": str(self.folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "PREFECT_API_URL": ""})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.api}/health", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError("prefect server did not come up")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def command(self):
+        return ([_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                {"PREFECT_HOME": str(self.folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": ""})
 
 
 def settings_from(env: dict):
@@ -198,17 +188,6 @@ class Paused:
             if self.proc.poll() is None:
                 self.kill()
         return self.proc.returncode, self.out.read_text(), self.err.read_text()
-
-
-def changed_copy(src: Path, dest: Path, share: float, seed: int) -> Path:
-    """The shop's data with `share` of the labels flipped: a legitimate change, so every stage has work."""
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "items.csv").write_bytes((src / "items.csv").read_bytes())
-    ev = pd.read_csv(src / "interactions.csv")
-    idx = np.random.default_rng(seed).choice(len(ev), int(share * len(ev)), replace=False)
-    ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
-    ev.to_csv(dest / "interactions.csv", index=False)
-    return dest
 
 
 def snapshot(env: dict, items: list[str]) -> dict:

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import free_port, wait_for_port, write_generic
-from faultkit import (Load, MlflowServer, Paused, PrefectServer, RedisServer, changed_copy, cli_env, get,
+from conftest import flipped_copy, free_port, wait_for_port, write_generic
+from faultkit import (Load, MlflowServer, Paused, PrefectServer, RedisServer, cli_env, get,
                       mount_tmpfs, nothing_half_written, post, remount, run, snapshot, umount)
 
 # every stage boundary of the refresh flow, in order, then the two steps of a promotion
@@ -57,7 +57,7 @@ def test_sigkill_at_every_stage_boundary_changes_nothing_and_the_next_run_comple
     env, items = d["env"], d["items"]
     before = snapshot(env, items)
     assert before["champion"] == d["first"]["champion"] and before["sids"] is not None
-    data = changed_copy(d["shop"], tmp_path / "changed", share=0.02, seed=1)
+    data = flipped_copy(d["shop"], tmp_path / "changed", share=0.02, seed=1)
     for point in STAGE_KILLS:
         paused = Paused(data, env, point, tmp_path)
         if point == STAGE_KILLS[0]:  # a second refresh while one runs: refused cleanly by the lock
@@ -155,7 +155,7 @@ def test_redis_stopped_while_serving_gives_503_and_unhealthy_then_recovers(deplo
 def test_serving_under_load_while_a_refresh_runs_has_no_errors(deployment, service, tmp_path):
     d, url = deployment, service["url"]
     before = get(f"{url}/version")[1]["model_version"]
-    data = changed_copy(d["shop"], tmp_path / "next", share=0.03, seed=2)
+    data = flipped_copy(d["shop"], tmp_path / "next", share=0.03, seed=2)
     load = Load(url, service["bodies"], clients=4).start()
     time.sleep(5)
     t_refresh = time.perf_counter()
@@ -182,7 +182,7 @@ def test_redis_stopped_during_publish_fails_the_refresh_cleanly(deployment, tmp_
     d = deployment
     env, items = d["env"], d["items"]
     before = snapshot(env, items)
-    data = changed_copy(d["shop"], tmp_path / "pub", share=0.04, seed=3)
+    data = flipped_copy(d["shop"], tmp_path / "pub", share=0.04, seed=3)
     paused = Paused(data, env, "refresh.after_codebook", tmp_path)
     d["redis"].stop()
     try:
@@ -202,7 +202,7 @@ def test_mlflow_unreachable_fails_before_promotion(deployment, service, tmp_path
     d = deployment
     env, items = d["env"], d["items"]
     before = snapshot(env, items)
-    data = changed_copy(d["shop"], tmp_path / "mlf", share=0.02, seed=4)
+    data = flipped_copy(d["shop"], tmp_path / "mlf", share=0.02, seed=4)
     paused = Paused(data, env, "refresh.after_evaluate", tmp_path)
     d["mlflow"].stop()
     try:
@@ -236,7 +236,7 @@ def test_disk_full_then_read_only_home(deployment, tmp_path):
         pytest.skip("needs root to mount a size-limited tmpfs for SEMALIGN_HOME")
     env, items, home = d["env"], d["items"], d["home"]
     before = snapshot(env, items)
-    data = changed_copy(d["shop"], tmp_path / "full", share=0.02, seed=5)
+    data = flipped_copy(d["shop"], tmp_path / "full", share=0.02, seed=5)
     st = os.statvfs(home)
     ballast = home / "ballast.bin"
     free = st.f_bavail * st.f_frsize

@@ -88,11 +88,13 @@ class RankerScorer:
     def user_rows(self, user_ids: list[str], records: list | None = None) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
         """(user features [n, 2], recent items per user, known mask) from the online store (or from `records`
         already read with `store.users_online`)."""
+        from semalign.features import user_feature_vector
+
         rec = self.store.users_online(user_ids) if records is None else records
         prior = float(self.meta["label_prior"])
         n = np.array([r["n_events"] if r else 0 for r in rec], np.float64)
         rate = np.array([r["positive_rate"] if r else prior for r in rec], np.float64)
-        feats = np.stack([rate - prior, np.log1p(n) / 5.0], 1).astype(np.float32)
+        feats = user_feature_vector(n, rate, prior)
         hists = [list(r["recent_items"])[-int(self.meta["hist_len"]):] if r else [] for r in rec]
         return feats, hists, np.array([r is not None for r in rec])
 

@@ -2,20 +2,22 @@
 
 Per seed: seeded split -> behavior pairs + encoder (training window only) -> codebook -> every ranker
 variant trained with the same loop and budget -> test predictions. Then AUC / GAUC / LogLoss per item
-bucket (mean +- std over seeds) and the deltas of `full` against every baseline with 95% paired
-bootstrap intervals (users resampled, same resample for both models).
+bucket (mean +- std over seeds) and the deltas of the served variant (settings.ranker_variant) against every
+other model with 95% paired bootstrap intervals (users resampled, same resample for both models).
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from semalign.config import Settings
-from semalign.data import BUCKETS, Dataset, Split, item_buckets, make_split, user_histories
+from semalign.data import BUCKETS, item_buckets, make_split
+from semalign.features import build_frames, item_tables, user_features
 from semalign.progress import Reporter
 
 from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, tower_features
@@ -36,42 +38,6 @@ def generic_content(feats: TowerFeatures, image_dims: int = 64) -> np.ndarray:
         red /= np.linalg.norm(red[feats.has_image], axis=1).mean() + 1e-9
         parts.append(red * feats.has_image[:, None])
     return np.concatenate(parts, 1).astype(np.float32)
-
-
-def user_features(split: Split, n_users: int) -> np.ndarray:
-    """Per user, from the training window only: smoothed positive rate, log event count."""
-    tr = split.part("train")
-    n = np.bincount(tr["user_idx"], minlength=n_users).astype(np.float64)
-    pos = np.bincount(tr["user_idx"], weights=tr["label"], minlength=n_users)
-    prior = tr["label"].mean()
-    rate = (pos + 5 * prior) / (n + 5)
-    return np.stack([rate - prior, np.log1p(n) / 5.0], 1).astype(np.float32)
-
-
-def build_frames(split: Split, ufeat: np.ndarray, hist_len: int):
-    from semalign.models.ranker import Frame
-
-    train = split.part("train")
-    frames = {}
-    for name in ("train", "val", "test"):
-        ev = split.part(name)
-        hist, _ = user_histories(ev, train, hist_len)
-        frames[name] = Frame(user_feats=ufeat[ev["user_idx"].to_numpy()], cand=ev["item_idx"].to_numpy() + 1,
-                             hist=hist, label=ev["label"].to_numpy().astype(np.float32))
-    return frames
-
-
-def item_tables(ds: Dataset, split: Split, aligned: np.ndarray, raw: np.ndarray, codes: np.ndarray, n_codes: int):
-    from semalign.models.ranker import ItemTables
-
-    vocab = np.zeros(ds.n_items + 1, dtype=np.int64)
-    seen = split.train_items
-    vocab[seen + 1] = np.arange(1, len(seen) + 1)  # unseen items -> 0, the shared OOV row
-
-    def pad(x):
-        return np.concatenate([np.zeros((1, x.shape[1]), x.dtype), x])
-
-    return ItemTables(id_vocab=vocab, content=pad(aligned), raw=pad(raw), codes=pad(codes), n_codes=n_codes)
 
 
 def _aggregate(records: list[dict]) -> list[dict]:
@@ -101,7 +67,7 @@ def markdown_table(results: list[dict], models: list[str], metric: str) -> str:
 
 def markdown_deltas(deltas: list[dict], metric: str) -> str:
     rows = [d for d in deltas if d["metric"] == metric]
-    lines = [f"| {metric.upper()} delta (pt) of {rows[0]['model'] if rows else 'full'} vs | " + " | ".join(ALL_BUCKETS) + " |",
+    lines = [f"| {metric.upper()} delta (pt) of {rows[0]['model'] if rows else 'served'} vs | " + " | ".join(ALL_BUCKETS) + " |",
              "|---" * (len(ALL_BUCKETS) + 1) + "|"]
     for base in dict.fromkeys(d["baseline"] for d in rows):
         cells = []
@@ -114,6 +80,24 @@ def markdown_deltas(deltas: list[dict], metric: str) -> str:
                 sig = "**" if (d["ci_low"] > 0 or d["ci_high"] < 0) else ""
                 cells.append(f"{sig}{d['mean'] * scale:+.2f} [{d['ci_low'] * scale:+.2f}, {d['ci_high'] * scale:+.2f}]{sig}")
         lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_selection(fits: list[dict], models: list[str]) -> str:
+    """The selection view: every model on the pseudo-cold validation items (never test items), mean over seeds.
+    Levers and the served variant are chosen here, not on the test table."""
+    lines = ["| validation (selection) | pseudo-cold GAUC | pseudo-cold AUC | all val AUC | best epochs |",
+             "|---|---|---|---|---|"]
+    for m in models:
+        rows = [f for f in fits if f["model"] == m]
+        if not rows:
+            continue
+
+        def mean(k):
+            v = [r[k] for r in rows if r.get(k) is not None]
+            return f"{100 * float(np.mean(v)):.2f}" if v else "-"
+        lines.append(f"| {m} | {mean('val_cold_gauc')} | {mean('val_cold_auc')} | {mean('val_auc')} | "
+                     f"{','.join(str(r['best_epoch']) for r in rows)} |")
     return "\n".join(lines)
 
 
@@ -141,11 +125,37 @@ def plot_auc(results: list[dict], models: list[str], path: Path, metric: str = "
     plt.close(fig)
 
 
+def parse_model(name: str) -> tuple[str, dict]:
+    """'full' -> ('full', {}); 'full@cold_behavior=oov+id_dropout=0.2' -> the variant with those levers, so a
+    lever's ablation trains in the same run, on the same data and budget, as the served model."""
+    from dataclasses import fields
+
+    from semalign.models.ranker import RankerConfig
+
+    variant, _, rest = name.partition("@")
+    types = {f.name: f.type for f in fields(RankerConfig)}
+    levers = {}
+    for kv in filter(None, rest.split("+")):
+        k, sep, v = kv.partition("=")
+        if not sep or k not in types or k in ("variant", "seed", "hidden"):
+            raise ValueError(f"model '{name}': '{kv}' is not lever=value with a RankerConfig lever")
+        t = str(types[k])
+        levers[k] = (v.lower() in ("1", "true", "yes")) if t == "bool" else int(v) if t == "int" \
+            else float(v) if t == "float" else v
+    return variant, levers
+
+
 def run_experiment(settings: Settings, data: str | Path | None = None, split_kind: str = "cold-items",
                    seeds: int = 5, models: list[str] | None = None, json_path: Path | None = None,
-                   rank_overrides: dict | None = None, n_boot: int = 200, rep: Reporter | None = None) -> dict:
-    from semalign.models.metrics import BootstrapFrame, metric_set, paired_bootstrap
-    from semalign.models.ranker import RankerConfig, predict, train_ranker
+                   rank_overrides: dict | None = None, n_boot: int = 200, rep: Reporter | None = None,
+                   seed_start: int = 0) -> dict:
+    """Seeds `seed_start .. seed_start + seeds - 1`. The served variant (`settings.ranker_variant`, built by
+    `semalign.spec.ranker_config` exactly as the refresh builds it) is compared against every other model.
+    With `json_path`, per-event test predictions go to `<json>.preds.npz` so runs over disjoint seed ranges
+    can be merged (`merge_experiments`) into one table with intervals over all seeds."""
+    from semalign.models.metrics import metric_set
+    from semalign.models.ranker import predict, train_ranker
+    from semalign.spec import ranker_config
 
     rep = rep or Reporter(quiet=True)
     models = list(models or DEFAULT_MODELS)
@@ -154,29 +164,57 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     ds = ingest(settings, data)
     feats = tower_features(settings, ds, rep)
     raw = generic_content(feats)
-    records, frames_by_bucket, fits = [], {b: [] for b in ALL_BUCKETS}, []
-    hist_len = 50
-    for seed in range(seeds):
+    fits, saved = [], {}
+    configs = {}
+    for seed in range(seed_start, seed_start + seeds):
         s = settings.model_copy(update={"seed": seed, "split": split_kind})
-        split = make_split(ds, split_kind, seed, s.cold_item_share)
+        split = make_split(ds, split_kind, seed, s.cold_item_share, s.val_cold_item_share)
         enc = encoder_stage(s, ds, split, feats, rep)
         cb = codebook_stage(s, ds, split, enc, parent=None, rep=rep, move_latest=False)
         codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
         tables = item_tables(ds, split, enc.embeddings, raw, codes, int(codes.max()) + 1)
-        frames = build_frames(split, user_features(split, ds.n_users), hist_len)
-        test = split.part("test")
-        buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
-        users = test["user_idx"].to_numpy()
-        y = frames["test"].label
+        frames = build_frames(split, user_features(split, ds.n_users), s.hist_len)
+        test, val = split.part("test"), split.part("val")
+        val_cold = val["item_idx"].isin(split.val_cold_items).to_numpy()
         preds = {}
         with rep.stage(f"seed {seed}: rankers", len(models)) as adv:
             for m in models:
-                cfg = RankerConfig(variant=m, seed=seed, **(rank_overrides or {}))
+                variant, levers = parse_model(m)
+                cfg = ranker_config(s, variant, seed, **{**(rank_overrides or {}), **levers})
+                configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
                 res = train_ranker(cfg, tables, frames["train"], frames["val"], device)
                 preds[m] = predict(res.model, frames["test"], device)
+                pv = predict(res.model, frames["val"], device)
+                vc = metric_set(frames["val"].label[val_cold], pv[val_cold], val["user_idx"].to_numpy()[val_cold]) \
+                    if val_cold.any() else {}
                 fits.append({"seed": seed, "model": m, "best_epoch": res.best_epoch, "val_auc": res.best_val_auc,
+                             "val_cold_auc": vc.get("auc"), "val_cold_gauc": vc.get("gauc"),
                              "train_samples_per_s": res.samples_per_s})
                 adv(1, **{m: f"val_auc={res.best_val_auc:.4f}"})
+        saved[seed] = {"y": frames["test"].label, "users": test["user_idx"].to_numpy(),
+                       "buckets": item_buckets(split.train_counts)[test["item_idx"].to_numpy()].astype(str), "preds": preds}
+        rep.log(f"seed {seed}: encoder hit@30 {enc.metrics['hit@30']['encoder']:.4f} (raw text "
+                f"{enc.metrics['hit@30']['raw_text']:.4f}); codebook {cb.version}")
+    out = {"dataset": ds.name, "split": split_kind, "seeds": list(saved), "models": models, "device": device,
+           "served": settings.ranker_variant, "configs": configs,
+           "rank_config": {k: v for k, v in (rank_overrides or {}).items()}, "fits": fits,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    out.update(summarise(saved, models, settings.ranker_variant, n_boot, rep))
+    out["markdown"] += "\n\n" + markdown_selection(fits, models)
+    if json_path is not None:
+        write_results(out, saved, Path(json_path))
+    return out
+
+
+def summarise(saved: dict, models: list[str], served: str, n_boot: int = 200, rep: Reporter | None = None) -> dict:
+    """Metrics per (seed, model, bucket), their mean +- std, and the served model's deltas against every other
+    model with 95% paired bootstrap intervals (users resampled within each seed, same resample for both)."""
+    from semalign.models.metrics import BootstrapFrame, metric_set, paired_bootstrap
+
+    rep = rep or Reporter(quiet=True)
+    records, frames_by_bucket = [], {b: [] for b in ALL_BUCKETS}
+    for seed, d in saved.items():
+        y, users, buckets, preds = d["y"], d["users"], d["buckets"], d["preds"]
         for b in ALL_BUCKETS:
             sel = np.ones(len(y), bool) if b == "all" else buckets == b
             if sel.sum() == 0:
@@ -184,37 +222,100 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
             for m in models:
                 ms = metric_set(y[sel], preds[m][sel], users[sel])
                 for k in METRICS:
-                    records.append({"seed": seed, "model": m, "bucket": b, "metric": k, "value": ms[k],
+                    records.append({"seed": int(seed), "model": m, "bucket": b, "metric": k, "value": ms[k],
                                     "n_events": ms["n_events"]})
             frames_by_bucket[b].append(BootstrapFrame(y[sel], users[sel], {m: preds[m][sel] for m in models}))
-        rep.log(f"seed {seed}: encoder hit@30 {enc.metrics['hit@30']['encoder']:.4f} (raw text "
-                f"{enc.metrics['hit@30']['raw_text']:.4f}); codebook {cb.version}")
     results = _aggregate(records)
     deltas = []
-    if "full" in models:
+    if served in models:
         with rep.stage("paired bootstrap", len(models) - 1) as adv:
-            for base in [m for m in models if m != "full"]:
+            for base in [m for m in models if m != served]:
                 for b in ALL_BUCKETS:
                     if not frames_by_bucket[b]:
                         continue
-                    ci = paired_bootstrap(frames_by_bucket[b], "full", base, n_boot=n_boot)
+                    ci = paired_bootstrap(frames_by_bucket[b], served, base, n_boot=n_boot)
                     for k in METRICS:
                         mean, lo, hi = ci[k]
-                        deltas.append({"model": "full", "baseline": base, "bucket": b, "metric": k, "mean": mean,
+                        deltas.append({"model": served, "baseline": base, "bucket": b, "metric": k, "mean": mean,
                                        "ci_low": lo, "ci_high": hi})
                 adv(1)
-    out = {"dataset": ds.name, "split": split_kind, "seeds": seeds, "models": models, "device": device,
-           "rank_config": {k: v for k, v in (rank_overrides or {}).items()},
-           "results": results, "deltas": deltas, "fits": fits, "per_seed": records,
-           "wall_s": round(time.perf_counter() - t0, 1)}
     md = "\n\n".join([markdown_table(results, models, k) for k in METRICS] +
-                     ([markdown_deltas(deltas, k) for k in ("gauc", "auc")] if deltas else []))
-    out["markdown"] = md
+                      ([markdown_deltas(deltas, k) for k in ("gauc", "auc")] if deltas else []))
+    return {"results": results, "deltas": deltas, "per_seed": records, "markdown": md}
+
+
+def write_results(out: dict, saved: dict, json_path: Path) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2, default=float))
+    arrays = {}
+    for seed, d in saved.items():
+        for k in ("y", "users", "buckets"):
+            arrays[f"{seed}/{k}"] = d[k]
+        for m, p in d["preds"].items():
+            arrays[f"{seed}/pred/{m}"] = p
+    np.savez_compressed(json_path.with_suffix(".preds.npz"), **arrays)
+    plot_auc(out["results"], out["models"], json_path.with_suffix(".auc.png"), "auc")
+    plot_auc(out["results"], out["models"], json_path.with_suffix(".gauc.png"), "gauc")
+    json_path.with_suffix(".md").write_text(out["markdown"] + "\n")
+
+
+def load_saved(json_path: Path) -> tuple[dict, dict]:
+    """(the run's JSON, its per-seed test predictions) from a result file written with `--json`."""
+    json_path = Path(json_path)
+    out = json.loads(json_path.read_text())
+    npz = json_path.with_suffix(".preds.npz")
+    if not npz.exists():
+        raise FileNotFoundError(f"{npz}: the predictions of {json_path.name} are missing (written by --json)")
+    saved = {}
+    with np.load(npz, allow_pickle=False) as z:
+        for key in z.files:
+            seed, rest = key.split("/", 1)
+            d = saved.setdefault(int(seed), {"preds": {}})
+            if rest.startswith("pred/"):
+                d["preds"][rest[5:]] = z[key]
+            else:
+                d[rest] = z[key]
+    return out, saved
+
+
+def merge_experiments(paths: list[Path], json_path: Path | None = None, n_boot: int = 200,
+                      rep: Reporter | None = None, served: str | None = None) -> dict:
+    """One table over several runs of the same dataset and split: disjoint seeds are concatenated, and runs of
+    the same seed with other models (same test events, checked) add their models. `served` names the model the
+    deltas are taken for (default: the runs' served variant)."""
+    runs = [load_saved(p) for p in paths]
+    first = runs[0][0]
+    saved, fits, wall, configs, models = {}, [], 0.0, {}, []
+    for (out, sv), p in zip(runs, paths):
+        for key in ("dataset", "split", "served"):
+            if out.get(key) != first.get(key):
+                raise ValueError(f"{p}: cannot merge, its {key} differs ({out.get(key)!r} vs {first.get(key)!r})")
+        for m, c in out.get("configs", {}).items():
+            if configs.setdefault(m, c) != c:
+                raise ValueError(f"{p}: cannot merge, model {m} was trained with another configuration")
+        models += [m for m in out["models"] if m not in models]
+        for seed, d in sv.items():
+            if seed not in saved:
+                saved[seed] = d
+                continue
+            have = saved[seed]
+            if not (np.array_equal(have["y"], d["y"]) and np.array_equal(have["users"], d["users"])):
+                raise ValueError(f"{p}: seed {seed} has other test events than another file")
+            dup = set(have["preds"]) & set(d["preds"])
+            if dup:
+                raise ValueError(f"{p}: seed {seed} of models {sorted(dup)} is already in another file")
+            have["preds"].update(d["preds"])
+        fits += out.get("fits", [])
+        wall += float(out.get("wall_s", 0.0))
+    incomplete = {seed: sorted(set(models) - set(d["preds"])) for seed, d in saved.items() if set(models) - set(d["preds"])}
+    if incomplete:
+        raise ValueError(f"cannot merge: seeds miss models {incomplete}")
+    served = served or first["served"]
+    merged = {**{k: first.get(k) for k in ("dataset", "split", "device", "rank_config")}, "served": served,
+              "models": models, "configs": configs, "seeds": sorted(saved), "fits": fits, "wall_s": round(wall, 1),
+              "merged_from": [Path(p).name for p in paths]}
+    merged.update(summarise(dict(sorted(saved.items())), models, served, n_boot, rep))
+    merged["markdown"] += "\n\n" + markdown_selection(fits, models)
     if json_path is not None:
-        json_path = Path(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=2, default=float))
-        plot_auc(results, models, json_path.with_suffix(".auc.png"), "auc")
-        plot_auc(results, models, json_path.with_suffix(".gauc.png"), "gauc")
-        json_path.with_suffix(".md").write_text(md + "\n")
-    return out
+        write_results(merged, dict(sorted(saved.items())), Path(json_path))
+    return merged

@@ -125,15 +125,20 @@ class RankerOut:
 def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
     from semalign.flows.semantic_ids import _hash
 
+    from dataclasses import asdict
+
+    from semalign.spec import ranker_config
+
     return "rk-" + _hash(ds.content_hash(), cb_version, settings.split, settings.seed, settings.cold_item_share,
-                         settings.ranker_epochs, settings.hist_len, "full", "no-raw")
+                         settings.val_cold_item_share, settings.hist_len, asdict(ranker_config(settings)))
 
 
 def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Reporter) -> RankerOut:
     from semalign.deploy.scoring import save_ranker
-    from semalign.flows.experiment import build_frames, user_features
+    from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
     from semalign.flows.semantic_ids import load_codebook
-    from semalign.models.ranker import ItemTables, RankerConfig, train_ranker
+    from semalign.models.ranker import train_ranker
+    from semalign.spec import ranker_config
 
     key = ranker_input_key(settings, ds, cb.version)
     folder = settings.home / "rankers" / key
@@ -152,20 +157,16 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Re
     sid_cols = [f"sid_{lvl}" for lvl in range(codebook.levels)]
     codes = cb.sids[sid_cols].to_numpy()
     aligned = np.stack(cb.sids["embedding"].to_numpy()).astype(np.float32)
-    vocab = np.zeros(ds.n_items + 1, np.int64)
     seen = split.train_items
-    vocab[seen + 1] = np.arange(1, len(seen) + 1)
-    tables = ItemTables(id_vocab=vocab, content=np.vstack([np.zeros((1, aligned.shape[1]), np.float32), aligned]),
-                        raw=None, codes=np.vstack([np.zeros((1, codes.shape[1]), np.int64), codes]),
-                        n_codes=codebook.codes)
+    tables = item_tables(ds, split, aligned, None, codes, codebook.codes)
     frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
-    cfg = RankerConfig(variant="full", seed=settings.seed, keep_raw_content=False, max_epochs=settings.ranker_epochs)
+    cfg = ranker_config(settings)
     with rep.stage("ranker", cfg.max_epochs) as adv:
         res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
                            on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
-            "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": 2,
+            "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
@@ -183,20 +184,9 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Re
 def publish_users(settings: Settings, ds, split) -> int:
     """Each user's training-window positives (most recent last) and smoothed positive rate, for serving."""
     from semalign.feature_repo.store import SemanticIdStore
+    from semalign.features import user_table
 
-    tr = split.part("train")
-    prior = float(tr["label"].mean())
-    n = tr.groupby("user_id").size()
-    pos = tr.groupby("user_id")["label"].sum()
-    rate = (pos + 5 * prior) / (n + 5)
-    positives = tr[tr["label"] == 1].sort_values(["user_idx", "ts", "item_idx"], kind="stable")
-    recent = positives.groupby("user_id")["item_id"].apply(lambda s: s.tolist()[-settings.hist_len:])
-    users = pd.DataFrame({"user_id": n.index.astype(str)})
-    users["recent_items"] = [recent.get(u, []) for u in n.index]
-    users["n_events"] = n.to_numpy().astype(np.int64)
-    users["positive_rate"] = rate.reindex(n.index).to_numpy().astype(np.float32)
-    users["event_timestamp"] = pd.Timestamp(int(tr["ts"].max()), unit="s", tz="UTC") if len(tr) else pd.Timestamp.now(tz="UTC")
-    return SemanticIdStore(settings).publish_users(users, batch=ds.content_hash()[:16])
+    return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=ds.content_hash()[:16])
 
 
 def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing: bool = False) -> dict:
@@ -205,7 +195,7 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing
     from semalign.data import item_buckets, user_histories
     from semalign.deploy.scoring import RankerScorer
     from semalign.feature_repo.store import SemanticIdStore
-    from semalign.flows.experiment import user_features
+    from semalign.features import user_features
     from semalign.models.metrics import metric_set
 
     scorer = RankerScorer(ranker_folder, settings)
@@ -342,7 +332,10 @@ def _tasks():
 def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> dict:
     """The body of the `refresh` flow. Returns a summary (what was built, reused, the verdict, the champion)."""
     from semalign.data import make_split
+    from dataclasses import asdict
+
     from semalign.deploy.registry import Registry
+    from semalign.spec import ranker_config
     from semalign.validation.suites import Verdict, churn_gate, drift_suite, quality_gate, window_profile
 
     rep = rep or Reporter(quiet=True)
@@ -356,7 +349,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         champ = champion_lineage(registry)
         at.champion = champ.get("version")
         ds, input_verdict = at.run("ingest", T["ingest"], settings, data)
-        split = make_split(ds, settings.split, settings.seed, settings.cold_item_share)
+        split = make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
         feats = at.run("towers", T["towers"], settings, ds, rep)
         enc = at.run("encoder", T["encoder"], settings, ds, split, feats, rep, parent=champ.get("encoder_version"),
                      move_latest=True)
@@ -445,7 +438,10 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                   "codebook_method": settings.codebook_method, "codebook_levels": settings.codebook_levels,
                   "encoder_epochs": settings.encoder_epochs, "text_model": feats.text_model,
                   "image_model": feats.image_model, "champion_before": champ.get("version"),
-                  "feast_project": settings.feast_project, "online_store": settings.feast_online}
+                  "feast_project": settings.feast_project, "online_store": settings.feast_online,
+                  "val_cold_item_share": settings.val_cold_item_share,
+                  # the ranker specification the experiment measures and this run trained
+                  **{f"ranker.{k}": v for k, v in asdict(ranker_config(settings)).items()}}
         artifacts = {"plots": run_dir / "plots", "encoder": settings.encoders_dir / enc.version,
                      "codebook": settings.codebooks_dir / cb.version}
         json_art = {"validation_report.json": {"input": input_verdict.as_dict(), **verdict},

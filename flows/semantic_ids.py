@@ -335,7 +335,7 @@ def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Re
     t0 = time.perf_counter()
     rep = rep or Reporter(quiet=True)
     ds = ingest(settings, data)
-    split = make_split(ds, settings.split, settings.seed, settings.cold_item_share)
+    split = make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
     feats = tower_features(settings, ds, rep)
     enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
     cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)

@@ -37,7 +37,10 @@ class RankerConfig:
     cross_attention: bool = True       # ablation: False keeps only modal + behavior attention
     align_init: str = "zero"           # ablation: "random"
     keep_raw_content: bool = True      # feed the frozen generic content beside the aligned one (chosen on validation)
-    id_dropout: float = 0.1            # share of items seen through the OOV row per training step (chosen on validation)
+    id_dropout: float = 0.1            # share of items seen as cold per training step (chosen on validation)
+    cold_behavior: str = "oov"         # behavior view of items without an ID row: "oov" (one shared row) or
+                                       # "generated" from SIDs + content, distilled from warm items' ID rows (full)
+    distill_weight: float = 1.0        # weight of the generator's distillation loss (relative squared error)
     ngram_buckets: int = 1 << 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -51,6 +54,10 @@ class RankerConfig:
             raise ValueError(f"unknown ranker variant '{self.variant}': expected one of {VARIANTS}")
         if self.align_init not in ("zero", "random"):
             raise ValueError("align_init must be 'zero' or 'random'")
+        if self.cold_behavior not in ("oov", "generated"):
+            raise ValueError("cold_behavior must be 'oov' or 'generated'")
+        if self.cold_behavior == "generated" and self.variant != "full":
+            raise ValueError("cold_behavior='generated' needs the SIDs and content of variant 'full'")
 
 
 @dataclass
@@ -86,10 +93,29 @@ class TargetAttention(nn.Module):
         return torch.bmm(w.unsqueeze(1), v).squeeze(1)
 
 
+class BehaviorGenerator(nn.Module):
+    """Behavior view of an item from its content embedding and its semantic IDs: per-level code tables
+    (items sharing codes share behavior) plus a content projection, through a small MLP.
+    Shapes: content [..., dc], codes [..., L] -> [..., d]."""
+
+    def __init__(self, content_dim: int, n_codes: int, levels: int, d: int):
+        super().__init__()
+        self.content = nn.Linear(content_dim, d)
+        self.codes = nn.ModuleList(nn.Embedding(n_codes, d) for _ in range(levels))
+        for t in self.codes:
+            nn.init.normal_(t.weight, std=0.05)
+        self.out = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+
+    def forward(self, content: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        h = self.content(content) + sum(t(codes[..., lvl]) for lvl, t in enumerate(self.codes))
+        return h + self.out(h)
+
+
 class Ranker(nn.Module):
     def __init__(self, cfg: RankerConfig, tables: ItemTables, n_user_feats: int):
         super().__init__()
         self.cfg = cfg
+        self.aux_loss = None  # set by a training forward that has an auxiliary (distillation) loss
         v = cfg.variant
         self.register_buffer("id_vocab", torch.as_tensor(tables.id_vocab, dtype=torch.long))
         self.has_ids = v != "logreg"
@@ -117,6 +143,8 @@ class Ranker(nn.Module):
             self.fusion = nn.Sequential(nn.Linear(levels * cfg.align_dim, cfg.d), nn.GELU(), nn.Linear(cfg.d, cfg.d))
             nn.init.zeros_(self.fusion[-1].weight)
             nn.init.zeros_(self.fusion[-1].bias)
+        if v == "full" and cfg.cold_behavior == "generated":
+            self.generator = BehaviorGenerator(tables.content.shape[1], tables.n_codes, levels, cfg.d)
         if v == "sid_ngram":
             self.ngram = nn.ModuleList(nn.Embedding(cfg.ngram_buckets, cfg.d) for _ in range(levels))
             for t in self.ngram:
@@ -150,6 +178,15 @@ class Ranker(nn.Module):
         if dropped is not None:
             ids = ids * ~dropped[idx]
         b = self.id_emb(ids)
+        if hasattr(self, "generator"):
+            # items without an ID row (unseen, or dropped this step) get a behavior vector generated from their
+            # SIDs + content; warm rows teach the generator (distillation against their detached ID rows)
+            g = self.generator(self.content[idx], self.codes[idx])
+            warm = self.id_vocab[idx] > 0
+            if self.training and bool(warm.any()):
+                t = self.id_emb(self.id_vocab[idx][warm]).detach()
+                self.aux_loss = ((g[warm] - t) ** 2).sum(-1).mean() / ((t ** 2).sum(-1).mean() + 1e-8)
+            b = torch.where((ids == 0).unsqueeze(-1), g.to(b.dtype), b)
         if self.cfg.variant == "sid_ngram":
             c = self.codes[idx]
             prefix = torch.cumsum(c * self.prefix_mult, -1) % self.cfg.ngram_buckets
@@ -257,9 +294,12 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
         t0, total = time.perf_counter(), 0.0
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s: s + cfg.batch_size]
+            model.aux_loss = None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 logit = model(u[idx], c[idx], h[idx])
             loss = F.binary_cross_entropy_with_logits(logit.float(), y[idx])
+            if model.aux_loss is not None:
+                loss = loss + cfg.distill_weight * model.aux_loss.float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

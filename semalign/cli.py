@@ -91,7 +91,7 @@ def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, a
         ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    split = make_split(ds, s.split, s.seed, s.cold_item_share)
+    split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
     test_buckets = item_buckets(split.train_counts)[split.part("test")["item_idx"].to_numpy()]
     res = {"dataset": ds.name, "data": ds.report,
            "split": {"kind": split.kind, **split.events["part"].value_counts().to_dict(),
@@ -113,7 +113,7 @@ def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_js
     try:
         with Reporter(quiet=as_json) as rep:
             ds = ingest(s, data)
-            split = make_split(ds, s.split, s.seed, s.cold_item_share)
+            split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
             feats = tower_features(s, ds, rep)
             enc = encoder_stage(s, ds, split, feats, rep)
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -444,9 +444,14 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
 @app.command("experiment")
 def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
                split: str = typer.Option("cold-items", help="cold-items | temporal"),
-               seeds: int = typer.Option(5, help="Seeds 0..N-1 (split, encoder, codebook, rankers)."),
+               seeds: int = typer.Option(5, help="Number of seeds (split, encoder, codebook, rankers)."),
+               seed_start: int = typer.Option(0, help="First seed: runs seeds seed_start .. seed_start + seeds - 1."),
                models: str = typer.Option("full,id_only,content,aligned_content,sid_ngram,logreg",
-                                          help="Comma-separated ranker variants."),
+                                          help="Comma-separated ranker variants; 'full@lever=value+lever=value' "
+                                               "trains a variant with other levers (ablations)."),
+               merge: Optional[list[Path]] = typer.Option(None, help="Merge these result files (written with "
+                                                          "--json) into one table; trains nothing."),
+               served: Optional[str] = typer.Option(None, help="With --merge: the model the deltas are taken for."),
                json_path: Optional[Path] = typer.Option(None, "--json", help="Write long-form results here (+ .md, plots)."),
                images: bool = typer.Option(True, help="Use the image tower where items have images."),
                no_cross: bool = typer.Option(False, "--no-cross-attention", help="Ablation: modal + behavior attention only."),
@@ -457,9 +462,17 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
                bootstrap: int = typer.Option(200, help="Bootstrap resamples for the intervals.")):
     """Train every ranker variant per seed and compare them per item bucket (AUC, GAUC, LogLoss) with
     95% paired bootstrap intervals on the deltas of `full`."""
-    from semalign.flows.experiment import run_experiment
+    from semalign.flows.experiment import merge_experiments, run_experiment
     from semalign.progress import Reporter
 
+    if merge:
+        try:
+            with Reporter() as rep:
+                res = merge_experiments(merge, json_path, n_boot=bootstrap, rep=rep, served=served)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            _fail(e)
+        sys.stdout.write(res["markdown"] + f"\n\nseeds {res['seeds']}; wall time of the runs: {res['wall_s']} s\n")
+        return
     s = _settings(home, data, write=True, use_images=images, codebook_method=codebook_method)
     over = {"cross_attention": not no_cross, "align_init": "random" if random_align else "zero"}
     if id_dropout is not None:
@@ -469,7 +482,7 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
     try:
         with Reporter() as rep:
             res = run_experiment(s, data, split, seeds, [m.strip() for m in models.split(",") if m.strip()],
-                                 json_path, over, n_boot=bootstrap, rep=rep)
+                                 json_path, over, n_boot=bootstrap, rep=rep, seed_start=seed_start)
     except (ValueError, FileNotFoundError, KeyError) as e:
         _fail(e)
     sys.stdout.write(res["markdown"] + f"\n\nwall time: {res['wall_s']} s\n")

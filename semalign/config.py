@@ -20,6 +20,7 @@ class Settings(BaseSettings):
 
     split: Literal["cold-items", "temporal"] = "cold-items"
     cold_item_share: float = 0.2
+    val_cold_item_share: float = 0.1   # of the remaining items: pseudo-cold validation items (selection only)
 
     # behavior pairs: consecutive positives of one user within `pair_window` steps and `pair_max_gap_s`
     pair_window: int = 3
@@ -56,9 +57,17 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "semalign"
     model_name: str = "semalign-ranker"
 
-    # refresh: the served ranker and the gates that guard promotion
+    # the ranker specification (semalign/spec.py): the model `semalign experiment` measures as the served
+    # variant is exactly the one the refresh trains, logs and serves. Chosen on the pseudo-cold validation
+    # set of both development catalogues (README, "Results"): `aligned_content` won there and on test; `full`
+    # (SID alignment block) and the generated cold behavior view did not earn their cost.
+    ranker_variant: Literal["full", "aligned_content"] = "aligned_content"
+    ranker_cold_behavior: Literal["oov", "generated"] = "oov"
+    ranker_distill_weight: float = 1.0
+    ranker_id_dropout: float = 0.1
     ranker_epochs: int = 10
     hist_len: int = 50
+    # refresh: the gates that guard promotion
     gate_auc_tolerance: float = 0.005
     gate_cold_auc_tolerance: float = 0.01
     gate_max_level0_churn: float = 0.6

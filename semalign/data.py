@@ -309,8 +309,10 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
 class Split:
     kind: str
     events: pd.DataFrame         # interactions + 'part' in {train,val,test}
-    cold_items: np.ndarray       # item indices held out entirely (cold-items split)
+    cold_items: np.ndarray       # item indices held out entirely (cold-items split): their events are test events
     train_counts: np.ndarray     # per item: events in the training window
+    val_cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # pseudo-cold items: held out of training the way test items are, their events are validation events
 
     def part(self, name: str) -> pd.DataFrame:
         return self.events[self.events["part"] == name]
@@ -320,14 +322,23 @@ class Split:
         return np.flatnonzero(self.train_counts > 0)
 
 
-def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share: float = 0.2) -> Split:
+def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share: float = 0.2,
+               val_cold_share: float = 0.1) -> Split:
+    """`cold-items`: `cold_share` of the interacted items are test items (all their events are test events);
+    `val_cold_share` of the rest are pseudo-cold validation items (all their events are validation events), so
+    early stopping and lever choices see cold items without ever seeing a test item; the remaining events split
+    chronologically 80/10/10. `temporal`: one chronological 80/10/10 split."""
     ev = ds.interactions.copy()
     cold = np.array([], dtype=np.int64)
+    val_cold = np.array([], dtype=np.int64)
     if kind == "cold-items":
         interacted = np.unique(ev["item_idx"].to_numpy())
         rng = np.random.default_rng(seed)
         n_cold = int(round(cold_share * len(interacted)))
         cold = np.sort(rng.choice(interacted, size=n_cold, replace=False))
+        rest = np.setdiff1d(interacted, cold)
+        n_val = int(round(val_cold_share * len(rest)))
+        val_cold = np.sort(np.random.default_rng([seed, 1]).choice(rest, size=n_val, replace=False))
         is_cold = ev["item_idx"].isin(cold).to_numpy()
     elif kind == "temporal":
         is_cold = np.zeros(len(ev), dtype=bool)
@@ -338,9 +349,10 @@ def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share:
     n = len(warm_pos)
     part[warm_pos[: int(0.8 * n)]] = "train"
     part[warm_pos[int(0.8 * n): int(0.9 * n)]] = "val"
+    part[ev["item_idx"].isin(val_cold).to_numpy()] = "val"
     ev["part"] = part
     counts = np.bincount(ev.loc[ev["part"] == "train", "item_idx"], minlength=ds.n_items)
-    return Split(kind=kind, events=ev, cold_items=cold, train_counts=counts)
+    return Split(kind=kind, events=ev, cold_items=cold, train_counts=counts, val_cold_items=val_cold)
 
 
 def item_buckets(train_counts: np.ndarray) -> np.ndarray:

@@ -87,18 +87,33 @@ def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens
     shop = write_generic(tmp_path / "small", movielens, n_items=120)
     env = {"SEMALIGN_HOME": str(tmp_path / "home"), "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_USE_IMAGES": "false"}
     out = tmp_path / "exp" / "res.json"
-    proc = _cli("experiment", "--data", str(shop), "--seeds", "2", "--models", "full,id_only,logreg",
+    proc = _cli("experiment", "--data", str(shop), "--seeds", "2", "--models",
+                "aligned_content,full@cold_behavior=generated,id_only,logreg",
                 "--max-epochs", "1", "--bootstrap", "20", "--json", str(out), env=env)
     res = json.loads(out.read_text())
-    assert res["split"] == "cold-items" and res["seeds"] == 2
+    assert res["split"] == "cold-items" and res["seeds"] == [0, 1]
     keys = {(r["model"], r["bucket"], r["metric"]) for r in res["results"]}
-    assert ("full", "unseen", "gauc") in keys and ("logreg", "all", "auc") in keys and ("id_only", "all", "logloss") in keys
+    assert ("aligned_content", "unseen", "gauc") in keys and ("logreg", "all", "auc") in keys
+    assert ("full@cold_behavior=generated", "unseen", "gauc") in keys and ("id_only", "all", "logloss") in keys
     for r in res["results"]:
         assert set(r) == {"model", "bucket", "metric", "mean", "std", "n_events"}
         assert r["metric"] != "auc" or 0 <= r["mean"] <= 1
     d = [x for x in res["deltas"] if x["baseline"] == "id_only" and x["bucket"] == "all" and x["metric"] == "gauc"]
     assert len(d) == 1 and d[0]["ci_low"] <= d[0]["mean"] <= d[0]["ci_high"]
-    assert {x["baseline"] for x in res["deltas"]} == {"id_only", "logreg"}
+    assert {x["baseline"] for x in res["deltas"]} == {"full@cold_behavior=generated", "id_only", "logreg"}
+    # the served model is measured with exactly the configuration the refresh trains (tests/test_refresh.py
+    # checks the refresh side against the same function); a lever variant differs only in its lever
+    from dataclasses import asdict
+
+    from semalign.config import Settings
+    from semalign.spec import ranker_config
+
+    spec = {k: v for k, v in asdict(ranker_config(Settings(), max_epochs=1)).items() if k != "seed"}
+    spec["hidden"] = list(spec["hidden"])
+    assert res["served"] == "aligned_content" and res["configs"]["aligned_content"] == spec
+    gen = res["configs"]["full@cold_behavior=generated"]
+    assert gen["cold_behavior"] == "generated" and gen["variant"] == "full"
+    assert "| validation (selection) |" in proc.stdout  # levers are chosen on pseudo-cold validation items
     assert out.with_suffix(".auc.png").stat().st_size > 10_000 and out.with_suffix(".md").exists()
     assert "| GAUC |" in proc.stdout and "delta" in proc.stdout
     # the experiment never moves the published codebook pointer

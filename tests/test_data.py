@@ -94,15 +94,23 @@ def test_cold_items_split_has_no_leakage(movielens):
     assert abs(len(cold) - 0.2 * n_interacted) <= 1
     assert not ev[ev["part"] != "test"]["item_idx"].isin(cold).any()
     assert ev[ev["item_idx"].isin(cold)]["part"].eq("test").all()
-    warm = ev[~ev["item_idx"].isin(cold)]
+    # pseudo-cold validation items: 10% of the rest, never a test item, all their events are validation events
+    val_cold = set(sp.val_cold_items)
+    assert abs(len(val_cold) - 0.1 * (n_interacted - len(cold))) <= 1 and not (val_cold & cold)
+    assert ev[ev["item_idx"].isin(val_cold)]["part"].eq("val").all()
+    assert ev[ev["part"] == "val"]["item_idx"].isin(val_cold).mean() > 0.3  # selection sees cold items
+    warm = ev[~ev["item_idx"].isin(cold | val_cold)]
     assert warm[warm.part == "train"].ts.max() <= warm[warm.part == "val"].ts.min()
     assert warm[warm.part == "val"].ts.max() <= warm[warm.part == "test"].ts.min()
-    assert abs((warm.part == "train").mean() - 0.8) < 0.01
-    # buckets from training counts only; every cold item is unseen
+    assert abs((warm.part == "train").mean() - 0.8) < 0.02
+    # buckets from training counts only; every cold and pseudo-cold item is unseen
     b = item_buckets(sp.train_counts)
-    assert set(b[sp.cold_items]) == {"unseen"}
+    assert set(b[sp.cold_items]) == {"unseen"} and set(b[sp.val_cold_items]) == {"unseen"}
     # seeded: same seed, same split; other seed, other split
-    assert (make_split(movielens, "cold-items", seed=3).cold_items == sp.cold_items).all()
+    again = make_split(movielens, "cold-items", seed=3)
+    assert (again.cold_items == sp.cold_items).all() and (again.val_cold_items == sp.val_cold_items).all()
+    # the test items do not depend on the validation share
+    assert (make_split(movielens, "cold-items", seed=3, val_cold_share=0.0).cold_items == sp.cold_items).all()
     assert not (make_split(movielens, "cold-items", seed=4).cold_items == sp.cold_items).all()
 
 

@@ -120,3 +120,59 @@ def test_paired_bootstrap_interval_covers_a_real_gain_and_not_a_null_one():
     assert gain["auc"][1] > 0 and gain["gauc"][1] > 0
     null = paired_bootstrap([f], "c", "b", n_boot=100)
     assert null["auc"] == (0.0, 0.0, 0.0)
+
+
+def _gen_cfg(**kw):
+    return RankerConfig(variant="full", cold_behavior="generated", **kw)
+
+
+def test_generated_behavior_view_shapes_and_who_gets_it():
+    t, _ = _frame()
+    m = Ranker(_gen_cfg(), t, 2).eval()
+    idx = torch.tensor([[1, 2, 35], [36, 40, 0]])
+    b = m.behavior_view(idx)
+    assert b.shape == (2, 3, m.cfg.d)
+    # warm items (ID rows 1..30) keep their own ID row; cold ones get the generator's output, not the OOV row
+    assert torch.equal(b[0, 0], m.id_emb.weight[1]) and torch.equal(b[0, 1], m.id_emb.weight[2])
+    gen = m.generator(m.content[torch.tensor([35, 36, 40])], m.codes[torch.tensor([35, 36, 40])])
+    assert torch.allclose(b[0, 2], gen[0]) and torch.allclose(b[1, 0], gen[1]) and torch.allclose(b[1, 1], gen[2])
+    assert not torch.allclose(b[0, 2], b[1, 0])  # distinct vectors for distinct new items
+    # a dropped warm item is seen through the generator too (that is how the ranker learns to use it)
+    dropped = torch.zeros(41, dtype=torch.bool)
+    dropped[2] = True
+    assert torch.allclose(m.behavior_view(torch.tensor([2]), dropped)[0], m.generator(m.content[2:3], m.codes[2:3])[0])
+    with pytest.raises(ValueError):
+        RankerConfig(variant="aligned_content", cold_behavior="generated")
+
+
+def test_generator_is_taught_only_by_training_items_id_rows():
+    """The teacher is the ID table, which has rows only for items with training-window events: the
+    distillation loss reads no cold item, and it moves the generator, never the teacher."""
+    t, f = _frame()
+    torch.manual_seed(0)
+    m = Ranker(_gen_cfg(id_dropout=0.0), t, 2).train()
+    teacher_before = m.id_emb.weight.detach().clone()
+    m.behavior_view(torch.arange(41))
+    loss_all = m.aux_loss
+    # changing a cold item's content or codes changes nothing in the distillation loss
+    with torch.no_grad():
+        m.content[35:] = torch.randn_like(m.content[35:])
+        m.codes[35:] = (m.codes[35:] + 1) % 8
+    m.behavior_view(torch.arange(41))
+    assert torch.allclose(m.aux_loss, loss_all)
+    m.aux_loss.backward()
+    assert m.id_emb.weight.grad is None  # the teacher is detached
+    assert m.generator.content.weight.grad.abs().sum() > 0
+    assert torch.equal(m.id_emb.weight, teacher_before)
+
+
+def test_distillation_pulls_generated_views_towards_warm_id_rows():
+    t, f = _frame()
+    res = train_ranker(_gen_cfg(max_epochs=4, batch_size=128, distill_weight=5.0), t, f, f)
+    m = res.model.train()
+    m.behavior_view(torch.arange(1, 31))
+    trained = float(m.aux_loss.detach())
+    fresh = Ranker(_gen_cfg(), t, 2).train()
+    fresh.id_emb.load_state_dict(m.id_emb.state_dict())
+    fresh.behavior_view(torch.arange(1, 31))
+    assert trained < 0.8 * float(fresh.aux_loss.detach())

@@ -25,6 +25,45 @@ def _settings(home):
     return Settings(home=home)
 
 
+def test_refresh_trains_logs_and_serves_the_measured_specification(tmp_path, refreshed):
+    """The champion is the model `semalign experiment` measures as the served variant (same RankerConfig,
+    recorded in the MLflow run), and serving computes the user features training and evaluation used."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from semalign.data import load_dataset, make_split
+    from semalign.deploy.registry import Registry
+    from semalign.deploy.scoring import RankerScorer
+    from semalign.features import user_features
+    from semalign.spec import ranker_config
+
+    from conftest import SMALL_REFRESH
+    from semalign.config import Settings
+
+    s = Settings(home=refreshed["home"], ranker_epochs=int(SMALL_REFRESH["SEMALIGN_RANKER_EPOCHS"]),
+                 encoder_epochs=int(SMALL_REFRESH["SEMALIGN_ENCODER_EPOCHS"]))  # the settings the run had
+    reg = Registry(s)
+    mv = reg.get_version(refreshed["first"]["model_version"])
+    folder = reg.download_ranker(mv, tmp_path / "champion")
+    trained = json.loads((folder / "ranker.json").read_text())["config"]
+    spec = asdict(ranker_config(s))
+    params = reg.client.get_run(refreshed["first"]["run_id"]).data.params
+    assert {k: params[f"ranker.{k}"] for k in spec} == {k: str(v) for k, v in spec.items()}
+    spec["hidden"] = list(spec["hidden"])
+    assert trained == spec and trained["variant"] == s.ranker_variant
+
+    ds = load_dataset(refreshed["shop"])
+    split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+    users = ds.interactions.drop_duplicates("user_idx").sort_values("user_idx")
+    train_users = users[np.isin(users["user_idx"], split.part("train")["user_idx"].unique())].head(50)
+    scorer = RankerScorer(folder, s)
+    served, _, known = scorer.user_rows(train_users["user_id"].tolist())
+    assert known.all()
+    expected = user_features(split, ds.n_users)[train_users["user_idx"].to_numpy()]
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+
+
 def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_path, refreshed):
     import mlflow
 

@@ -41,6 +41,10 @@ class RankerConfig:
     cold_behavior: str = "oov"         # behavior view of items without an ID row: "oov" (one shared row) or
                                        # "generated" from SIDs + content, distilled from warm items' ID rows (full)
     distill_weight: float = 1.0        # weight of the generator's distillation loss (relative squared error)
+    align_levels: int = 0              # SID levels the alignment block and generator read (0 = all); deep levels
+                                       # are nearly one item each, so they memorise like item IDs
+    code_dropout: float = 0.0          # per item and step, each level below the first is dropped (with all deeper
+                                       # ones) with this probability, so a code must generalise to cold items
     ngram_buckets: int = 1 << 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -131,6 +135,8 @@ class Ranker(nn.Module):
         if v in ("full", "sid_ngram"):
             self.register_buffer("codes", torch.as_tensor(tables.codes, dtype=torch.long))
             levels = tables.codes.shape[1]
+            if v == "full" and cfg.align_levels:
+                levels = min(levels, cfg.align_levels)
         if v == "logreg":
             self.user_lin = nn.Linear(n_user_feats, 1)
             return
@@ -169,9 +175,20 @@ class Ranker(nn.Module):
             parts.append(self.proj_raw(self.raw[idx]))
         m = sum(parts)
         if self.cfg.variant == "full":
-            a = torch.cat([t(self.codes[idx, lvl]) for lvl, t in enumerate(self.align)], -1)
-            m = m + self.fusion(a)
+            a = torch.stack([t(self.codes[idx, lvl]) for lvl, t in enumerate(self.align)], -2)  # [..., L, da]
+            keep = self.level_keep(a.shape[:-1], a.device)
+            if keep is not None:
+                a = a * keep.unsqueeze(-1)
+            m = m + self.fusion(a.flatten(-2))
         return m
+
+    def level_keep(self, shape, device) -> torch.Tensor | None:
+        """Training-time code dropout: [..., L] 0/1 mask keeping a prefix of the levels (level 0 always)."""
+        if not (self.training and self.cfg.code_dropout > 0) or shape[-1] < 2:
+            return None
+        drop = torch.rand(shape, device=device) < self.cfg.code_dropout
+        drop[..., 0] = False
+        return (torch.cumsum(drop.int(), -1) == 0).float()
 
     def behavior_view(self, idx: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
         ids = self.id_vocab[idx]
@@ -181,7 +198,7 @@ class Ranker(nn.Module):
         if hasattr(self, "generator"):
             # items without an ID row (unseen, or dropped this step) get a behavior vector generated from their
             # SIDs + content; warm rows teach the generator (distillation against their detached ID rows)
-            g = self.generator(self.content[idx], self.codes[idx])
+            g = self.generator(self.content[idx], self.codes[idx][..., : len(self.generator.codes)])
             warm = self.id_vocab[idx] > 0
             if self.training and bool(warm.any()):
                 t = self.id_emb(self.id_vocab[idx][warm]).detach()

@@ -471,7 +471,7 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
                 res = merge_experiments(merge, json_path, n_boot=bootstrap, rep=rep, served=served)
         except (ValueError, FileNotFoundError, KeyError) as e:
             _fail(e)
-        sys.stdout.write(res["markdown"] + f"\n\nseeds {res['seeds']}; wall time of the runs: {res['wall_s']} s\n")
+        sys.stdout.write(res["markdown"] + f"\n\nseeds {res['seeds']}; summed wall time of the runs (runs in parallel overlap): {res['wall_s']} s\n")
         return
     s = _settings(home, data, write=True, use_images=images, codebook_method=codebook_method)
     over = {"cross_attention": not no_cross, "align_init": "random" if random_align else "zero"}

@@ -176,3 +176,28 @@ def test_distillation_pulls_generated_views_towards_warm_id_rows():
     fresh.id_emb.load_state_dict(m.id_emb.state_dict())
     fresh.behavior_view(torch.arange(1, 31))
     assert trained < 0.8 * float(fresh.aux_loss.detach())
+
+
+def test_align_levels_reads_only_the_sid_prefix():
+    t, _ = _frame()
+    m = Ranker(RankerConfig(variant="full", align_levels=1, cold_behavior="generated"), t, 2).eval()
+    assert len(m.align) == 1 and len(m.generator.codes) == 1
+    with torch.no_grad():
+        for tbl in m.align:
+            tbl.weight.normal_()
+        m.fusion[-1].weight.normal_()
+        before = m.modal_view(torch.tensor([5]))
+        m.codes[5, 1:] = (m.codes[5, 1:] + 1) % 8  # deeper levels change: nothing the model reads changes
+        assert torch.equal(m.modal_view(torch.tensor([5])), before)
+        m.codes[5, 0] = (m.codes[5, 0] + 1) % 8
+        assert not torch.equal(m.modal_view(torch.tensor([5])), before)
+
+
+def test_code_dropout_keeps_a_prefix_of_levels_and_only_in_training():
+    t, _ = _frame()
+    m = Ranker(RankerConfig(variant="full", code_dropout=0.5), t, 2).train()
+    keep = m.level_keep((4000, 3), "cpu")
+    assert keep[:, 0].eq(1).all()
+    assert (keep[:, 2] <= keep[:, 1]).all()  # a dropped level drops every deeper one
+    assert 0.4 < keep[:, 1].mean() < 0.6 and 0.15 < keep[:, 2].mean() < 0.35
+    assert m.eval().level_keep((10, 3), "cpu") is None

@@ -141,3 +141,18 @@ def test_pairs_come_from_close_positives_of_one_user():
                        "ts": [0, 10, 20, 10**9, 0, 5], "label": [1, 1, 0, 1, 1, 1]})
     pairs = mine_pairs(ev, window=3, max_gap_s=100)
     assert pairs.tolist() == [[1, 2], [5, 6]]  # 3 is a negative, 4 is too far in time
+
+
+def test_only_training_window_items_get_an_id_row_so_no_teacher_sees_a_held_out_item(movielens):
+    """The ranker's ID table (the generator's teacher) has rows only for items with training-window events:
+    test items and pseudo-cold validation items share the OOV row and are scored from content and SIDs."""
+    from semalign.features import item_tables
+
+    sp = make_split(movielens, "cold-items", seed=1)
+    n = movielens.n_items
+    t = item_tables(movielens, sp, np.zeros((n, 4), np.float32), None, np.zeros((n, 3), np.int64), 8)
+    vocab = t.id_vocab
+    assert (vocab[sp.cold_items + 1] == 0).all() and (vocab[sp.val_cold_items + 1] == 0).all()
+    trained = np.unique(sp.part("train")["item_idx"])
+    assert (vocab[trained + 1] > 0).all() and len(np.unique(vocab[trained + 1])) == len(trained)
+    assert (vocab > 0).sum() == len(trained)

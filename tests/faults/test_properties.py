@@ -121,7 +121,9 @@ def test_splits_never_leak(log, kind, seed):
     ev = sp.events
     cold = set(sp.cold_items.tolist())
     assert not ev[ev["part"] != "test"]["item_idx"].isin(cold).any()      # held-out items never trained on
-    warm = ev[~ev["item_idx"].isin(cold)]
+    val_cold = set(sp.val_cold_items.tolist())                              # pseudo-cold: validation only
+    assert not (val_cold & cold) and ev[ev["item_idx"].isin(val_cold)]["part"].eq("val").all()
+    warm = ev[~ev["item_idx"].isin(cold | val_cold)]
     for early, late in (("train", "val"), ("val", "test"), ("train", "test")):
         a, b = warm[warm["part"] == early], warm[warm["part"] == late]
         if len(a) and len(b):

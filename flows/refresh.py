@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from semalign import state
 from semalign.config import Settings
@@ -123,10 +122,9 @@ class RankerOut:
 
 
 def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
-    from semalign.flows.semantic_ids import _hash
-
     from dataclasses import asdict
 
+    from semalign.flows.semantic_ids import _hash
     from semalign.spec import ranker_config
 
     return "rk-" + _hash(ds.content_hash(), cb_version, settings.split, settings.seed, settings.cold_item_share,
@@ -331,9 +329,9 @@ def _tasks():
 
 def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> dict:
     """The body of the `refresh` flow. Returns a summary (what was built, reused, the verdict, the champion)."""
-    from semalign.data import make_split
     from dataclasses import asdict
 
+    from semalign.data import make_split
     from semalign.deploy.registry import Registry
     from semalign.spec import ranker_config
     from semalign.validation.suites import Verdict, churn_gate, drift_suite, quality_gate, window_profile

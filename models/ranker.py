@@ -9,12 +9,15 @@ content; the CTR loss then moves per-code residuals, so a cold item inherits wha
 codes taught. Four DIN-style target attentions over the history (modal, modal->behavior,
 behavior->modal, behavior) feed a DNN with user features.
 
+Levers of `full`: `cold_behavior="generated"` replaces the shared out-of-vocabulary row of items without an ID row
+(unseen, or dropped by item-ID dropout) with a behavior vector generated from their SIDs + content, distilled from
+the detached ID rows of items seen in training; `align_levels` / `code_dropout` limit how deep the SID tables read.
+
 Variants (same loop, same budget): full, id_only, content, aligned_content, sid_ngram, logreg.
 Imports only torch and numpy.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -28,7 +28,7 @@ def churn(a, b) -> float:
 
 def main():
     from semalign.config import get_settings
-    from semalign.data import Dataset, make_split
+    from semalign.data import Dataset, settings_split
     from semalign.flows.semantic_ids import codebook_stage, encoder_stage, ingest, tower_features
     from semalign.progress import Reporter
 
@@ -42,7 +42,7 @@ def main():
     res = {"command": "python " + " ".join(["bench/codebook_quality.py"] + sys.argv[1:]), "split": s.split, "seed": s.seed}
     with Reporter() as rep:
         ds = ingest(s)
-        split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+        split = settings_split(ds, s)
         feats = tower_features(s, ds, rep)
         enc = encoder_stage(s, ds, split, feats, rep)
         res["dataset"] = ds.name
@@ -60,7 +60,7 @@ def main():
         flip = rng.random(len(inter)) < 0.10
         inter.loc[flip, "label"] = (1 - inter.loc[flip, "label"]).astype("int8")
         ds2 = Dataset(name=ds.name, items=ds.items, interactions=inter, report=ds.report)
-        split2 = make_split(ds2, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+        split2 = settings_split(ds2, s)
         enc_scratch = encoder_stage(s, ds2, split2, feats, rep)                   # retrained from scratch
         enc_warm = encoder_stage(s, ds2, split2, feats, rep, parent=enc.version)  # fine-tuned from its parent
         rows = {}

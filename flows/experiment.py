@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from semalign.config import Settings
-from semalign.data import BUCKETS, item_buckets, make_split
+from semalign.data import BUCKETS, item_buckets, settings_split
 from semalign.features import build_frames, item_tables, user_features
 from semalign.progress import Reporter
 
@@ -168,7 +168,7 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     configs = {}
     for seed in range(seed_start, seed_start + seeds):
         s = settings.model_copy(update={"seed": seed, "split": split_kind})
-        split = make_split(ds, split_kind, seed, s.cold_item_share, s.val_cold_item_share)
+        split = settings_split(ds, s)
         enc = encoder_stage(s, ds, split, feats, rep)
         cb = codebook_stage(s, ds, split, enc, parent=None, rep=rep, move_latest=False)
         codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()

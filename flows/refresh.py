@@ -331,7 +331,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
     """The body of the `refresh` flow. Returns a summary (what was built, reused, the verdict, the champion)."""
     from dataclasses import asdict
 
-    from semalign.data import make_split
+    from semalign.data import settings_split
     from semalign.deploy.registry import Registry
     from semalign.spec import ranker_config
     from semalign.validation.suites import Verdict, churn_gate, drift_suite, quality_gate, window_profile
@@ -347,7 +347,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         champ = champion_lineage(registry)
         at.champion = champ.get("version")
         ds, input_verdict = at.run("ingest", T["ingest"], settings, data)
-        split = make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
+        split = settings_split(ds, settings)
         feats = at.run("towers", T["towers"], settings, ds, rep)
         enc = at.run("encoder", T["encoder"], settings, ds, split, feats, rep, parent=champ.get("encoder_version"),
                      move_latest=True)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from semalign.config import Settings
-from semalign.data import Dataset, Split, load_dataset, make_split, mine_pairs
+from semalign.data import Dataset, Split, load_dataset, mine_pairs, settings_split
 from semalign.progress import Reporter
 
 
@@ -335,7 +335,7 @@ def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Re
     t0 = time.perf_counter()
     rep = rep or Reporter(quiet=True)
     ds = ingest(settings, data)
-    split = make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
+    split = settings_split(ds, settings)
     feats = tower_features(settings, ds, rep)
     enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
     cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)

@@ -83,7 +83,7 @@ def _print_summary(res: dict) -> None:
 def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
                quarantine: bool = typer.Option(False, help="Drop bad rows into SEMALIGN_HOME/quarantine/ instead of failing.")):
     """Validate a dataset against the data contract and print its counts and split sizes."""
-    from semalign.data import item_buckets, make_split
+    from semalign.data import item_buckets, settings_split
     from semalign.flows.semantic_ids import ingest
 
     s = _settings(home, data)
@@ -91,7 +91,7 @@ def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, a
         ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
-    split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+    split = settings_split(ds, s)
     test_buckets = item_buckets(split.train_counts)[split.part("test")["item_idx"].to_numpy()]
     res = {"dataset": ds.name, "data": ds.report,
            "split": {"kind": split.kind, **split.events["part"].value_counts().to_dict(),
@@ -106,14 +106,14 @@ def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_js
            epochs: Optional[int] = typer.Option(None, help="Encoder epochs.")):
     """Embed items with the frozen towers (cached) and train the behavior-aware encoder."""
     from semalign.flows.semantic_ids import encoder_stage, ingest, tower_features
-    from semalign.data import make_split
+    from semalign.data import settings_split
     from semalign.progress import Reporter
 
     s = _settings(home, data, write=True, use_images=images, encoder_epochs=epochs)
     try:
         with Reporter(quiet=as_json) as rep:
             ds = ingest(s, data)
-            split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+            split = settings_split(ds, s)
             feats = tower_features(s, ds, rep)
             enc = encoder_stage(s, ds, split, feats, rep)
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -461,7 +461,7 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
                max_epochs: Optional[int] = typer.Option(None, help="Ranker epoch budget (early stopping on validation)."),
                bootstrap: int = typer.Option(200, help="Bootstrap resamples for the intervals.")):
     """Train every ranker variant per seed and compare them per item bucket (AUC, GAUC, LogLoss) with
-    95% paired bootstrap intervals on the deltas of `full`."""
+    95% paired bootstrap intervals on the deltas of the served variant (SEMALIGN_RANKER_VARIANT)."""
     from semalign.flows.experiment import merge_experiments, run_experiment
     from semalign.progress import Reporter
 

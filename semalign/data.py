@@ -355,6 +355,11 @@ def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share:
     return Split(kind=kind, events=ev, cold_items=cold, train_counts=counts, val_cold_items=val_cold)
 
 
+def settings_split(ds: Dataset, settings) -> Split:
+    """The split a `Settings` object describes (kind, seed, test and pseudo-cold validation shares)."""
+    return make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
+
+
 def item_buckets(train_counts: np.ndarray) -> np.ndarray:
     """Bucket name per item by its training-window interaction count."""
     edges = np.digitize(train_counts, [1, 10, 100])

@@ -32,7 +32,7 @@ def test_refresh_trains_logs_and_serves_the_measured_specification(tmp_path, ref
 
     import numpy as np
 
-    from semalign.data import load_dataset, make_split
+    from semalign.data import load_dataset, settings_split
     from semalign.deploy.registry import Registry
     from semalign.deploy.scoring import RankerScorer
     from semalign.features import user_features
@@ -54,7 +54,7 @@ def test_refresh_trains_logs_and_serves_the_measured_specification(tmp_path, ref
     assert trained == spec and trained["variant"] == s.ranker_variant
 
     ds = load_dataset(refreshed["shop"])
-    split = make_split(ds, s.split, s.seed, s.cold_item_share, s.val_cold_item_share)
+    split = settings_split(ds, s)
     users = ds.interactions.drop_duplicates("user_idx").sort_values("user_idx")
     train_users = users[np.isin(users["user_idx"], split.part("train")["user_idx"].unique())].head(50)
     scorer = RankerScorer(folder, s)

@@ -2,7 +2,8 @@
 
 A ranker folder holds `ranker.safetensors` (parameters only), `ranker.json` (config, pinned codebook version,
 label prior, history length) and `vocab.json` (training item ids in ID-row order). At scoring time the item
-tables (aligned vector, SIDs, ID row) are built for just the rows a request touches, from the online store
+tables (aligned vector, text-tower vector where the ranker reads it, SIDs,
+ID row) are built for just the rows a request touches, from the online store
 pinned to the ranker's codebook version, and swapped into the model's buffers."""
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ class RankerScorer:
         vocab = json.loads((folder / "vocab.json").read_text())
         self.id_row = {iid: i + 1 for i, iid in enumerate(vocab)}
         dim = int(self.meta["content_dim"])
-        tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32), raw=None,
+        self.raw_dim = int(self.meta.get("raw_dim", 0)) if self.cfg.keep_raw_content else 0
+        if self.cfg.keep_raw_content and not self.raw_dim:
+            raise ValueError(f"{folder}: the ranker reads text-tower vectors but ranker.json records no raw_dim")
+        tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32),
+                            raw=np.zeros((1, self.raw_dim), np.float32) if self.raw_dim else None,
                             codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]))
         self.model = Ranker(self.cfg, tables, int(self.meta["n_user_feats"]))
         try:
@@ -118,7 +123,8 @@ class RankerScorer:
                    batch: int = 8192, extra: dict | None = None) -> np.ndarray:
         """Scores rows given explicit user features and histories (item ids, most recent last); item features
         come from the online store pinned to this ranker's codebook version, or from `extra`
-        ({item_id: (codes [levels], aligned vector)}) for items encoded on the fly."""
+        ({item_id: (codes [levels], aligned vector, text-tower vector)}) for items encoded on the fly. A ranker
+        that reads text-tower vectors treats an item the version holds without one as missing."""
         torch = self.torch
         hl = int(self.meta["hist_len"])
         extra = extra or {}
@@ -126,27 +132,40 @@ class RankerScorer:
         look = self.item_features([i for i in items if i not in extra])
         codes = np.zeros((len(items), self.levels + 1), np.int64)
         found = np.zeros(len(items), bool)
-        emb = [None] * len(items)
+        emb, raw = [None] * len(items), [None] * len(items)
         for k, i in enumerate(items):
             if i in extra:
                 codes[k, : self.levels] = extra[i][0][: self.levels]
                 found[k], emb[k] = True, np.asarray(extra[i][1], np.float32)
+                raw[k] = None if extra[i][2] is None else np.asarray(extra[i][2], np.float32)
             else:
-                codes[k], found[k], emb[k] = look[i]
+                codes[k], found[k], emb[k], raw[k] = look[i]
+        no_raw = [i for i, f, r in zip(items, found, raw) if f and self.raw_dim and (r is None or len(r) != self.raw_dim)]
+        if no_raw:
+            found &= ~np.isin(np.array(items, dtype=object), no_raw)
         cands = set(item_ids)
         cand_missing = [i for i, f in zip(items, found) if not f and i in cands]
         if cand_missing:
-            from semalign.feature_repo.store import ItemsNotFoundError
+            from semalign.feature_repo.store import FeatureStoreError, ItemsNotFoundError
 
+            lacking = [i for i in cand_missing if i in set(no_raw)]
+            if lacking:
+                raise FeatureStoreError(
+                    f"codebook version {self.codebook_version} holds no {self.raw_dim}-d text-tower vector for "
+                    f"{lacking[:10]}; this ranker reads one: publish the version through `semalign run`/`refresh` "
+                    "(or onboard the items with their text)")
             raise ItemsNotFoundError(self.codebook_version, cand_missing)
         # rows: 0 = padding, k+1 = items[k]; history items the version lacks are dropped
         pos = {iid: k + 1 for k, (iid, f) in enumerate(zip(items, found)) if f}
         content = np.zeros((len(items) + 1, int(self.meta["content_dim"])), np.float32)
+        raw_tab = np.zeros((len(items) + 1, self.raw_dim), np.float32)
         code_tab = np.zeros((len(items) + 1, self.levels), np.int64)
         id_vocab = np.zeros(len(items) + 1, np.int64)
         for k, (iid, f) in enumerate(zip(items, found)):
             if f:
                 content[k + 1] = emb[k]
+                if self.raw_dim:
+                    raw_tab[k + 1] = raw[k]
                 code_tab[k + 1] = codes[k, : self.levels]
                 id_vocab[k + 1] = self.id_row.get(iid, 0)
         hist_rows = np.zeros((len(item_ids), hl), np.int64)
@@ -163,6 +182,8 @@ class RankerScorer:
             m.id_vocab = torch.as_tensor(id_vocab)
             if hasattr(m, "content"):
                 m.content = torch.as_tensor(content)
+            if hasattr(m, "raw"):
+                m.raw = torch.as_tensor(raw_tab)
             if hasattr(m, "codes"):
                 m.codes = torch.as_tensor(code_tab)
             for s in range(0, len(cand), batch):
@@ -170,11 +191,14 @@ class RankerScorer:
         return torch.cat(out).numpy()
 
     def item_features(self, items: list[str]) -> dict:
-        """{item_id: (codes [levels + 1] or -1s, found, aligned vector or None)} from the online store."""
+        """{item_id: (codes [levels + 1] or -1s, found, aligned vector or None, text-tower vector or None)} from
+        the online store (the text-tower vector only where this ranker reads it)."""
         if not items:
             return {}
-        codes, found, emb = self.store.read_online(items, self.codebook_version, self.levels, with_embedding=True)
-        return {i: (c, f, e) for i, c, f, e in zip(items, codes, found, emb)}
+        codes, found, emb, raw = self.store.read_online(items, self.codebook_version, self.levels,
+                                                        with_embedding=True, with_content=bool(self.raw_dim))
+        raw = raw or [None] * len(items)
+        return {i: (c, f, e, r) for i, c, f, e, r in zip(items, codes, found, emb, raw)}
 
     def score_frame(self, df: pd.DataFrame) -> np.ndarray:
         missing = [c for c in ("user_id", "item_id") if c not in df.columns]

@@ -174,16 +174,16 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
                         source[r.item_id] = "onboarded"
                     known.update(sc.item_features([c.item_id for c in new]))
                 else:
-                    c_new, emb = sc.store.encode(frame, version=s.codebook_version)
+                    c_new, emb, raw = sc.store.encode(frame, version=s.codebook_version)
                     for k, c in enumerate(new):
-                        extra[c.item_id] = (c_new[k], emb[k])
+                        extra[c.item_id] = (c_new[k], emb[k], raw[k])
                         source[c.item_id] = "on_the_fly"
             # the response's SIDs: on-the-fly items have no dedup level (they hold no slot in the store)
             sids = {i: (extra[i][0] if i in extra else known[i][0]) for i in ids}
             feats_of = dict(extra)  # everything already read goes in, so scoring reads nothing twice
-            for iid, (c, f, e) in known.items():
+            for iid, (c, f, e, r) in known.items():
                 if f and iid not in feats_of:
-                    feats_of[iid] = (c[: sc.levels], e)
+                    feats_of[iid] = (c[: sc.levels], e, r)
             p = sc.score_rows(np.repeat(feats, len(ids), 0), ids, [hists[0]] * len(ids), extra=feats_of)
         except FeatureStoreError as e:
             code = 503 if isinstance(e, StoreUnavailableError) else 404

@@ -38,7 +38,7 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, d
 item_sid_push = PushSource(name="item_semantic_id_push", batch_source=_source("item_semantic_id"),
                            description="New items' semantic IDs, pushed at onboarding time.")
 item_embedding_push = PushSource(name="item_embedding_push", batch_source=_source("item_embedding"),
-                                 description="New items' aligned content vectors, pushed at onboarding time.")
+                                 description="New items' aligned and text-tower vectors, pushed at onboarding time.")
 
 item_semantic_id = FeatureView(
     name="item_semantic_id",
@@ -55,10 +55,12 @@ item_embedding = FeatureView(
     name="item_embedding",
     entities=[item, codebook],
     ttl=timedelta(0),
-    schema=[Field(name="embedding", dtype=Array(Float32))],
+    schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="content", dtype=Array(Float32))],
     source=item_embedding_push,
     online=True,
-    description="The behavior-aligned content vector the item's semantic ID was assigned from.",
+    description="The behavior-aligned content vector the item's semantic ID was assigned from (`embedding`) and "
+                "the frozen text-tower vector it was encoded from (`content`, empty where not published), which "
+                "the ranker reads beside it.",
 )
 
 user_recent_items = FeatureView(

@@ -210,7 +210,8 @@ class SemanticIdStore:
 
         cols = {
             SID_VIEW: [sa.Column(f"sid_{lvl}", sa.BigInteger) for lvl in range(self.levels)] + [sa.Column("sid_dedup", sa.BigInteger)],
-            EMB_VIEW: [sa.Column("embedding", pg.ARRAY(sa.Float(precision=24)))],
+            EMB_VIEW: [sa.Column("embedding", pg.ARRAY(sa.Float(precision=24))),
+                       sa.Column("content", pg.ARRAY(sa.Float(precision=24)))],
             USER_VIEW: [sa.Column("recent_items", pg.ARRAY(sa.Text)), sa.Column("n_events", sa.BigInteger),
                         sa.Column("positive_rate", sa.Float(precision=24))],
         }
@@ -239,7 +240,7 @@ class SemanticIdStore:
                         conn.execute(t.delete().where(t.c.batch == batch))
                         rows = df.assign(batch=batch)
                         rows = rows.assign(**{c: rows[c].map(lambda v: [float(x) for x in v])
-                                              for c in ("embedding",) if c in rows})
+                                              for c in ("embedding", "content") if c in rows})
                         conn.execute(t.insert(), rows.to_dict("records"))
             except sa.exc.OperationalError as e:
                 raise _unavailable("the Postgres offline store", e) from e
@@ -314,10 +315,11 @@ class SemanticIdStore:
 
     # ------------------------------------------------------------------ publish
     def publish(self, codebook, item_ids, embeddings, encoder_version: str | None = None,
-                available_at=None, make_current: bool = True) -> PublishResult:
+                available_at=None, make_current: bool = True, content=None) -> PublishResult:
         """Assigns every item its SID under `codebook` and publishes version `codebook.version` offline and
-        online. Idempotent: the same version with the same content is a no-op; different content under an
-        already published version is refused (versions are immutable)."""
+        online, with `content` (the frozen text-tower vectors, [n, dt]) beside the aligned vectors where given.
+        Idempotent: the same version with the same content is a no-op; different content under an already
+        published version is refused (versions are immutable)."""
         from semalign.models.quantizer import dedup_level
 
         t0 = time.perf_counter()
@@ -328,6 +330,7 @@ class SemanticIdStore:
                              f"got shape {tuple(emb.shape)}; nothing was published")
         if len(item_ids) != len(emb):
             raise ValueError(f"{len(item_ids)} item ids but {len(emb)} embeddings; nothing was published")
+        raw = _content_vectors(content, len(item_ids), "nothing was published")
         dup = pd.Index(item_ids)[pd.Index(item_ids).duplicated()].unique().tolist()
         if dup:
             raise ValueError(f"duplicate item ids {dup[:5]}; nothing was published")
@@ -337,6 +340,8 @@ class SemanticIdStore:
         codes = codebook.assign(emb)  # validates finiteness too
         tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")
         dedup = dedup_level(codes, tie_order=tie)
+        # the text-tower vectors follow from the items' texts like `emb` does: not part of the version's identity,
+        # so re-publishing a version with or without them is a no-op
         content_hash = _content_hash(codebook.version, item_ids, codes, dedup, emb)
         version = codebook.version
 
@@ -377,7 +382,8 @@ class SemanticIdStore:
                  "source": "batch", "created_at": now} for i, k, d in zip(item_ids, keys, dedup)])
 
         ts = _timestamps(available_at, len(item_ids))
-        frames = self._frames(version, item_ids, codes, dedup, emb, ts, pd.Timestamp(now, unit="s", tz="UTC").floor("us"))
+        frames = self._frames(version, item_ids, codes, dedup, emb, raw, ts,
+                              pd.Timestamp(now, unit="s", tz="UTC").floor("us"))
         self._write_offline(frames, batch=f"{version}")          # 2. offline (atomic per store)
         checkpoint("publish.after_offline")
         self._write_online(frames, between=lambda: checkpoint("publish.online"))  # 3. online
@@ -389,7 +395,7 @@ class SemanticIdStore:
             self.set_current(version, reason="publish")
         return PublishResult(version, len(item_ids), True, self.current_version(), time.perf_counter() - t0)
 
-    def _frames(self, version, item_ids, codes, dedup, emb, event_ts, created) -> dict[str, pd.DataFrame]:
+    def _frames(self, version, item_ids, codes, dedup, emb, raw, event_ts, created) -> dict[str, pd.DataFrame]:
         base = pd.DataFrame({"item_id": item_ids, "codebook_version": version})
         sid = base.copy()
         for lvl in range(codes.shape[1]):
@@ -399,6 +405,7 @@ class SemanticIdStore:
         sid["created"] = created
         e = base.copy()
         e["embedding"] = list(emb.astype(np.float32))
+        e["content"] = [np.zeros(0, np.float32)] * len(e) if raw is None else list(raw)
         e["event_timestamp"] = event_ts
         e["created"] = created
         return {SID_VIEW: sid, EMB_VIEW: e}
@@ -412,7 +419,7 @@ class SemanticIdStore:
         row = self._published(version)
         version, levels = row["version"], row["levels"]
         item_ids = [str(i) for i in item_ids]
-        codes, found, emb = self.read_online(item_ids, version, levels, with_embedding)
+        codes, found, emb, _ = self.read_online(item_ids, version, levels, with_embedding)
         if strict and not found.all():
             raise ItemsNotFoundError(version, [i for i, f in zip(item_ids, found) if not f])
         cols = {"item_id": item_ids, "codebook_version": [version] * len(item_ids)}
@@ -424,10 +431,13 @@ class SemanticIdStore:
             cols["found"] = found
         return pd.DataFrame(cols)
 
-    def read_online(self, item_ids: list[str], version: str, levels: int, with_embedding: bool = False):
+    def read_online(self, item_ids: list[str], version: str, levels: int, with_embedding: bool = False,
+                    with_content: bool = False):
         """The hot path under `semantic_ids` and serving: Feast's online-store read for prepared entity keys,
         decoded straight into arrays (no per-call registry lookups or response objects). The caller has
-        checked that `version` is published. Returns (codes [n, levels+1] with -1 where missing, found, emb)."""
+        checked that `version` is published. Returns (codes [n, levels+1] with -1 where missing, found, emb,
+        content): emb and content are lists of vectors (None where missing; content is empty where the version
+        was published without it), or None when not asked for."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
@@ -440,7 +450,8 @@ class SemanticIdStore:
         try:
             # copies: the Redis store appends its timestamp field to the list it is given
             res = provider.online_read(fs.config, self.view(SID_VIEW), keys, list(names))
-            res_emb = provider.online_read(fs.config, self.view(EMB_VIEW), keys, ["embedding"]) if with_embedding else None
+            wanted = ["embedding"] * with_embedding + ["content"] * with_content
+            res_emb = provider.online_read(fs.config, self.view(EMB_VIEW), keys, wanted) if wanted else None
         except Exception as e:
             if _is_connection_error(e):
                 raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
@@ -451,11 +462,13 @@ class SemanticIdStore:
             if vals and "sid_dedup" in vals and vals["sid_dedup"].HasField("int64_val"):
                 codes[j] = [vals[n].int64_val for n in names]
                 found[j] = True
-        emb = None
-        if res_emb is not None:
-            emb = [np.asarray(v["embedding"].float_list_val.val, np.float32) if v and "embedding" in v else None
-                   for _, v in res_emb]
-        return codes, found, emb
+        def vectors(name):
+            return [np.asarray(v[name].float_list_val.val, np.float32) if v and name in v else None
+                    for _, v in res_emb]
+
+        emb = vectors("embedding") if with_embedding else None
+        content = vectors("content") if with_content else None
+        return codes, found, emb, content
 
     def historical(self, frame: pd.DataFrame, version: str | None = None, with_embedding: bool = False) -> pd.DataFrame:
         """Point-in-time join: `frame` has item_id and event_timestamp (and optionally codebook_version); each row
@@ -509,8 +522,9 @@ class SemanticIdStore:
             raise ValueError(f"duplicate item ids in the onboarding batch: "
                              f"{items.loc[items['item_id'].duplicated(), 'item_id'].tolist()[:5]}")
         ob = self._onboarder(version, row)
+        raw = None
         if embeddings is None:
-            emb = ob.embed(items)
+            emb, raw = ob.embed(items)
         else:
             emb = np.asarray(embeddings, dtype=np.float32)
             if emb.ndim != 2 or emb.shape != (len(items), row["dim"]):
@@ -554,7 +568,7 @@ class SemanticIdStore:
                 ts = pd.Timestamp(now, unit="s", tz="UTC").floor("us")
                 sel = np.flatnonzero(fresh)
                 frames = self._frames(version, [ids[j] for j in sel], codes[sel], dedup[sel], emb[sel],
-                                      ts, ts)
+                                      None if raw is None else raw[sel], ts, ts)
                 batch = f"{version}-onboard-{int(now * 1e6)}-{os.getpid()}"
                 self._push_online(frames)
                 self._write_offline(frames, batch=batch)
@@ -565,13 +579,13 @@ class SemanticIdStore:
         out["onboarded"] = fresh
         return out
 
-    def encode(self, items: pd.DataFrame, version: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """SIDs [n, levels] (no dedup level) and aligned vectors for items' content under a published version,
-        without writing anything: what serving does for candidates it is not asked to onboard."""
+    def encode(self, items: pd.DataFrame, version: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SIDs [n, levels] (no dedup level), aligned vectors and text-tower vectors for items' content under a
+        published version, without writing anything: what serving does for candidates it is not asked to onboard."""
         row = self._published(version)
         ob = self._onboarder(row["version"], row)
-        emb = ob.embed(items)
-        return ob.codebook.assign(emb), emb
+        emb, raw = ob.embed(items)
+        return ob.codebook.assign(emb), emb, raw
 
     def _push_online(self, frames: dict[str, pd.DataFrame]):
         from feast.data_source import PushMode
@@ -652,7 +666,8 @@ class _Onboarder:
         self.settings = settings
         self._text = self._image = self._encoder = None
 
-    def embed(self, items: pd.DataFrame) -> np.ndarray:
+    def embed(self, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(aligned vectors [n, d], text-tower vectors [n, dt]) of items' content."""
         from semalign.models.encoder import embed_items, load_encoder
         from semalign.models.towers import ImageTower, TextTower
 
@@ -681,7 +696,7 @@ class _Onboarder:
         emb = embed_items(self._encoder, text, image, has_image, dev)
         if self.rotation is not None:
             emb = (emb @ self.rotation).astype(np.float32)
-        return emb
+        return emb, np.asarray(text, np.float32)
 
 
 def _sid_keys(codes: np.ndarray) -> list[str]:
@@ -695,6 +710,19 @@ def _content_hash(version, item_ids, codes, dedup, emb) -> str:
     h.update(np.ascontiguousarray(dedup, dtype=np.int64).tobytes())
     h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
     return h.hexdigest()[:16]
+
+
+def _content_vectors(content, n: int, outcome: str) -> np.ndarray | None:
+    """Validated text-tower vectors [n, dt] (float32, finite), or None."""
+    if content is None:
+        return None
+    raw = np.asarray(content, dtype=np.float32)
+    if raw.ndim != 2 or len(raw) != n or raw.shape[1] == 0:
+        raise ValueError(f"content vectors must have shape ({n}, dim); got {tuple(raw.shape)}; {outcome}")
+    if not np.isfinite(raw).all():
+        bad = int(np.flatnonzero(~np.isfinite(raw).all(1))[0])
+        raise ValueError(f"content vector of row {bad} is not finite; {outcome}")
+    return raw
 
 
 def _timestamps(available_at, n: int) -> pd.Series:

@@ -163,7 +163,7 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     t0 = time.perf_counter()
     ds = ingest(settings, data)
     feats = tower_features(settings, ds, rep)
-    raw = generic_content(feats)
+    generic = generic_content(feats)  # the `content` / `logreg` baselines' input
     fits, saved = [], {}
     configs = {}
     for seed in range(seed_start, seed_start + seeds):
@@ -172,7 +172,9 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         enc = encoder_stage(s, ds, split, feats, rep)
         cb = codebook_stage(s, ds, split, enc, parent=None, rep=rep, move_latest=False)
         codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
-        tables = item_tables(ds, split, enc.embeddings, raw, codes, int(codes.max()) + 1)
+        # aligned variants read the served text-tower vector beside the aligned one (keep_raw_content)
+        tables = {raw_name: item_tables(ds, split, enc.embeddings, raw, codes, int(codes.max()) + 1)
+                  for raw_name, raw in (("generic", generic), ("text", feats.text))}
         frames = build_frames(split, user_features(split, ds.n_users), s.hist_len)
         test, val = split.part("test"), split.part("val")
         val_cold = val["item_idx"].isin(split.val_cold_items).to_numpy()
@@ -182,7 +184,8 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
                 variant, levers = parse_model(m)
                 cfg = ranker_config(s, variant, seed, **{**(rank_overrides or {}), **levers})
                 configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
-                res = train_ranker(cfg, tables, frames["train"], frames["val"], device)
+                res = train_ranker(cfg, tables["generic" if variant in ("content", "logreg") else "text"],
+                                   frames["train"], frames["val"], device)
                 preds[m] = predict(res.model, frames["test"], device)
                 pv = predict(res.model, frames["val"], device)
                 vc = metric_set(frames["val"].label[val_cold], pv[val_cold], val["user_idx"].to_numpy()[val_cold]) \

@@ -131,7 +131,7 @@ def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
                          settings.val_cold_item_share, settings.hist_len, asdict(ranker_config(settings)))
 
 
-def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Reporter) -> RankerOut:
+def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter) -> RankerOut:
     from semalign.deploy.scoring import save_ranker
     from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
     from semalign.flows.semantic_ids import load_codebook
@@ -156,15 +156,17 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, registry, rep: Re
     codes = cb.sids[sid_cols].to_numpy()
     aligned = np.stack(cb.sids["embedding"].to_numpy()).astype(np.float32)
     seen = split.train_items
-    tables = item_tables(ds, split, aligned, None, codes, codebook.codes)
-    frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
     cfg = ranker_config(settings)
+    # the text-tower vectors the store serves beside the aligned ones (`content` of the embedding view)
+    tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes)
+    frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
     with rep.stage("ranker", cfg.max_epochs) as adv:
         res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
                            on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
             "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,
+            "raw_dim": int(feats.text.shape[1]) if cfg.keep_raw_content else 0,
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
@@ -202,7 +204,7 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing
     cands = item_ids[test["item_idx"].to_numpy()].tolist()
     if onboard_missing:  # the champion serves catalogue items it never saw by onboarding them into its version
         store: SemanticIdStore = scorer.store
-        _, found, _ = store.read_online(sorted(set(cands)), scorer.codebook_version, scorer.levels)
+        _, found, _, _ = store.read_online(sorted(set(cands)), scorer.codebook_version, scorer.levels)
         missing = [i for i, f in zip(sorted(set(cands)), found) if not f]
         if missing:
             rows = ds.items.set_index("item_id").loc[missing].reset_index()
@@ -353,9 +355,9 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                      move_latest=True)
         cb = at.run("codebook", T["codebook"], settings, ds, split, enc, parent=champ.get("codebook_version"), rep=rep,
                     move_latest=True)
-        pub = at.run("publish", T["publish"], settings, ds, cb, enc, make_current=not champ)  # readers move at promotion
+        pub = at.run("publish", T["publish"], settings, ds, cb, enc, make_current=not champ, feats=feats)  # readers move at promotion
         at.run("users", T["users"], settings, ds, split)
-        rk = at.run("ranker", T["ranker"], settings, ds, split, cb, enc, registry, rep)
+        rk = at.run("ranker", T["ranker"], settings, ds, split, cb, enc, feats, registry, rep)
         summary = {"dataset": ds.name, "data": ds.report, "input_validation": input_verdict.as_dict(),
                    "encoder": {"version": enc.version, "reused": enc.reused, "parent": champ.get("encoder_version"),
                                **{k: v for k, v in enc.metrics.items() if k.startswith("hit@")}},

@@ -311,19 +311,26 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
 
 
 def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
-                  make_current: bool = True) -> dict:
-    """Publishes a codebook version's SIDs and aligned vectors to the feature store (a no-op when that exact
-    version is already published). Offline rows are stamped with the item's `available_at` where known."""
+                  make_current: bool = True, feats: TowerFeatures | None = None) -> dict:
+    """Publishes a codebook version's SIDs, aligned vectors and text-tower vectors (the ranker reads both) to the
+    feature store (a no-op when that exact version is already published). Offline rows are stamped with the
+    item's `available_at` where known. Without `feats` the tower features are read (from their cache)."""
     from semalign.feature_repo.store import SemanticIdStore
 
     codebook = load_codebook(settings, cb.version)
     store = SemanticIdStore(settings, levels=codebook.levels)
     avail = ds.items["available_at"] if "available_at" in ds.items else None
     sids = cb.sids
+    row_of = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
+    if (row_of < 0).any():
+        raise ValueError(f"codebook {cb.version} holds items the dataset {ds.name} lacks "
+                         f"({sids['item_id'][row_of < 0].tolist()[:5]}); nothing was published")
     if avail is not None:
-        avail = avail.set_axis(ds.items["item_id"]).reindex(sids["item_id"]).to_numpy()
+        avail = avail.to_numpy()[row_of]
+    feats = feats or tower_features(settings, ds)
     res = store.publish(codebook, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
-                        encoder_version=enc.version, available_at=avail, make_current=make_current)
+                        encoder_version=enc.version, available_at=avail, make_current=make_current,
+                        content=feats.text[row_of])
     return {"version": res.version, "items": res.items, "published_now": res.published, "current": res.current,
             "project": settings.feast_project, "online_store": settings.feast_online,
             "repo": str(settings.feature_repo_dir), "wall_s": round(res.wall_s, 2)}
@@ -340,7 +347,7 @@ def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Re
     enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
     cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)
     with rep.stage("publish semantic IDs", None):
-        pub = publish_stage(settings, ds, cb, enc) if publish else None
+        pub = publish_stage(settings, ds, cb, enc, feats=feats) if publish else None
     return {
         "dataset": ds.name, "data": ds.report, "split": split.kind, "cold_items": int(len(split.cold_items)),
         "towers": {"text_model": feats.text_model, "image_model": feats.image_model, "embedded_now": feats.computed},

@@ -175,15 +175,16 @@ def _store_errors():
 
 
 @ids_app.command("publish")
-def ids_publish(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, as_json: bool = JsonOpt,
                 version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: the latest built)."),
                 current: bool = typer.Option(True, help="Make it the version unpinned readers get.")):
-    """Publish a built codebook version's SIDs and aligned vectors to the feature store (offline + online)."""
+    """Publish a built codebook version's SIDs, aligned vectors and (with --data, or SEMALIGN_DATA) the items'
+    text-tower vectors, which the default ranker reads, to the feature store (offline + online)."""
     from semalign.feature_repo.store import SemanticIdStore
     from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
     import numpy as np
 
-    s = _settings(home, None, write=True)
+    s = _settings(home, data, write=True)
     try:
         version = version or latest_codebook_version(s)
         if version is None:
@@ -192,8 +193,20 @@ def ids_publish(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
         sids = load_sids(s, version)
         lineage_p = s.codebooks_dir / version / "lineage.json"
         enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
+        content = None
+        if s.data is not None:
+            import pandas as pd
+
+            from semalign.flows.semantic_ids import ingest, tower_features
+
+            ds = ingest(s, s.data)
+            rows = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
+            if (rows < 0).any():
+                raise ValueError(f"{s.data}: lacks items of codebook {version} "
+                                 f"({sids['item_id'][rows < 0].tolist()[:5]}); nothing was published")
+            content = tower_features(s, ds).text[rows]
         res = SemanticIdStore(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
-                                                           encoder_version=enc_v, make_current=current)
+                                                           encoder_version=enc_v, make_current=current, content=content)
     except _store_errors() as e:
         _fail(e)
     _emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,

@@ -91,8 +91,13 @@ SID_COLS = ["sid_0", "sid_1", "sid_2", "sid_dedup"]
 def test_publish_then_online_read_matches_the_codebook(env):
     store = env["store"]
     cb, ids, x = codebook_for(1)
-    res = store.publish(cb, ids, x)
+    text = np.random.default_rng(1).normal(size=(len(ids), 24)).astype(np.float32)
+    res = store.publish(cb, ids, x, content=text)
     assert res.published and res.items == len(ids) and store.current_version() == cb.version
+    # the text-tower vectors the ranker reads come back beside the SIDs and aligned vectors
+    _, found, _, raw = store.read_online(ids[:5], cb.version, cb.levels, with_content=True)
+    assert found.all()
+    np.testing.assert_allclose(np.stack(raw), text[:5], rtol=1e-6)
     got = store.semantic_ids(ids[:50] + ids[-50:], with_embedding=True)
     want = expected_sids(cb, ids, x)
     sel = list(range(50)) + list(range(len(ids) - 50, len(ids)))
@@ -218,10 +223,18 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(env):
         store.publish(cb, ids, x[:, :8])
     with pytest.raises(ValueError, match="duplicate item ids"):
         store.publish(cb, ids[:-1] + ids[:1], x)
+    with pytest.raises(ValueError, match=r"content vectors must have shape \(100, dim\)"):
+        store.publish(cb, ids, x, content=np.zeros((99, 4)))
+    bad = np.zeros((100, 4))
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="content vector of row 7 is not finite"):
+        store.publish(cb, ids, x, content=bad)
     assert cb.version not in [v["version"] for v in store.versions()]
     with pytest.raises(UnknownVersionError, match="unknown"):
         store.semantic_ids(ids[:2], version=cb.version)
     store.publish(cb, ids, x)
+    _, _, _, raw = store.read_online(ids[:1], cb.version, cb.levels, with_content=True)
+    assert len(raw[0]) == 0  # published without text-tower vectors: an empty one, which a ranker reading it refuses
     with pytest.raises(ItemsNotFoundError, match="nope-1"):
         store.semantic_ids([ids[0], "nope-1"], version=cb.version)
     soft = store.semantic_ids([ids[0], "nope-1"], version=cb.version, strict=False)

@@ -62,6 +62,14 @@ def test_refresh_trains_logs_and_serves_the_measured_specification(tmp_path, ref
     assert known.all()
     expected = user_features(split, ds.n_users)[train_users["user_idx"].to_numpy()]
     np.testing.assert_allclose(served, expected, atol=1e-6)
+    # the text-tower vector the ranker trained on beside the aligned one is the one the store serves it
+    from semalign.flows.semantic_ids import tower_features
+
+    assert trained["keep_raw_content"] and scorer.raw_dim > 0
+    ids = ds.items["item_id"].tolist()[:20]
+    _, found, _, raw = scorer.store.read_online(ids, scorer.codebook_version, scorer.levels, with_content=True)
+    assert found.all()
+    np.testing.assert_allclose(np.stack(raw), tower_features(s, ds).text[:20], rtol=1e-5, atol=1e-6)
 
 
 def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_path, refreshed):

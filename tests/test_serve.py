@@ -83,7 +83,7 @@ def test_scores_100_candidates_with_one_brand_new_item(served):
     got = next(r for r in body["items"] if r["item_id"] == "brand-new-1")
     assert got["source"] == "on_the_fly"
     ob = _Onboarder(Settings(home=served["home"]), body["codebook_version"], None)
-    want = ob.codebook.assign(ob.embed(pd.DataFrame([new])))[0].tolist()
+    want = ob.codebook.assign(ob.embed(pd.DataFrame([new]))[0])[0].tolist()
     assert got["sid"] == want
     # on the fly means not written: the store still does not hold it
     status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "brand-new-1"}]})

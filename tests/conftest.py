@@ -73,13 +73,62 @@ def clustered():
 
 SMALL_REFRESH = {"SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2"}
 
+_PREFECT: dict = {}
+
+
+def prefect_api() -> str:
+    """One `prefect server` on loopback for the session's `semalign` processes, started on first use: each
+    process would otherwise start its own ephemeral server (7-15 s a process on 2 cores). A test of the embedded
+    default passes PREFECT_API_URL="" to get the ephemeral one."""
+    import atexit
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    if "api" in _PREFECT:
+        return _PREFECT["api"]
+    port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="semalign-test-prefect-"))
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": "",
+                                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    atexit.register(stop)
+    api = f"http://127.0.0.1:{port}/api"
+    import time
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(api + "/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("prefect server did not start: " + (home / "server.log").read_text()[-2000:])
+            time.sleep(0.3)
+    _PREFECT["api"] = api
+    return api
+
 
 def run_cli(*args, env=None, check=True, timeout=900):
     import subprocess
     import sys
 
+    env = {**os.environ, **SMALL_REFRESH, **(env or {})}
+    if "PREFECT_API_URL" not in env:
+        env["PREFECT_API_URL"] = prefect_api()
     proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **SMALL_REFRESH, **(env or {})}, timeout=timeout)
+                          env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
     return proc
@@ -95,7 +144,8 @@ def refreshed(tmp_path_factory, movielens):
     shop = write_generic(root / "shop", movielens, n_items=300)
     home = root / "home"
     env = {"SEMALIGN_HOME": str(home)}
-    first = json.loads(run_cli("run", "--data", str(shop), "--json", env=env).stdout)
+    # the embedded default, as `make run` runs it: an ephemeral Prefect server in the process
+    first = json.loads(run_cli("run", "--data", str(shop), "--json", env={**env, "PREFECT_API_URL": ""}).stdout)
     return {"root": root, "shop": shop, "home": home, "env": env, "first": first}
 
 

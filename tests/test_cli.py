@@ -7,12 +7,15 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import write_generic
+from conftest import prefect_api, write_generic
 
 
 def _cli(*args, env=None, check=True):
+    env = {**os.environ, **(env or {})}
+    if "PREFECT_API_URL" not in env:
+        env["PREFECT_API_URL"] = prefect_api()
     proc = subprocess.run([sys.executable, "-m", "semalign.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900)
+                          env=env, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"semalign {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc

@@ -13,15 +13,20 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from semalign import state
+from semalign import atomic, state
 from semalign.config import Settings
+from semalign.errors import NotFoundError, SemalignError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
 
 
-class RegistryError(RuntimeError):
-    pass
+class RegistryError(SemalignError, RuntimeError):
+    """A registry operation that cannot be done as asked (no champion, MLflow unreachable)."""
+
+
+class UnknownModelVersionError(RegistryError, NotFoundError):
+    http_status = 404
 
 
 
@@ -98,7 +103,7 @@ class Registry:
         try:
             return self.client.get_model_version(self.name, str(version))
         except MlflowException as e:
-            raise RegistryError(f"model '{self.name}' has no version {version}") from e
+            raise UnknownModelVersionError(f"model '{self.name}' has no version {version}") from e
 
     def download_ranker(self, mv, dest: Path) -> Path:
         """The ranker folder of a registered version (from whatever artifact store holds it)."""
@@ -107,7 +112,7 @@ class Registry:
         dest = Path(dest)
         if (dest / "ranker.json").exists():
             return dest
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp = atomic.temp_sibling(dest)
         path = download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}", dst_path=str(tmp),
                                   tracking_uri=self.tracking_uri)
         found = next(Path(path).rglob("ranker.json")).parent

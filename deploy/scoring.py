@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from semalign.errors import InvalidInputError
+
 RANKER_FILES = ("ranker.safetensors", "ranker.json", "vocab.json")
 
 
-class ScoringError(ValueError):
-    pass
+class ScoringError(InvalidInputError):
+    """A scoring request that cannot be answered as given."""
 
 
 def save_ranker(model, folder: Path, meta: dict, vocab: list[str]) -> Path:

@@ -57,6 +57,19 @@ class OnboardRequest(BaseModel):
     items: list[Candidate] = Field(min_length=1)
 
 
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What was asked and what is wrong.")
+
+
+# the statuses a scoring or onboarding call can answer besides 200 and request-validation 422s; semalign's errors
+# carry theirs (semalign/errors.py), mapped in one handler
+ERRORS = {404: {"model": ErrorBody, "description": "an unknown user, or items the pinned codebook version lacks "
+                                                  "and the request sent without content"},
+          409: {"model": ErrorBody, "description": "the request contradicts what the store holds"},
+          413: {"model": ErrorBody, "description": "more candidates or items than one request may carry"},
+          503: {"model": ErrorBody, "description": "no champion loaded, or the feature store is unreachable"}}
+
+
 class _Served:
     """One champion: its scorer (pinned to its codebook version) and versions, swapped in as a unit."""
 
@@ -74,10 +87,19 @@ class _Served:
 
 def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidates: int = 1000) -> FastAPI:
     from semalign.deploy.registry import CHAMPION, Registry
-    from semalign.feature_repo.store import FeatureStoreError, StoreUnavailableError
+    from semalign.errors import SemalignError
+    from semalign.feature_repo.store import StoreUnavailableError
 
     app = FastAPI(title="semalign scoring API", version="1",
                   description="Scores a user against candidate items with the champion ranker and Feast features.")
+
+    @app.exception_handler(SemalignError)
+    def semalign_error(request, e: SemalignError):
+        return JSONResponse({"detail": str(e)}, status_code=e.http_status)
+
+    @app.exception_handler(ValueError)
+    def input_error(request, e: ValueError):  # the checks on request content raise ValueError
+        return JSONResponse({"detail": str(e)}, status_code=422)
     registry = Registry(settings)
     lock = threading.Lock()
     state = {"served": None, "error": None, "checked_at": 0.0}
@@ -142,7 +164,7 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
         return {"model": settings.model_name, "model_version": s.model_version, "codebook_version": s.codebook_version,
                 "encoder_version": s.encoder_version, "loaded_at": s.loaded_at}
 
-    @app.post("/score", response_model=ScoreResponse)
+    @app.post("/score", response_model=ScoreResponse, responses=ERRORS)
     def score(req: ScoreRequest):
         if len(req.candidates) > max_candidates:
             raise HTTPException(413, detail=f"{len(req.candidates)} candidates; at most {max_candidates} per request")
@@ -151,45 +173,39 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
             raise HTTPException(422, detail="candidate item_ids must be unique")
         s = served()
         sc = s.scorer
-        try:
-            users = sc.store.users_online([req.user_id])
-            if users[0] is None:
-                raise HTTPException(404, detail=f"unknown user '{req.user_id}' (not in the feature store)")
-            feats, hists, _ = sc.user_rows([req.user_id], records=users)
-            # one read for candidates and history: whatever the store lacks must come with content
-            known = sc.item_features(list(dict.fromkeys(ids + hists[0])))
-            new = [c for c in req.candidates if not known[c.item_id][1]]
-            no_content = [c.item_id for c in new if not (c.text and c.text.strip())]
-            if no_content:
-                raise HTTPException(404, detail=f"items not in the store and sent without content: {no_content[:10]}")
-            extra, source = {}, {i: "store" for i in ids}
-            if new:
-                import pandas as pd
+        users = sc.store.users_online([req.user_id])
+        if users[0] is None:
+            raise HTTPException(404, detail=f"unknown user '{req.user_id}' (not in the feature store)")
+        feats, hists, _ = sc.user_rows([req.user_id], records=users)
+        # one read for candidates and history: whatever the store lacks must come with content
+        known = sc.item_features(list(dict.fromkeys(ids + hists[0])))
+        new = [c for c in req.candidates if not known[c.item_id][1]]
+        no_content = [c.item_id for c in new if not (c.text and c.text.strip())]
+        if no_content:
+            raise HTTPException(404, detail=f"items not in the store and sent without content: {no_content[:10]}")
+        extra, source = {}, {i: "store" for i in ids}
+        if new:
+            import pandas as pd
 
-                frame = pd.DataFrame({"item_id": [c.item_id for c in new], "text": [c.text for c in new],
-                                      "image_path": [c.image_path for c in new]})
-                if req.onboard:
-                    out = sc.store.onboard(frame, version=s.codebook_version)
-                    for r in out.itertuples():
-                        source[r.item_id] = "onboarded"
-                    known.update(sc.item_features([c.item_id for c in new]))
-                else:
-                    c_new, emb, raw = sc.store.encode(frame, version=s.codebook_version)
-                    for k, c in enumerate(new):
-                        extra[c.item_id] = (c_new[k], emb[k], raw[k])
-                        source[c.item_id] = "on_the_fly"
-            # the response's SIDs: on-the-fly items have no dedup level (they hold no slot in the store)
-            sids = {i: (extra[i][0] if i in extra else known[i][0]) for i in ids}
-            feats_of = dict(extra)  # everything already read goes in, so scoring reads nothing twice
-            for iid, (c, f, e, r) in known.items():
-                if f and iid not in feats_of:
-                    feats_of[iid] = (c[: sc.levels], e, r)
-            p = sc.score_rows(np.repeat(feats, len(ids), 0), ids, [hists[0]] * len(ids), extra=feats_of)
-        except FeatureStoreError as e:
-            code = 503 if isinstance(e, StoreUnavailableError) else 404
-            raise HTTPException(code, detail=str(e)) from e
-        except ValueError as e:
-            raise HTTPException(422, detail=str(e)) from e
+            frame = pd.DataFrame({"item_id": [c.item_id for c in new], "text": [c.text for c in new],
+                                  "image_path": [c.image_path for c in new]})
+            if req.onboard:
+                out = sc.store.onboard(frame, version=s.codebook_version)
+                for r in out.itertuples():
+                    source[r.item_id] = "onboarded"
+                known.update(sc.item_features([c.item_id for c in new]))
+            else:
+                c_new, emb, raw = sc.store.encode(frame, version=s.codebook_version)
+                for k, c in enumerate(new):
+                    extra[c.item_id] = (c_new[k], emb[k], raw[k])
+                    source[c.item_id] = "on_the_fly"
+        # the response's SIDs: on-the-fly items have no dedup level (they hold no slot in the store)
+        sids = {i: (extra[i][0] if i in extra else known[i][0]) for i in ids}
+        feats_of = dict(extra)  # everything already read goes in, so scoring reads nothing twice
+        for iid, (c, f, e, r) in known.items():
+            if f and iid not in feats_of:
+                feats_of[iid] = (c[: sc.levels], e, r)
+        p = sc.score_rows(np.repeat(feats, len(ids), 0), ids, [hists[0]] * len(ids), extra=feats_of)
         items = []
         for j, iid in enumerate(ids):
             sid = np.asarray(sids[iid]).tolist()
@@ -198,7 +214,7 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
         return ScoreResponse(user_id=req.user_id, model_version=s.model_version, codebook_version=s.codebook_version,
                              items=items)
 
-    @app.post("/items")
+    @app.post("/items", responses=ERRORS)
     def onboard(req: OnboardRequest):
         if len(req.items) > max_candidates:
             raise HTTPException(413, detail=f"{len(req.items)} items; at most {max_candidates} per request")
@@ -210,12 +226,7 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
 
         frame = pd.DataFrame({"item_id": [c.item_id for c in req.items], "text": [c.text for c in req.items],
                               "image_path": [c.image_path for c in req.items]})
-        try:
-            out = s.scorer.store.onboard(frame, version=s.codebook_version)
-        except FeatureStoreError as e:
-            raise HTTPException(503 if isinstance(e, StoreUnavailableError) else 422, detail=str(e)) from e
-        except ValueError as e:
-            raise HTTPException(422, detail=str(e)) from e
+        out = s.scorer.store.onboard(frame, version=s.codebook_version)
         return {"codebook_version": s.codebook_version, "items": out.to_dict("records")}
 
     return app

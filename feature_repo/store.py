@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from semalign import state
+from semalign import atomic, state
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
+from semalign.errors import NotFoundError, SemalignError, UnavailableError
 
 REPO_TEMPLATE = Path(__file__).resolve().parent
 SID_VIEW, EMB_VIEW, USER_VIEW = "item_semantic_id", "item_embedding", "user_recent_items"
@@ -36,27 +37,27 @@ PG_PASSWORD_ENV = "SEMALIGN_FEAST_PG_PASSWORD"  # what the rendered feature_stor
 warnings.filterwarnings("ignore", message="Discarding nonzero nanoseconds", category=UserWarning)
 
 
-class FeatureStoreError(RuntimeError):
-    """Base class: the message says what was asked and what is wrong."""
+class FeatureStoreError(SemalignError, RuntimeError):
+    """Base class: the message says what was asked and what is wrong (here: a request that contradicts what the
+    store holds, such as different content under an immutable version)."""
+    http_status = 409
 
 
-class UnknownVersionError(FeatureStoreError, KeyError):
-    def __str__(self):  # KeyError would quote the message
-        return self.args[0]
+class UnknownVersionError(FeatureStoreError, NotFoundError):
+    http_status = 404
 
 
-class ItemsNotFoundError(FeatureStoreError, KeyError):
+class ItemsNotFoundError(FeatureStoreError, NotFoundError):
+    http_status = 404
+
     def __init__(self, version: str, missing: list[str]):
         self.version, self.missing = version, missing
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
         super().__init__(f"items not in the feature store for codebook version {version}: {shown}")
 
-    def __str__(self):
-        return self.args[0]
 
-
-class StoreUnavailableError(FeatureStoreError):
-    pass
+class StoreUnavailableError(FeatureStoreError, UnavailableError):
+    http_status = 503
 
 
 def _unavailable(what: str, e: Exception) -> StoreUnavailableError:
@@ -121,9 +122,7 @@ def render_repo(settings: Settings, levels: int) -> Path:
     for name, text in files.items():
         p = repo / name
         if not p.exists() or p.read_text() != text:
-            tmp = p.with_name(f".{name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, p)
+            atomic.write_text(p, text)
     return repo
 
 
@@ -249,7 +248,7 @@ class SemanticIdStore:
         for view, df in frames.items():
             d = self._offline_dir(view)
             d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".{batch}.parquet.tmp-{os.getpid()}"
+            tmp = atomic.temp_sibling(d / f"{batch}.parquet")
             df.assign(batch=batch).to_parquet(tmp, index=False)
             staged.append((tmp, d / f"{batch}.parquet"))
         for tmp, final in staged:  # renames last, so a crash before them leaves nothing visible
@@ -347,11 +346,10 @@ class SemanticIdStore:
 
         folder = self.settings.codebooks_dir / version
         if not (folder / "codebook.json").exists():  # onboarding in any process needs the pinned codebook
-            tmp = folder.with_name(f".{version}.tmp-{os.getpid()}")
-            codebook.save(tmp)
-            if encoder_version:
-                (tmp / "lineage.json").write_text(json.dumps({"encoder_version": encoder_version, "rotated": False}))
-            os.replace(tmp, folder)
+            with atomic.building(folder) as tmp:
+                codebook.save(tmp)
+                if encoder_version:
+                    (tmp / "lineage.json").write_text(json.dumps({"encoder_version": encoder_version, "rotated": False}))
         row = self._version_row(version)
         if row is not None and row["status"] == "published":
             if row["content_hash"] != content_hash:

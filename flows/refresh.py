@@ -17,22 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
-from semalign import state
+from semalign import atomic, state
 from semalign.config import Settings
+from semalign.errors import ConflictError, InvalidInputError, SemalignError
 from semalign.checkpoints import checkpoint
 from semalign.progress import Reporter
 
 
-class RefreshError(RuntimeError):
+class RefreshError(SemalignError, RuntimeError):
     pass
 
 
-class InputValidationError(RefreshError, ValueError):
-    pass
+class InputValidationError(RefreshError, InvalidInputError):
+    http_status = 422
 
 
-class RefreshLockedError(RefreshError):
-    pass
+class RefreshLockedError(RefreshError, ConflictError):
+    http_status = 409
 
 
 # ---------------------------------------------------------------- lock
@@ -170,13 +171,8 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
-    tmp = folder.with_name(f".{key}.tmp-{os.getpid()}")
-    save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
+        save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
     return RankerOut(key, folder, None, {"reused": False, "best_epoch": res.best_epoch, "val_auc": res.best_val_auc,
                                          "train_samples_per_s": res.samples_per_s})
 

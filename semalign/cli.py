@@ -29,10 +29,7 @@ def _settings(home: Optional[Path], data: Optional[Path], write: bool = False, *
 
     s = get_settings(home=home, data=data, **kw)
     if write:  # commands that write under SEMALIGN_HOME find out it is unwritable before doing any work
-        try:
-            s.ensure_home()
-        except ValueError as e:
-            _fail(e)
+        s.ensure_home()
     return s
 
 
@@ -43,13 +40,19 @@ def _emit(result: dict, as_json: bool, render) -> None:
         render(result)
 
 
-def _fail(e: Exception) -> None:
+def _report(e: BaseException) -> None:
     from rich.console import Console
 
     con = Console(stderr=True, soft_wrap=True)
     con.print("[bold red]error:[/]", end=" ")
-    con.print(str(e), markup=False, highlight=False)
-    raise typer.Exit(2)
+    con.print(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e), markup=False, highlight=False)
+
+
+def _fail(e: Exception) -> None:
+    from semalign.errors import exit_code
+
+    _report(e)
+    raise typer.Exit(exit_code(e))
 
 
 def _fmt(v) -> str:
@@ -87,10 +90,7 @@ def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, a
     from semalign.flows.semantic_ids import ingest
 
     s = _settings(home, data)
-    try:
-        ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+    ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
     split = settings_split(ds, s)
     test_buckets = item_buckets(split.train_counts)[split.part("test")["item_idx"].to_numpy()]
     res = {"dataset": ds.name, "data": ds.report,
@@ -110,14 +110,11 @@ def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_js
     from semalign.progress import Reporter
 
     s = _settings(home, data, write=True, use_images=images, encoder_epochs=epochs)
-    try:
-        with Reporter(quiet=as_json) as rep:
-            ds = ingest(s, data)
-            split = settings_split(ds, s)
-            feats = tower_features(s, ds, rep)
-            enc = encoder_stage(s, ds, split, feats, rep)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    with Reporter(quiet=as_json) as rep:
+        ds = ingest(s, data)
+        split = settings_split(ds, s)
+        feats = tower_features(s, ds, rep)
+        enc = encoder_stage(s, ds, split, feats, rep)
     _emit({"encoder": {"version": enc.version, "reused": enc.reused, **enc.metrics}}, as_json, _print_summary)
 
 
@@ -134,11 +131,8 @@ def codebook_build(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOp
 
     s = _settings(home, data, write=True, use_images=images, codebook_method=method, codebook_levels=levels,
                   codebook_codes=codes)
-    try:
-        with Reporter(quiet=as_json) as rep:
-            res = semantic_ids_job(s, data, rep, parent=None if parent == "none" else parent)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    with Reporter(quiet=as_json) as rep:
+        res = semantic_ids_job(s, data, rep, parent=None if parent == "none" else parent)
     _emit(res, as_json, _print_summary)
 
 
@@ -168,47 +162,40 @@ def codebook_list(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
     _emit({"codebooks": rows}, as_json, render)
 
 
-def _store_errors():
-    from semalign.feature_repo.store import FeatureStoreError
-
-    return (ValueError, FileNotFoundError, KeyError, FeatureStoreError)
-
-
 @ids_app.command("publish")
 def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, as_json: bool = JsonOpt,
                 version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: the latest built)."),
                 current: bool = typer.Option(True, help="Make it the version unpinned readers get.")):
     """Publish a built codebook version's SIDs, aligned vectors and (with --data, or SEMALIGN_DATA) the items'
     text-tower vectors, which the default ranker reads, to the feature store (offline + online)."""
-    from semalign.feature_repo.store import SemanticIdStore
-    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
     import numpy as np
 
+    from semalign.errors import NotFoundError
+    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
+
     s = _settings(home, data, write=True)
-    try:
-        version = version or latest_codebook_version(s)
-        if version is None:
-            raise KeyError(f"no codebook built under {s.codebooks_dir}: run `semalign run` first")
-        cb = load_codebook(s, version)
-        sids = load_sids(s, version)
-        lineage_p = s.codebooks_dir / version / "lineage.json"
-        enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
-        content = None
-        if s.data is not None:
-            import pandas as pd
+    version = version or latest_codebook_version(s)
+    if version is None:
+        raise NotFoundError(f"no codebook built under {s.codebooks_dir}: run `semalign run` first")
+    cb = load_codebook(s, version)
+    sids = load_sids(s, version)
+    lineage_p = s.codebooks_dir / version / "lineage.json"
+    enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
+    content = None
+    if s.data is not None:
+        import pandas as pd
 
-            from semalign.flows.semantic_ids import ingest, tower_features
+        from semalign.flows.semantic_ids import ingest, tower_features
 
-            ds = ingest(s, s.data)
-            rows = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
-            if (rows < 0).any():
-                raise ValueError(f"{s.data}: lacks items of codebook {version} "
-                                 f"({sids['item_id'][rows < 0].tolist()[:5]}); nothing was published")
-            content = tower_features(s, ds).text[rows]
-        res = SemanticIdStore(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
-                                                           encoder_version=enc_v, make_current=current, content=content)
-    except _store_errors() as e:
-        _fail(e)
+        ds = ingest(s, s.data)
+        rows = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
+        if (rows < 0).any():
+            raise ValueError(f"{s.data}: lacks items of codebook {version} "
+                             f"({sids['item_id'][rows < 0].tolist()[:5]}); nothing was published")
+        content = tower_features(s, ds).text[rows]
+    res = SemanticIdStore(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
+                                                       encoder_version=enc_v, make_current=current, content=content)
     _emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,
                        "current": res.current, "wall_s": round(res.wall_s, 3)}}, as_json, _print_summary)
 
@@ -222,10 +209,7 @@ def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Opti
     from semalign.feature_repo.store import SemanticIdStore
 
     s = _settings(home, None)
-    try:
-        df = SemanticIdStore(s).semantic_ids(items, version=version, with_embedding=embedding)
-    except _store_errors() as e:
-        _fail(e)
+    df = SemanticIdStore(s).semantic_ids(items, version=version, with_embedding=embedding)
     rows = df.to_dict("records")
     for r in rows:
         if "embedding" in r:
@@ -256,28 +240,25 @@ def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with 
     from semalign.feature_repo.store import SemanticIdStore
 
     s = _settings(home, None, write=True)
-    try:
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: no such file")
-        suffix = file.suffix.lower()
-        if suffix == ".csv":
-            items = pd.read_csv(file, dtype={"item_id": str})
-        elif suffix == ".parquet":
-            items = pd.read_parquet(file)
-        elif suffix in (".jsonl", ".json"):
-            items = pd.read_json(file, lines=suffix == ".jsonl", dtype={"item_id": str})
-        else:
-            raise ValueError(f"{file}: expected .csv, .parquet or .jsonl, got '{suffix}'")
-        missing = [c for c in ("item_id", "text") if c not in items.columns]
-        if missing:
-            raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
-        if "image_path" in items:  # relative image paths are relative to the file
-            items["image_path"] = [str((file.parent / p).resolve()) if isinstance(p, str) and p else None
-                                   for p in items["image_path"]]
-        t0 = time.perf_counter()
-        out = SemanticIdStore(s).onboard(items, version=version)
-    except _store_errors() as e:
-        _fail(e)
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no such file")
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        items = pd.read_csv(file, dtype={"item_id": str})
+    elif suffix == ".parquet":
+        items = pd.read_parquet(file)
+    elif suffix in (".jsonl", ".json"):
+        items = pd.read_json(file, lines=suffix == ".jsonl", dtype={"item_id": str})
+    else:
+        raise ValueError(f"{file}: expected .csv, .parquet or .jsonl, got '{suffix}'")
+    missing = [c for c in ("item_id", "text") if c not in items.columns]
+    if missing:
+        raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
+    if "image_path" in items:  # relative image paths are relative to the file
+        items["image_path"] = [str((file.parent / p).resolve()) if isinstance(p, str) and p else None
+                               for p in items["image_path"]]
+    t0 = time.perf_counter()
+    out = SemanticIdStore(s).onboard(items, version=version)
     res = {"items": out.to_dict("records"), "onboarded": int(out["onboarded"].sum()),
            "already_present": int((~out["onboarded"]).sum()), "wall_s": round(time.perf_counter() - t0, 3)}
     _emit(res, as_json, lambda r: _print_summary({"onboarding": {k: v for k, v in r.items() if k != "items"}}))
@@ -287,19 +268,22 @@ def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with 
 def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
         images: bool = typer.Option(True, help="Use the image tower where items have images.")):
     """The main job: the `refresh` flow in-process on embedded defaults. Ingest + validate -> encoder ->
-    codebook -> publish SIDs to Feast -> train ranker -> evaluate vs champion -> gates -> MLflow -> promote."""
-    from semalign.flows.refresh import RefreshError, run_refresh
+    codebook -> publish SIDs to Feast -> train ranker -> evaluate vs champion -> gates -> MLflow -> promote.
+    Exits 3 when the gates blocked the promotion (the verdict is in the output)."""
+    from semalign.flows.refresh import run_refresh
     from semalign.progress import Reporter
 
     s = _settings(home, data, write=True, use_images=images)
     import contextlib
 
-    try:  # with --json, stdout carries only the JSON (MLflow prints run links to stdout)
-        with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout), Reporter(quiet=as_json) as rep:
-            res = run_refresh(s, data, rep)
-    except (RefreshError,) + _store_errors() as e:
-        _fail(e)
+    # with --json, stdout carries only the JSON (MLflow prints run links to stdout)
+    with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout), Reporter(quiet=as_json) as rep:
+        res = run_refresh(s, data, rep)
     _emit(res, as_json, _print_refresh)
+    if not (res.get("verdict") or {}).get("passed", True):
+        from semalign.errors import EXIT_GATES_BLOCKED
+
+        raise typer.Exit(EXIT_GATES_BLOCKED)
 
 
 def _print_refresh(res: dict) -> None:
@@ -346,12 +330,9 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron expression, e.g.
         _fail(ValueError("set PREFECT_API_URL to a Prefect server (start one with `prefect server start`); "
                          "`semalign run` runs the flow in-process without one"))
     s = _settings(home, data)
-    try:
-        from semalign.flows.deployment import schedule as make_schedule
+    from semalign.flows.deployment import schedule as make_schedule
 
-        res = make_schedule(str(s.resolved_data()), str(s.home), cron, pool=pool, name=name, timezone=timezone)
-    except (ValueError, RuntimeError) as e:
-        _fail(e)
+    res = make_schedule(str(s.resolved_data()), str(s.home), cron, pool=pool, name=name, timezone=timezone)
     _emit({"schedule": res}, as_json, _print_summary)
 
 
@@ -382,10 +363,7 @@ def report(home: Optional[Path] = HomeOpt, out: Path = typer.Option(Path("semali
     from semalign.deploy.report import build_report
 
     s = _settings(home, None)
-    try:
-        path = build_report(s, out, run_id)
-    except ValueError as e:
-        _fail(e)
+    path = build_report(s, out, run_id)
     sys.stdout.write(f"{path}\n")
 
 
@@ -394,13 +372,10 @@ def promote(version: str = typer.Argument(..., help="Registered model version to
             home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
             reason: str = typer.Option("manual promotion", help="Recorded in the audit history.")):
     """Move the `champion` alias to a model version (and the store's current codebook with it)."""
-    from semalign.deploy.registry import Registry, RegistryError
+    from semalign.deploy.registry import Registry
 
     s = _settings(home, None, write=True)
-    try:
-        res = Registry(s).promote(version, reason=reason)
-    except RegistryError as e:
-        _fail(e)
+    res = Registry(s).promote(version, reason=reason)
     _emit({"promote": res}, as_json, _print_summary)
 
 
@@ -409,13 +384,10 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
              to: Optional[str] = typer.Option(None, "--to", help="Version to roll back to (default: the previous champion)."),
              reason: str = typer.Option("manual rollback", help="Recorded in the audit history.")):
     """Move `champion` back to the previous champion (one alias move, audited)."""
-    from semalign.deploy.registry import Registry, RegistryError
+    from semalign.deploy.registry import Registry
 
     s = _settings(home, None, write=True)
-    try:
-        res = Registry(s).rollback(to=to, reason=reason)
-    except RegistryError as e:
-        _fail(e)
+    res = Registry(s).rollback(to=to, reason=reason)
     _emit({"rollback": res}, as_json, _print_summary)
 
 
@@ -479,11 +451,8 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
     from semalign.progress import Reporter
 
     if merge:
-        try:
-            with Reporter() as rep:
-                res = merge_experiments(merge, json_path, n_boot=bootstrap, rep=rep, served=served)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            _fail(e)
+        with Reporter() as rep:
+            res = merge_experiments(merge, json_path, n_boot=bootstrap, rep=rep, served=served)
         sys.stdout.write(res["markdown"] + f"\n\nseeds {res['seeds']}; summed wall time of the runs (runs in parallel overlap): {res['wall_s']} s\n")
         return
     s = _settings(home, data, write=True, use_images=images, codebook_method=codebook_method)
@@ -492,17 +461,26 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
         over["id_dropout"] = id_dropout
     if max_epochs is not None:
         over["max_epochs"] = max_epochs
-    try:
-        with Reporter() as rep:
-            res = run_experiment(s, data, split, seeds, [m.strip() for m in models.split(",") if m.strip()],
-                                 json_path, over, n_boot=bootstrap, rep=rep, seed_start=seed_start)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    with Reporter() as rep:
+        res = run_experiment(s, data, split, seeds, [m.strip() for m in models.split(",") if m.strip()],
+                             json_path, over, n_boot=bootstrap, rep=rep, seed_start=seed_start)
     sys.stdout.write(res["markdown"] + f"\n\nwall time: {res['wall_s']} s\n")
 
 
+# what `main` reports as a message with exit code 1 instead of a traceback: semalign's own errors, and the
+# standard ones its checks raise on bad input (pydantic's settings errors are ValueErrors)
+HANDLED = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def main():
-    app()
+    """Entry point: every handled error is reported here, once (exit codes: semalign/errors.py)."""
+    from semalign.errors import SemalignError, exit_code
+
+    try:
+        app()
+    except (SemalignError,) + HANDLED as e:
+        _report(e)
+        sys.exit(exit_code(e))
 
 
 if __name__ == "__main__":

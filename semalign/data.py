@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from semalign.errors import InvalidInputError
+
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MOVIELENS_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -30,7 +32,7 @@ FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
 BadRowPolicy = Literal["error", "quarantine"]
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InvalidInputError):
     """Input that breaks the data contract. Names the file, the row (1-based data row), the column and
     what was expected, plus how many rows share the problem."""
 

@@ -41,8 +41,8 @@ def test_refresh_trains_logs_and_serves_the_measured_specification(tmp_path, ref
     from conftest import SMALL_REFRESH
     from semalign.config import Settings
 
-    s = Settings(home=refreshed["home"], ranker_epochs=int(SMALL_REFRESH["SEMALIGN_RANKER_EPOCHS"]),
-                 encoder_epochs=int(SMALL_REFRESH["SEMALIGN_ENCODER_EPOCHS"]))  # the settings the run had
+    s = Settings(home=refreshed["home"], **{k[len("SEMALIGN_"):].lower(): v for k, v in SMALL_REFRESH.items()})
+    assert s.hist_len == int(SMALL_REFRESH["SEMALIGN_HIST_LEN"])  # the settings the run had
     reg = Registry(s)
     mv = reg.get_version(refreshed["first"]["model_version"])
     folder = reg.download_ranker(mv, tmp_path / "champion")
@@ -114,7 +114,9 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
 
     # drifted input: blocked by the gate, the champion and what it serves stay as they were
     drift = flipped_copy(shop, tmp_path / "drift", share=0.3)
-    blocked = json.loads(_cli("run", "--data", str(drift), "--json", env=env).stdout)
+    proc = _cli("run", "--data", str(drift), "--json", env=env, check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]  # the gates blocked the promotion: its own exit code
+    blocked = json.loads(proc.stdout)
     assert not blocked["verdict"]["passed"] and not blocked["promoted"]
     failed = [c["name"] for g in blocked["verdict"]["gates"] for c in g["checks"] if not c["passed"]]
     assert "label rate" in failed
@@ -151,7 +153,7 @@ def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
                 pass
     proc = _cli("run", "--data", str(tmp_path / "nothing-here"), env={"SEMALIGN_HOME": str(tmp_path / "home")},
                 check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
 
 
 

@@ -115,6 +115,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
     assert _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]})[0] == 200
     status, spec = _req(base + "/openapi.json")
     assert status == 200 and "/score" in spec["paths"] and "examples" in json.dumps(spec["components"])
+    # every status the calls above got is in the contract, with the error body they carried
+    for path in ("/score", "/items"):
+        documented = spec["paths"][path]["post"]["responses"]
+        assert {"200", "404", "409", "413", "422", "503"} <= set(documented), (path, sorted(documented))
+        assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
 
 
 def test_a_new_champion_is_picked_up_without_restart(served):
@@ -133,7 +138,7 @@ def test_a_new_champion_is_picked_up_without_restart(served):
         idx = np.random.default_rng(0).choice(len(ev), int(0.3 * len(ev)), replace=False)
         ev.loc[idx, "label"] = 1 - ev.loc[idx, "label"]
         ev.to_csv(drift / "interactions.csv", index=False)
-        _cli("run", "--data", str(drift), "--json", env=env)
+        assert _cli("run", "--data", str(drift), "--json", env=env, check=False).returncode == 3  # blocked
         others = [v for v in reg.client.search_model_versions(f"name='{reg.name}'")
                   if str(v.version) != served["first"]["model_version"]]
     target = max(others, key=lambda v: int(v.version))

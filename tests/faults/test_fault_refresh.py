@@ -62,7 +62,7 @@ def test_sigkill_at_every_stage_boundary_changes_nothing_and_the_next_run_comple
         paused = Paused(data, env, point, tmp_path)
         if point == STAGE_KILLS[0]:  # a second refresh while one runs: refused cleanly by the lock
             second = run(["run", "--data", str(data), "--json"], env)
-            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
             assert "another refresh of project 'faults' is running" in second.stderr
         paused.kill()
         after = snapshot(env, items)
@@ -189,7 +189,7 @@ def test_redis_stopped_during_publish_fails_the_refresh_cleanly(deployment, tmp_
         rc, out, err = paused.resume()
     finally:
         d["redis"].start()
-    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
     assert "stage 'publish'" in err and "unreachable" in err and "nothing was promoted" in err
     assert snapshot(env, items) == before
     nxt = run(["run", "--data", str(data), "--json"], env)
@@ -214,7 +214,7 @@ def test_mlflow_unreachable_fails_before_promotion(deployment, service, tmp_path
         assert hc == 200 and health["last_check_error"], health
     finally:
         d["mlflow"].start()
-    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
     assert "stage 'log to MLflow'" in err and "nothing was promoted" in err
     assert snapshot(env, items) == before   # read through the restarted server: nothing moved
     # (that the next run completes after a failed stage is shown by the Redis and disk-full cases)
@@ -225,7 +225,7 @@ def test_state_database_unreachable_fails_at_once(deployment):
     before = snapshot(d["env"], d["items"])
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/semalign"
     res = run(["run", "--data", str(d["shop"]), "--json"], {**d["env"], "SEMALIGN_STATE_URL": dead})
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "refresh lock" in res.stderr and "nothing was promoted" in res.stderr
     assert snapshot(d["env"], d["items"]) == before
 
@@ -251,7 +251,7 @@ def test_disk_full_then_read_only_home(deployment, tmp_path):
         res = run(["run", "--data", str(data), "--json"], env)
     finally:
         ballast.unlink()
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "No space left on device" in res.stderr or "disk is full" in res.stderr, res.stderr[-2000:]
     print("disk full:", res.stderr.strip().splitlines()[-1][:300])
     assert snapshot(env, items) == before
@@ -266,7 +266,7 @@ def test_disk_full_then_read_only_home(deployment, tmp_path):
         remount(ro_root, "ro")
         for args in (["run", "--data", str(data), "--json"], ["items", "add", str(d["shop"] / "items.csv")]):
             ro = run(args, {**env, "SEMALIGN_HOME": str(ro_root / "home")})
-            assert ro.returncode == 2 and "Traceback" not in ro.stderr, ro.stderr[-2000:]
+            assert ro.returncode == 1 and "Traceback" not in ro.stderr, ro.stderr[-2000:]
             assert "is not writable: Read-only file system" in ro.stderr and "nothing was changed" in ro.stderr
     finally:
         umount(ro_root)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from semalign import atomic
 from semalign.config import Settings
 from semalign.data import Dataset, Split, load_dataset, mine_pairs, settings_split
 from semalign.progress import Reporter
@@ -25,12 +25,6 @@ def _hash(*parts) -> str:
     for p in parts:
         h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -161,16 +155,11 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
                                    raw_text_image_pairs=hit_at_k(feats.text, both_img, k))
         metrics["test_pairs_both_images"] = int(len(both_img))
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
-        tmp = settings.encoders_dir / f".{version}.tmp-{os.getpid()}"
-        save_encoder(model, tmp, {**meta, "metrics": metrics})
-        if folder.exists():  # a partial folder from before this fix, or a concurrent identical build
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with atomic.building(folder) as tmp:
+            save_encoder(model, tmp, {**meta, "metrics": metrics})
     if move_latest:
         settings.encoders_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(latest_p, version)
+        atomic.write_text(latest_p, version)
     return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
 
 
@@ -288,24 +277,18 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
             churn = {"parent": parent_cb.version, "items": len(common),
                      **sid_churn(old.loc[common, cols].to_numpy(), new)}
     # write into a temp folder, then rename: readers never see a half-written version
-    tmp = settings.codebooks_dir / f".{cb.version}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    cb.save(tmp)
-    sids.to_parquet(tmp / "sids.parquet", index=False)
-    if churn is not None:
-        (tmp / "churn.json").write_text(json.dumps(churn, indent=2))
-    # what onboarding needs to embed a new item into this codebook's space: the encoder, then the rotation
-    (tmp / "lineage.json").write_text(json.dumps({"encoder_version": enc.version, "rotated": rotated}, indent=2))
-    if rotated:
-        np.save(tmp / "rotation.npy", rot.astype(np.float32), allow_pickle=False)
-    if folder.exists():  # built before by a run that later changed LATEST: identical content
-        import shutil
-
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, folder)
+    # (an existing folder was built before by a run that later changed LATEST: identical content, kept)
+    with atomic.building(folder, replace=False) as tmp:
+        cb.save(tmp)
+        sids.to_parquet(tmp / "sids.parquet", index=False)
+        if churn is not None:
+            (tmp / "churn.json").write_text(json.dumps(churn, indent=2))
+        # what onboarding needs to embed a new item into this codebook's space: the encoder, then the rotation
+        (tmp / "lineage.json").write_text(json.dumps({"encoder_version": enc.version, "rotated": rotated}, indent=2))
+        if rotated:
+            np.save(tmp / "rotation.npy", rot.astype(np.float32), allow_pickle=False)
     if move_latest:
-        _atomic_write_text(settings.codebooks_dir / "LATEST", cb.version)
+        atomic.write_text(settings.codebooks_dir / "LATEST", cb.version)
     return CodebookOutput(version=cb.version, parent=cb.parent, metrics=all_metrics, churn=churn, reused=False,
                           sids=sids)
 

@@ -71,7 +71,8 @@ def clustered():
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-SMALL_REFRESH = {"SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2"}
+# a refresh sized for tests: most of a test refresh's CPU time is the ranker, which scales with the history length
+SMALL_REFRESH = {"SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2", "SEMALIGN_HIST_LEN": "20"}
 
 _PREFECT: dict = {}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, write_generic
+from conftest import SMALL_REFRESH, free_port, write_generic
 
 
 
@@ -43,7 +43,7 @@ def prefect_server(tmp_path):
 
 
 def test_a_scheduled_deployment_runs_once_through_server_and_worker(tmp_path, movielens, prefect_server):
-    env = {**prefect_server, "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2"}
+    env = {**prefect_server, **SMALL_REFRESH}
     shop = write_generic(tmp_path / "shop", movielens, n_items=200)
     home = tmp_path / "home"
     cli = [sys.executable, "-m", "semalign.cli"]

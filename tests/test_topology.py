@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_for_port, write_generic
+from conftest import SMALL_REFRESH, free_port, wait_for_port, write_generic
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 BIN = Path(sys.executable).parent
@@ -87,7 +87,7 @@ def topology(tmp_path):
             "SEMALIGN_STATE_URL": main_pg.replace("postgresql://", "postgresql+psycopg://"),
             "SEMALIGN_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ml_port}", "SEMALIGN_ARTIFACT_URI": "s3://semalign/mlflow",
             "PREFECT_API_URL": f"http://127.0.0.1:{pf_port}/api", "PREFECT_HOME": str(tmp_path / "prefect-client"),
-            "SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2",
+            **SMALL_REFRESH,
         }
         yield {"env": semalign_env, "start": start, "tmp": tmp_path, "s3": s3_url}
     finally:

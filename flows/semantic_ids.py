@@ -245,10 +245,12 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     pos[fit_items] = np.arange(len(fit_items))
     fit_pairs = pos[pairs]
     fit_pairs = fit_pairs[(fit_pairs >= 0).all(1)]
+    from scipy.optimize import linear_sum_assignment
+
     with rep.stage(f"codebook {method} {levels}x{codes}", levels) as adv:
         cb = build_codebook(embeddings[fit_items], levels=levels, codes=codes, method=method,
                             iters=settings.kmeans_iters, seed=settings.seed, parent=parent_cb, pairs=fit_pairs,
-                            data_hash=data_hash, on_level=lambda lvl: adv(1))
+                            data_hash=data_hash, on_level=lambda lvl: adv(1), solve_assignment=linear_sum_assignment)
     folder = settings.codebooks_dir / cb.version
     assigned = cb.assign(embeddings)
     tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")

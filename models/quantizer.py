@@ -131,56 +131,20 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.
     return c
 
 
-# ---------------------------------------------------------------- Hungarian matching (numpy, no scipy)
+# ---------------------------------------------------------------- matching a rebuild to its parent
 
-def linear_assignment(cost: np.ndarray) -> np.ndarray:
-    """Minimum-cost perfect matching of a square cost matrix (shortest augmenting paths, O(n^3)).
-    Returns col_of_row: row i is matched to column col_of_row[i]."""
-    cost = np.asarray(cost, dtype=np.float64)
-    n = cost.shape[0]
-    if cost.shape != (n, n):
-        raise ValueError("linear_assignment expects a square matrix")
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    p = np.zeros(n + 1, dtype=np.int64)    # p[j]: row matched to column j (1-based; 0 = free)
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        p[0] = i
-        j0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            upd = free & (cur < minv[1:])
-            minv[1:][upd] = cur[upd]
-            way[1:][upd] = j0
-            masked = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(masked)) + 1
-            delta = masked[j1 - 1]
-            np.add.at(u, p[used], delta)
-            v[used] -= delta
-            minv[~used] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while True:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-            if j0 == 0:
-                break
-    col_of_row = np.zeros(n, dtype=np.int64)
-    for j in range(1, n + 1):
-        col_of_row[p[j] - 1] = j - 1
-    return col_of_row
+# solves the linear assignment problem like scipy.optimize.linear_sum_assignment: cost [n, n] -> (rows, cols).
+# `models/` imports only torch and numpy, so the caller hands the solver in (flows/ passes scipy's).
+AssignmentSolver = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def match_to_parent(new: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-    """Permute `new` centroids so that slot j is the new centroid closest (jointly) to parent slot j."""
+def match_to_parent(new: torch.Tensor, parent: torch.Tensor, solve: AssignmentSolver) -> torch.Tensor:
+    """Permute `new` centroids so that slot j is the new centroid closest (jointly, minimum total distance) to
+    parent slot j."""
     cost = torch.cdist(parent.double(), new.double()).cpu().numpy()
-    col_of_row = linear_assignment(cost)  # parent slot -> new centroid
+    rows, cols = solve(cost)  # parent slot rows[i] -> new centroid cols[i]
+    col_of_row = np.empty(len(cost), dtype=np.int64)
+    col_of_row[np.asarray(rows)] = np.asarray(cols)
     return new[torch.as_tensor(col_of_row, device=new.device)]
 
 
@@ -470,14 +434,19 @@ class Codebook:
 def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, method: str = "rqkmeans",
                    iters: int = 20, seed: int = 0, parent: Codebook | None = None, pairs: np.ndarray | None = None,
                    data_hash: str | None = None, rqvae: RQVAEConfig | None = None, device: str = "cpu",
-                   on_level: Callable[[int], None] | None = None) -> Codebook:
+                   on_level: Callable[[int], None] | None = None,
+                   solve_assignment: AssignmentSolver | None = None) -> Codebook:
     """Builds a codebook. With `parent`, each level is warm-started from the parent's centroids and then
-    matched to them (Hungarian on centroid distances), so items whose embedding barely moved keep their IDs."""
+    matched to them (a minimum-cost assignment on centroid distances, solved by `solve_assignment`, e.g.
+    scipy.optimize.linear_sum_assignment), so items whose embedding barely moved keep their IDs."""
     x = (emb.to(device=device, dtype=torch.float32) if isinstance(emb, torch.Tensor)
          else torch.as_tensor(np.asarray(emb, dtype=np.float32), device=device))
     codes = codes or default_codes(len(x))
     use_parent = (parent is not None and parent.method == method and parent.levels == levels
                   and parent.codes == codes and parent.dim == x.shape[1])
+    if use_parent and solve_assignment is None:
+        raise ValueError("a rebuild matched to its parent needs solve_assignment (e.g. scipy.optimize."
+                         "linear_sum_assignment)")
     config = {"method": method, "levels": levels, "codes": codes, "iters": iters, "seed": seed, "dim": int(x.shape[1])}
     vae = None
     assigned = None
@@ -487,7 +456,7 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
             init = parent.centroids[lvl] if use_parent else None
             c = kmeans(r, codes, iters=iters, seed=seed + lvl, init=init)
             if use_parent:
-                c = match_to_parent(c, parent.centroids[lvl].to(c.device))
+                c = match_to_parent(c, parent.centroids[lvl].to(c.device), solve_assignment)
             idx, _ = _assign(r, c)
             r = r - c[idx]
             cents.append(c.cpu())
@@ -504,7 +473,8 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
         if use_parent:
             with torch.no_grad():
                 for lvl in range(levels):
-                    vae.codebooks.data[lvl] = match_to_parent(vae.codebooks.data[lvl], parent.vae.codebooks[lvl])
+                    vae.codebooks.data[lvl] = match_to_parent(vae.codebooks.data[lvl], parent.vae.codebooks[lvl],
+                                                              solve_assignment)
         cents = [vae.codebooks[lvl].detach().clone() for lvl in range(levels)]
     else:
         raise ValueError(f"unknown codebook method '{method}': expected 'rqkmeans' or 'rqvae'")

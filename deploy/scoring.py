@@ -4,7 +4,7 @@ A ranker folder holds `ranker.safetensors` (parameters only), `ranker.json` (con
 label prior, history length) and `vocab.json` (training item ids in ID-row order). At scoring time the item
 tables (aligned vector, text-tower vector where the ranker reads it, SIDs,
 ID row) are built for just the rows a request touches, from the online store
-pinned to the ranker's codebook version, and swapped into the model's buffers."""
+pinned to the ranker's codebook version, and handed to the model's forward (no shared state per request)."""
 from __future__ import annotations
 
 import json
@@ -78,9 +78,6 @@ class RankerScorer:
                              f"unexpected {unexpected})")
         self.model.eval()
         self.torch = torch
-        import threading
-
-        self._lock = threading.Lock()
         if store is None:
             from semalign.config import Settings
             from semalign.feature_repo.store import SemanticIdStore
@@ -179,17 +176,13 @@ class RankerScorer:
         cand = torch.as_tensor([pos[i] for i in item_ids])
         u, h = torch.as_tensor(np.asarray(user_feats, np.float32)), torch.as_tensor(hist_rows)
         out = []
-        # the request's tables are swapped into the model's buffers: one request at a time per scorer
-        with self._lock, torch.no_grad():
-            m.id_vocab = torch.as_tensor(id_vocab)
-            if hasattr(m, "content"):
-                m.content = torch.as_tensor(content)
-            if hasattr(m, "raw"):
-                m.raw = torch.as_tensor(raw_tab)
-            if hasattr(m, "codes"):
-                m.codes = torch.as_tensor(code_tab)
+        # the request's item rows go in as the forward's tables: the parameters are shared and read-only, so
+        # concurrent requests need no lock
+        tables = {"id_vocab": torch.as_tensor(id_vocab), "content": torch.as_tensor(content),
+                  "raw": torch.as_tensor(raw_tab), "codes": torch.as_tensor(code_tab)}
+        with torch.no_grad():
             for s in range(0, len(cand), batch):
-                out.append(torch.sigmoid(m(u[s:s + batch], cand[s:s + batch], h[s:s + batch]).float()))
+                out.append(torch.sigmoid(m(u[s:s + batch], cand[s:s + batch], h[s:s + batch], tables=tables).float()))
         return torch.cat(out).numpy()
 
     def item_features(self, items: list[str]) -> dict:

@@ -168,17 +168,28 @@ class Ranker(nn.Module):
             w = h
         self.dnn = nn.Sequential(*layers, nn.Linear(w, 1))
 
+    # --- item tables: the model's buffers, or per-call tables (serving builds them per request, so concurrent
+    # requests share the parameters and never the item rows)
+    TABLES = ("id_vocab", "content", "raw", "codes")
+
+    def tables(self, given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """{id_vocab [n], content [n, dc], raw [n, dr], codes [n, L]} for the parts this variant has: `given`
+        where it holds them, else the model's buffers. Row 0 is padding."""
+        given = given or {}
+        return {k: given[k] if k in given else getattr(self, k) for k in self.TABLES if hasattr(self, k)}
+
     # --- item views
-    def modal_view(self, idx: torch.Tensor) -> torch.Tensor:
+    def modal_view(self, idx: torch.Tensor, tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Modal view of item rows `idx` (1-based, 0 = padding)."""
+        tab = tab or self.tables()
         parts = []
         if self.uses_aligned:
-            parts.append(self.proj(self.content[idx]))
+            parts.append(self.proj(tab["content"][idx]))
         if self.uses_raw:
-            parts.append(self.proj_raw(self.raw[idx]))
+            parts.append(self.proj_raw(tab["raw"][idx]))
         m = sum(parts)
         if self.cfg.variant == "full":
-            a = torch.stack([t(self.codes[idx, lvl]) for lvl, t in enumerate(self.align)], -2)  # [..., L, da]
+            a = torch.stack([t(tab["codes"][idx, lvl]) for lvl, t in enumerate(self.align)], -2)  # [..., L, da]
             keep = self.level_keep(a.shape[:-1], a.device)
             if keep is not None:
                 a = a * keep.unsqueeze(-1)
@@ -193,31 +204,37 @@ class Ranker(nn.Module):
         drop[..., 0] = False
         return (torch.cumsum(drop.int(), -1) == 0).float()
 
-    def behavior_view(self, idx: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
-        ids = self.id_vocab[idx]
+    def behavior_view(self, idx: torch.Tensor, dropped: torch.Tensor | None = None,
+                      tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        tab = tab or self.tables()
+        ids = tab["id_vocab"][idx]
         if dropped is not None:
             ids = ids * ~dropped[idx]
         b = self.id_emb(ids)
         if hasattr(self, "generator"):
             # items without an ID row (unseen, or dropped this step) get a behavior vector generated from their
             # SIDs + content; warm rows teach the generator (distillation against their detached ID rows)
-            g = self.generator(self.content[idx], self.codes[idx][..., : len(self.generator.codes)])
-            warm = self.id_vocab[idx] > 0
+            g = self.generator(tab["content"][idx], tab["codes"][idx][..., : len(self.generator.codes)])
+            warm = tab["id_vocab"][idx] > 0
             if self.training and bool(warm.any()):
-                t = self.id_emb(self.id_vocab[idx][warm]).detach()
+                t = self.id_emb(tab["id_vocab"][idx][warm]).detach()
                 self.aux_loss = ((g[warm] - t) ** 2).sum(-1).mean() / ((t ** 2).sum(-1).mean() + 1e-8)
             b = torch.where((ids == 0).unsqueeze(-1), g.to(b.dtype), b)
         if self.cfg.variant == "sid_ngram":
-            c = self.codes[idx]
+            c = tab["codes"][idx]
             prefix = torch.cumsum(c * self.prefix_mult, -1) % self.cfg.ngram_buckets
             b = b + sum(t(prefix[..., lvl]) for lvl, t in enumerate(self.ngram))
         return b
 
-    def forward(self, user_feats: torch.Tensor, cand: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    def forward(self, user_feats: torch.Tensor, cand: torch.Tensor, hist: torch.Tensor,
+                tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """pCTR logits. cand [B] and hist [B, H] are item rows (0 = padding) of `tables` (default: the model's
+        buffers); user_feats [B, F]."""
+        tab = self.tables(tables)
         if self.cfg.variant == "logreg":
-            return (self.proj_raw(self.raw[cand]) + self.user_lin(user_feats)).squeeze(-1)
+            return (self.proj_raw(tab["raw"][cand]) + self.user_lin(user_feats)).squeeze(-1)
         mask = hist > 0
-        n_rows = self.id_vocab.shape[0]
+        n_rows = tab["id_vocab"].shape[0]
         # item-ID dropout, per item and step: a dropped item is seen through the OOV row everywhere in the batch
         dropped = (torch.rand(n_rows, device=cand.device) < self.cfg.id_dropout) \
             if self.training and self.cfg.id_dropout > 0 else None
@@ -235,12 +252,12 @@ class Ranker(nn.Module):
                 return F.embedding(cand, tab), F.embedding(hist, tab)
             return F.embedding(inv[: len(cand)], tab), F.embedding(inv[len(cand):].reshape(hist.shape), tab)
 
-        b_tab = self.behavior_view(table_idx, dropped)
+        b_tab = self.behavior_view(table_idx, dropped, tab)
         b_c, b_h = gather(b_tab)
         att_b = self.att[1 if self.has_modal else 0]
         feats = [user_feats, b_c]
         if self.has_modal:
-            m_tab = self.modal_view(table_idx)
+            m_tab = self.modal_view(table_idx, tab)
             m_c, m_h = gather(m_tab)
             feats.append(m_c)
             feats.append(self.att[0](m_c, m_h, m_h, mask, gather(self.att[0].wk(m_tab))[1]))          # modal

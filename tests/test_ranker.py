@@ -201,3 +201,23 @@ def test_code_dropout_keeps_a_prefix_of_levels_and_only_in_training():
     assert (keep[:, 2] <= keep[:, 1]).all()  # a dropped level drops every deeper one
     assert 0.4 < keep[:, 1].mean() < 0.6 and 0.15 < keep[:, 2].mean() < 0.35
     assert m.eval().level_keep((10, 3), "cpu") is None
+
+
+@pytest.mark.parametrize("variant", ["full", "aligned_content", "sid_ngram", "logreg"])
+def test_per_call_item_tables_score_like_the_buffers_and_leave_them_alone(variant):
+    """Serving hands each request's item rows to forward() (no shared buffer swapped under a lock): the scores
+    equal those of a model whose buffers hold the same rows, and the model's own buffers stay as they were."""
+    t, f = _frame()
+    other = _tables(seed=7)  # another catalogue's rows, as a request would bring
+    m = Ranker(RankerConfig(variant=variant, cold_behavior="generated" if variant == "full" else "oov"), t, 2).eval()
+    twin = Ranker(m.cfg, other, 2).eval()
+    twin.load_state_dict({k: v for k, v in m.state_dict().items() if k not in dict(m.named_buffers())}, strict=False)
+    before = {k: v.clone() for k, v in m.named_buffers()}
+    u, c, h, _ = f.tensors("cpu")
+    given = {"id_vocab": torch.as_tensor(other.id_vocab), "content": torch.as_tensor(other.content),
+             "raw": torch.as_tensor(other.raw), "codes": torch.as_tensor(other.codes)}
+    with torch.no_grad():
+        per_call = m(u, c, h, tables=given)
+        assert torch.allclose(per_call, twin(u, c, h), atol=1e-6)
+        assert not torch.allclose(per_call, m(u, c, h), atol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in m.named_buffers())

@@ -174,7 +174,7 @@ def main():
            "online_reads": reads, "onboarding": onboarding}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "feature_store_cpu.json").write_text(json.dumps(res, indent=2))
-    md = [f"# Feature store: online SID reads and onboarding", "",
+    md = ["# Feature store: online SID reads and onboarding", "",
           f"Machine: {machine}. Command: `{res['command']}`. Catalogue: {args.items} items, 3 levels x 256 codes.",
           "semalign = `SemanticIdStore.semantic_ids(items, version=V)` (returns a DataFrame); raw = sqlite3 / redis-py "
           "pipeline on pre-serialized keys, bytes not decoded; feast = `FeatureStore.get_online_features`.", "",

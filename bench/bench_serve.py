@@ -2,7 +2,9 @@
 concurrent loopback load.
 
 Reference in the same process: the same scoring done in-process (`RankerScorer.score`, features from the same
-Feast online store, no HTTP), i.e. what the server adds on top of the model + feature reads.
+Feast online store, no HTTP), i.e. what the server adds on top of the model + feature reads. Concurrency: the same
+in-process scoring from `--concurrency` threads, lock-free (each request hands its item rows to the forward) against
+the same threads serialised by one lock (what the scorer did before: swap the model's buffers under a lock).
 Needs a home with a champion (`semalign run`).
 
   python bench/bench_serve.py [--home ~/.semalign] [--requests 200] [--concurrency 8] [--seconds 15]
@@ -78,6 +80,33 @@ def main():
         scorer.score([u] * len(c), c)
         ref.append(time.perf_counter() - t)
 
+    def threaded(seconds: float, lock: threading.Lock | None) -> float:
+        """Requests/s of in-process scoring from `concurrency` threads for `seconds`."""
+        end, n = time.time() + seconds, [0]
+
+        def work(wid):
+            i = wid
+            while time.time() < end:
+                u, c = calls[i % len(calls)]
+                if lock is None:
+                    scorer.score([u] * len(c), c)
+                else:
+                    with lock:
+                        scorer.score([u] * len(c), c)
+                n[0] += 1
+                i += args.concurrency
+
+        ths = [threading.Thread(target=work, args=(w,)) for w in range(args.concurrency)]
+        t0 = time.perf_counter()
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        return n[0] / (time.perf_counter() - t0)
+
+    rps_locked = threaded(args.seconds / 2, threading.Lock())
+    rps_free = threaded(args.seconds / 2, None)
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -141,6 +170,8 @@ def main():
            "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
            "in_process_reference": pct(ref), "http_sequential": pct(seq), "http_sequential_errors": errors,
            "http_over_in_process_p50": pct(seq)["p50_ms"] / pct(ref)["p50_ms"],
+           "in_process_threads": {"concurrency": args.concurrency, "rps_one_lock": rps_locked, "rps_lock_free": rps_free,
+                                  "lock_free_over_one_lock": rps_free / rps_locked},
            "load": {"concurrency": args.concurrency, "seconds": wall, "requests": done[0], "errors": errs[0],
                     "rps": done[0] / wall, **pct(lat)}}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -156,7 +187,9 @@ def main():
           f"| `POST /score`, {args.concurrency} concurrent clients for {wall:.0f} s | {res['load']['p50_ms']:.2f} | "
           f"{res['load']['p99_ms']:.2f} | {res['load']['requests']} |", "",
           f"HTTP / in-process p50: {res['http_over_in_process_p50']:.2f}x. Under load: {res['load']['rps']:.0f} "
-          f"requests/s, {res['load']['errors']} errors; sequential errors: {errors}."]
+          f"requests/s, {res['load']['errors']} errors; sequential errors: {errors}.", "",
+          f"In-process, {args.concurrency} threads: {rps_free:.0f} requests/s lock-free (per-request item tables) vs "
+          f"{rps_locked:.0f} serialised by one lock (the scorer before): {rps_free / rps_locked:.2f}x."]
     (OUT / "serve_cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

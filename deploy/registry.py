@@ -189,16 +189,10 @@ class Registry:
                 # already champion but unrecorded: a promotion stopped after the alias move; finish it
                 old_v, moved, reason = self._last_champion(c), True, f"{reason} (completes an interrupted {action})"
             if moved:
-                c.execute(state.audit.insert().values(project=self.project, at=time.time(), action=action,
-                                                      subject=f"{self.name}@{CHAMPION}", from_value=old_v,
-                                                      to_value=str(version), actor=actor or state.actor(),
-                                                      reason=reason))
+                state.record(c, self.project, action, f"{self.name}@{CHAMPION}", str(version), from_value=old_v,
+                             reason=reason, actor=actor)
             if cb:
-                prev = state.set_pointer(c, self.project, "current_codebook", cb)
-                if prev != cb:
-                    c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
-                                                          subject="current_codebook", from_value=prev, to_value=cb,
-                                                          actor=actor or state.actor(), reason=f"{action} v{version}"))
+                state.move_pointer(c, self.project, "current_codebook", cb, reason=f"{action} v{version}", actor=actor)
         return {"moved": moved, "champion": str(version), "previous": old_v, "codebook_version": cb}
 
     def _last_champion(self, conn) -> str | None:
@@ -224,10 +218,8 @@ class Registry:
 
     def record_gate(self, version: str, verdict: dict) -> None:
         with self.state.begin() as c:
-            c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="gate",
-                                                  subject=f"{self.name}/{version}",
-                                                  to_value="passed" if verdict["passed"] else "failed",
-                                                  actor=state.actor(), reason=json.dumps(verdict, default=float)))
+            state.record(c, self.project, "gate", f"{self.name}/{version}",
+                         "passed" if verdict["passed"] else "failed", reason=json.dumps(verdict, default=float))
 
     def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate"), limit: int = 50) -> list[dict]:
         a = state.audit

@@ -279,11 +279,7 @@ class SemanticIdStore:
     def set_current(self, version: str, reason: str = "", actor: str | None = None) -> str | None:
         self._published(version)
         with self.state.begin() as c:
-            old = state.set_pointer(c, self.project, CURRENT, version)
-            if old != version:
-                c.execute(state.audit.insert().values(project=self.project, at=time.time(), action="set_current",
-                                                      subject=CURRENT, from_value=old, to_value=version,
-                                                      actor=actor or state.actor(), reason=reason))
+            old = state.move_pointer(c, self.project, CURRENT, version, reason=reason, actor=actor)
         return old
 
     def _version_row(self, version: str) -> dict | None:

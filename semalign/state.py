@@ -88,7 +88,7 @@ def engine(url: str) -> sa.Engine:
     return eng
 
 
-def actor() -> str:
+def current_actor() -> str:
     """Who made a change, for the audit history: user@host of this process."""
     import getpass
     import socket
@@ -103,6 +103,24 @@ def get_pointer(eng: sa.Engine, project: str, name: str) -> str | None:
     with eng.connect() as c:
         return c.execute(sa.select(pointers.c.value).where(pointers.c.project == project,
                                                            pointers.c.name == name)).scalar()
+
+
+def record(conn: sa.Connection, project: str, action: str, subject: str, to_value: str | None,
+           from_value: str | None = None, reason: str = "", actor: str | None = None) -> None:
+    """One audit row, inside the caller's transaction."""
+    conn.execute(audit.insert().values(project=project, at=time.time(), action=action, subject=subject,
+                                       from_value=from_value, to_value=to_value, actor=actor or current_actor(),
+                                       reason=reason))
+
+
+def move_pointer(conn: sa.Connection, project: str, name: str, value: str, reason: str,
+                 actor: str | None = None) -> str | None:
+    """Moves a pointer and, when it changed, audits the move as `set_current`, inside the caller's transaction;
+    returns the previous value."""
+    old = set_pointer(conn, project, name, value)
+    if old != value:
+        record(conn, project, "set_current", name, value, from_value=old, reason=reason, actor=actor)
+    return old
 
 
 def set_pointer(conn: sa.Connection, project: str, name: str, value: str) -> str | None:

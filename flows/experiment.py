@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 
 from semalign.config import Settings
-from semalign.data import BUCKETS, item_buckets, settings_split
+from semalign.data import ALL_BUCKETS, item_buckets, settings_split
 from semalign.features import build_frames, item_tables, user_features
 from semalign.progress import Reporter
 
 from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, tower_features
 
 METRICS = ("auc", "gauc", "logloss")
-ALL_BUCKETS = ("all",) + BUCKETS
 DEFAULT_MODELS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg")
 
 

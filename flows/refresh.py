@@ -188,7 +188,7 @@ def publish_users(settings: Settings, ds, split) -> int:
 def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing: bool = False) -> dict:
     """AUC / GAUC per item bucket on the test window, scored through the serving path: features from the store,
     pinned to the ranker's codebook version; histories are the leakage-free ones the ranker trained with."""
-    from semalign.data import item_buckets, user_histories
+    from semalign.data import ALL_BUCKETS, item_buckets, user_histories
     from semalign.deploy.scoring import RankerScorer
     from semalign.feature_repo.store import SemanticIdStore
     from semalign.features import user_features
@@ -213,7 +213,7 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing
     users = test["user_idx"].to_numpy()
     buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
     out = {}
-    for b in ("all", "unseen", "1-9", "10-99", "100+"):
+    for b in ALL_BUCKETS:
         sel = np.ones(len(y), bool) if b == "all" else buckets == b
         if sel.sum() and len(np.unique(y[sel])) == 2:
             ms = metric_set(y[sel], p[sel], users[sel])
@@ -269,9 +269,11 @@ def _plots(folder: Path, challenger: dict, champion: dict | None, cb_metrics: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from semalign.data import ALL_BUCKETS
+
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    buckets = [b for b in ("all", "unseen", "1-9", "10-99", "100+") if b in challenger]
+    buckets = [b for b in ALL_BUCKETS if b in challenger]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     xs = np.arange(len(buckets))
     ax.bar(xs - 0.2, [challenger[b]["auc"] for b in buckets], 0.4, label="challenger")

@@ -86,7 +86,7 @@ def _print_summary(res: dict) -> None:
 def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
                quarantine: bool = typer.Option(False, help="Drop bad rows into SEMALIGN_HOME/quarantine/ instead of failing.")):
     """Validate a dataset against the data contract and print its counts and split sizes."""
-    from semalign.data import item_buckets, settings_split
+    from semalign.data import BUCKETS, item_buckets, settings_split
     from semalign.flows.semantic_ids import ingest
 
     s = _settings(home, data)
@@ -96,7 +96,7 @@ def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, a
     res = {"dataset": ds.name, "data": ds.report,
            "split": {"kind": split.kind, **split.events["part"].value_counts().to_dict(),
                      "cold_items": int(len(split.cold_items))},
-           "test_events_by_bucket": {b: int((test_buckets == b).sum()) for b in ("unseen", "1-9", "10-99", "100+")}}
+           "test_events_by_bucket": {b: int((test_buckets == b).sum()) for b in BUCKETS}}
     _emit(res, as_json, _print_summary)
 
 

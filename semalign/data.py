@@ -26,7 +26,8 @@ MOVIELENS_GENRES = [
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
 POSITIVE_RATING = 4
-BUCKETS = ("unseen", "1-9", "10-99", "100+")
+BUCKETS = ("unseen", "1-9", "10-99", "100+")   # items by training-window interactions
+ALL_BUCKETS = ("all",) + BUCKETS                 # every metric table: all events, then per bucket
 MAX_TEXT_CHARS = 100_000     # longer item text is a broken export, not a description
 FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
 BadRowPolicy = Literal["error", "quarantine"]

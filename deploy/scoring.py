@@ -145,7 +145,7 @@ class RankerScorer:
         cands = set(item_ids)
         cand_missing = [i for i, f in zip(items, found) if not f and i in cands]
         if cand_missing:
-            from semalign.feature_repo.store import FeatureStoreError, ItemsNotFoundError
+            from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError
 
             lacking = [i for i in cand_missing if i in set(no_raw)]
             if lacking:

@@ -88,7 +88,7 @@ class _Served:
 def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidates: int = 1000) -> FastAPI:
     from semalign.deploy.registry import CHAMPION, Registry
     from semalign.errors import SemalignError
-    from semalign.feature_repo.store import StoreUnavailableError
+    from semalign.feature_repo.errors import StoreUnavailableError
 
     app = FastAPI(title="semalign scoring API", version="1",
                   description="Scores a user against candidate items with the champion ranker and Feast features.")

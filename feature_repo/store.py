@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from semalign import atomic, state
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
-from semalign.errors import NotFoundError, SemalignError, UnavailableError
+from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError, UnknownVersionError, reaching
 
 REPO_TEMPLATE = Path(__file__).resolve().parent
 SID_VIEW, EMB_VIEW, USER_VIEW = "item_semantic_id", "item_embedding", "user_recent_items"
@@ -35,34 +35,6 @@ CURRENT = "current_codebook"
 PG_PASSWORD_ENV = "SEMALIGN_FEAST_PG_PASSWORD"  # what the rendered feature_store.yaml refers to
 # Feast converts every timestamp through datetime and says so once per row batch
 warnings.filterwarnings("ignore", message="Discarding nonzero nanoseconds", category=UserWarning)
-
-
-class FeatureStoreError(SemalignError, RuntimeError):
-    """Base class: the message says what was asked and what is wrong (here: a request that contradicts what the
-    store holds, such as different content under an immutable version)."""
-    http_status = 409
-
-
-class UnknownVersionError(FeatureStoreError, NotFoundError):
-    http_status = 404
-
-
-class ItemsNotFoundError(FeatureStoreError, NotFoundError):
-    http_status = 404
-
-    def __init__(self, version: str, missing: list[str]):
-        self.version, self.missing = version, missing
-        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        super().__init__(f"items not in the feature store for codebook version {version}: {shown}")
-
-
-class StoreUnavailableError(FeatureStoreError, UnavailableError):
-    http_status = 503
-
-
-def _unavailable(what: str, e: Exception) -> StoreUnavailableError:
-    return StoreUnavailableError(f"{what} is unreachable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                 "nothing was published from this call")
 
 
 def _sa_url(url: str) -> str:
@@ -155,12 +127,11 @@ class SemanticIdStore:
             import feast
 
             try:
-                self._fs = feast.FeatureStore(repo_path=str(self.repo))
-                self._ensure_applied()
-            except Exception as e:
-                self._fs = None
-                if _is_connection_error(e):
-                    raise _unavailable("the feature store registry", e) from e
+                with reaching("the feature store registry"):
+                    self._fs = feast.FeatureStore(repo_path=str(self.repo))
+                    self._ensure_applied()
+            except Exception:
+                self._fs = None  # the next call tries again
                 raise
         return self._fs
 
@@ -180,8 +151,10 @@ class SemanticIdStore:
             have = {fv.name: fv for fv in fs.list_feature_views()}
         except Exception:
             have = {}
-        sid = have.get(SID_VIEW)
-        if sid is not None and sid.tags.get("levels") == str(self.levels) and EMB_VIEW in have and USER_VIEW in have:
+        sid, emb = have.get(SID_VIEW), have.get(EMB_VIEW)
+        # a project applied before the embedding view gained `content` is re-applied (Feast adds the field)
+        current = emb is not None and "content" in {f.name for f in emb.features}
+        if sid is not None and sid.tags.get("levels") == str(self.levels) and current and USER_VIEW in have:
             return
         if sid is not None and sid.tags.get("levels") != str(self.levels):
             raise FeatureStoreError(f"the feature view {SID_VIEW} in project '{self.project}' has "
@@ -221,10 +194,13 @@ class SemanticIdStore:
             sa.Table(f"{self.project}_{view}", md, *keys, *extra,
                      sa.Column("event_timestamp", sa.DateTime(timezone=True)),
                      sa.Column("created", sa.DateTime(timezone=True)), sa.Column("batch", sa.Text))
-        try:
-            md.create_all(self._pg_engine())
-        except sa.exc.OperationalError as e:
-            raise _unavailable("the Postgres offline store", e) from e
+        with reaching("the Postgres offline store"):
+            eng = self._pg_engine()
+            md.create_all(eng)
+            emb_table = f"{self.project}_{EMB_VIEW}"
+            if "content" not in {c["name"] for c in sa.inspect(eng).get_columns(emb_table)}:
+                with eng.begin() as c:  # a table created before the embedding view gained `content`
+                    c.execute(sa.text(f'ALTER TABLE "{emb_table}" ADD COLUMN IF NOT EXISTS content real[]'))
         return md
 
     def _write_offline(self, frames: dict[str, pd.DataFrame], batch: str):
@@ -232,7 +208,7 @@ class SemanticIdStore:
         renamed into place, or one Postgres transaction. Re-writing the same batch replaces it."""
         if self.settings.feast_offline == "postgres":
             md = self._pg_create_tables()
-            try:
+            with reaching("the Postgres offline store"):
                 with self._pg_engine().begin() as conn:
                     for view, df in frames.items():
                         t = md.tables[f"{self.project}_{view}"]
@@ -241,8 +217,6 @@ class SemanticIdStore:
                         rows = rows.assign(**{c: rows[c].map(lambda v: [float(x) for x in v])
                                               for c in ("embedding", "content") if c in rows})
                         conn.execute(t.insert(), rows.to_dict("records"))
-            except sa.exc.OperationalError as e:
-                raise _unavailable("the Postgres offline store", e) from e
             return
         staged = []
         for view, df in frames.items():
@@ -255,16 +229,12 @@ class SemanticIdStore:
             os.replace(tmp, final)
 
     def _write_online(self, frames: dict[str, pd.DataFrame], chunk: int = 20000, between=None):
-        try:
+        with reaching(f"the {self.settings.feast_online} online store"):
             for view, df in frames.items():
                 for i in range(0, len(df), chunk):
                     self.fs.write_to_online_store(view, df.iloc[i:i + chunk])
                     if between is not None:
                         between()
-        except Exception as e:
-            if _is_connection_error(e):
-                raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
-            raise
 
     # ------------------------------------------------------------------ catalogue
     def versions(self) -> list[dict]:
@@ -427,42 +397,16 @@ class SemanticIdStore:
 
     def read_online(self, item_ids: list[str], version: str, levels: int, with_embedding: bool = False,
                     with_content: bool = False):
-        """The hot path under `semantic_ids` and serving: Feast's online-store read for prepared entity keys,
-        decoded straight into arrays (no per-call registry lookups or response objects). The caller has
-        checked that `version` is published. Returns (codes [n, levels+1] with -1 where missing, found, emb,
-        content): emb and content are lists of vectors (None where missing; content is empty where the version
-        was published without it), or None when not asked for."""
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
+        """The hot path under `semantic_ids` and serving (feature_repo/online.py). The caller has checked that
+        `version` is published. Returns (codes [n, levels+1] with -1 where missing, found, emb, content): emb and
+        content are lists of vectors (None where missing; content is empty where the version was published
+        without it), or None when not asked for."""
+        from semalign.feature_repo.online import read_items
 
         fs = self.fs
-        provider = fs._get_provider()
-        vval = Value(string_val=version)
-        keys = [EntityKey(join_keys=["codebook_version", "item_id"], entity_values=[vval, Value(string_val=i)])
-                for i in item_ids]
-        names = [f"sid_{lvl}" for lvl in range(levels)] + ["sid_dedup"]
-        try:
-            # copies: the Redis store appends its timestamp field to the list it is given
-            res = provider.online_read(fs.config, self.view(SID_VIEW), keys, list(names))
-            wanted = ["embedding"] * with_embedding + ["content"] * with_content
-            res_emb = provider.online_read(fs.config, self.view(EMB_VIEW), keys, wanted) if wanted else None
-        except Exception as e:
-            if _is_connection_error(e):
-                raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
-            raise
-        codes = np.full((len(item_ids), levels + 1), -1, np.int64)
-        found = np.zeros(len(item_ids), bool)
-        for j, (_, vals) in enumerate(res):
-            if vals and "sid_dedup" in vals and vals["sid_dedup"].HasField("int64_val"):
-                codes[j] = [vals[n].int64_val for n in names]
-                found[j] = True
-        def vectors(name):
-            return [np.asarray(v[name].float_list_val.val, np.float32) if v and name in v else None
-                    for _, v in res_emb]
-
-        emb = vectors("embedding") if with_embedding else None
-        content = vectors("content") if with_content else None
-        return codes, found, emb, content
+        with reaching(f"the {self.settings.feast_online} online store"):
+            return read_items(fs, self.view(SID_VIEW), self.view(EMB_VIEW), item_ids, version, levels,
+                              with_embedding, with_content)
 
     def historical(self, frame: pd.DataFrame, version: str | None = None, with_embedding: bool = False) -> pd.DataFrame:
         """Point-in-time join: `frame` has item_id and event_timestamp (and optionally codebook_version); each row
@@ -492,13 +436,9 @@ class SemanticIdStore:
                 held.update((v, r[0]) for r in c.execute(sa.select(t.c.item_id).where(
                     t.c.project == self.project, t.c.version == v)))
         mask = np.array([(v, i) in held for v, i in zip(ent["codebook_version"], ent["item_id"])], bool)
-        try:
+        with reaching(f"the {self.settings.feast_offline} offline store"):
             got = self.fs.get_historical_features(entity_df=ent[mask], features=feats).to_df() if mask.any() \
                 else pd.DataFrame(columns=["_row"] + feat_cols)
-        except Exception as e:
-            if _is_connection_error(e):
-                raise _unavailable(f"the {self.settings.feast_offline} offline store", e) from e
-            raise
         # one output row per input row, in input order (the file store also drops rows that match nothing)
         return ent.merge(got[["_row"] + feat_cols], on="_row", how="left").drop(columns="_row")
 
@@ -584,13 +524,9 @@ class SemanticIdStore:
     def _push_online(self, frames: dict[str, pd.DataFrame]):
         from feast.data_source import PushMode
 
-        try:
+        with reaching(f"the {self.settings.feast_online} online store"):
             for view, df in frames.items():
                 self.fs.push(f"{view}_push", df, to=PushMode.ONLINE)
-        except Exception as e:
-            if _is_connection_error(e):
-                raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
-            raise
 
     def _onboarder(self, version: str, row: dict) -> "_Onboarder":
         if version not in self._onboarders:
@@ -609,27 +545,11 @@ class SemanticIdStore:
 
     def users_online(self, user_ids: list[str]) -> list[dict | None]:
         """Each user's recent items and activity from the online store (None for users it does not hold)."""
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
+        from semalign.feature_repo.online import read_users
 
         fs = self.fs
-        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=str(u))]) for u in user_ids]
-        try:
-            res = fs._get_provider().online_read(fs.config, self.view(USER_VIEW), keys,
-                                                 ["recent_items", "n_events", "positive_rate"])
-        except Exception as e:
-            if _is_connection_error(e):
-                raise _unavailable(f"the {self.settings.feast_online} online store", e) from e
-            raise
-        out = []
-        for _, vals in res:
-            if not vals or not vals.get("n_events") or not vals["n_events"].HasField("int64_val"):
-                out.append(None)
-                continue
-            out.append({"recent_items": list(vals["recent_items"].string_list_val.val),
-                        "n_events": int(vals["n_events"].int64_val),
-                        "positive_rate": float(vals["positive_rate"].float_val)})
-        return out
+        with reaching(f"the {self.settings.feast_online} online store"):
+            return read_users(fs, self.view(USER_VIEW), user_ids)
 
     def register_ranker_service(self, name: str, codebook_version: str, tags: dict | None = None) -> str:
         """One feature service per ranker version, tagged with the codebook version its readers must pin."""
@@ -728,13 +648,3 @@ def _timestamps(available_at, n: int) -> pd.Series:
     return ts.fillna(EPOCH)
 
 
-
-def _is_connection_error(e: BaseException) -> bool:
-    names = {"ConnectionError", "OperationalError", "TimeoutError", "ConnectionRefusedError", "BusyLoadingError"}
-    seen = 0
-    while e is not None and seen < 10:
-        if type(e).__name__ in names or isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return False

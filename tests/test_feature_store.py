@@ -124,7 +124,7 @@ def _offline_snapshot(env, version):
 
 
 def test_republishing_a_version_is_a_noop_and_changed_content_is_refused(env):
-    from semalign.feature_repo.store import FeatureStoreError
+    from semalign.feature_repo.errors import FeatureStoreError
 
     store = env["store"]
     cb, ids, x = codebook_for(2)
@@ -215,7 +215,7 @@ def test_onboarding_is_servable_at_once_without_collisions_and_idempotent(env):
 
 
 def test_bad_input_gets_clear_errors_and_writes_nothing(env):
-    from semalign.feature_repo.store import ItemsNotFoundError, UnknownVersionError
+    from semalign.feature_repo.errors import ItemsNotFoundError, UnknownVersionError
 
     store = env["store"]
     cb, ids, x = codebook_for(9, n=100)
@@ -246,7 +246,8 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(env):
 
 
 def test_a_store_that_is_down_is_a_clear_error_and_nothing_is_published(env, tmp_path):
-    from semalign.feature_repo.store import SemanticIdStore, StoreUnavailableError, UnknownVersionError
+    from semalign.feature_repo.errors import StoreUnavailableError, UnknownVersionError
+    from semalign.feature_repo.store import SemanticIdStore
 
     if env["backend"] == "sqlite":
         pytest.skip("the embedded store has no server to be down")
@@ -298,7 +299,8 @@ def test_a_publish_killed_half_way_leaves_readers_on_the_old_version(env, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    from semalign.feature_repo.store import SemanticIdStore, UnknownVersionError
+    from semalign.feature_repo.errors import UnknownVersionError
+    from semalign.feature_repo.store import SemanticIdStore
 
     reader = SemanticIdStore(s)  # a fresh reader process's view
     assert reader.current_version() == cb1.version
@@ -324,6 +326,38 @@ assert not [m for m in sys.modules if m.split(".")[0] == "semalign"], "the plain
 print(json.dumps({"direct": out, "service": {k: out2[k] for k in ("sid_0", "sid_dedup")},
                   "service_tags": dict(svc.tags)}))
 """
+
+
+def test_the_online_reader_answers_like_get_online_features(env):
+    """The hot path reads through a private Feast API (feature_repo/online.py); Feast's public read must give
+    the same SIDs, vectors and user rows, so a Feast upgrade that changes the private one fails here."""
+    store = env["store"]
+    cb, ids, x = codebook_for(14, n=60)
+    text = np.random.default_rng(14).normal(size=(len(ids), 12)).astype(np.float32)
+    store.publish(cb, ids, x, content=text)
+    users = pd.DataFrame({"user_id": ["ua", "ub"], "recent_items": [ids[:3], ids[5:6]], "n_events": [7, 1],
+                          "positive_rate": [0.25, 1.0], "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC")})
+    store.publish_users(users, batch=f"contract-{cb.version}")
+    asked = ids[:8] + ["not-an-item"]
+    codes, found, emb, content = store.read_online(asked, cb.version, cb.levels, with_embedding=True,
+                                                   with_content=True)
+    public = store.fs.get_online_features(
+        features=[f"item_semantic_id:{c}" for c in SID_COLS] + ["item_embedding:embedding", "item_embedding:content"],
+        entity_rows=[{"item_id": i, "codebook_version": cb.version} for i in asked]).to_dict()
+    assert found.tolist() == [v is not None for v in public["sid_dedup"]] == [True] * 8 + [False]
+    np.testing.assert_array_equal(codes[:8], np.array([public[c][:8] for c in SID_COLS]).T)
+    for j in range(8):
+        np.testing.assert_allclose(emb[j], public["embedding"][j], rtol=1e-6)
+        np.testing.assert_allclose(content[j], public["content"][j], rtol=1e-6)
+    assert emb[8] is None and content[8] is None
+    mine = store.users_online(["ua", "ub", "nobody"])
+    pub = store.fs.get_online_features(features=[f"user_recent_items:{f}" for f in ("recent_items", "n_events",
+                                                                                  "positive_rate")],
+                                       entity_rows=[{"user_id": u} for u in ("ua", "ub", "nobody")]).to_dict()
+    assert mine[2] is None and pub["n_events"][2] is None
+    for k in range(2):
+        assert mine[k]["recent_items"] == list(pub["recent_items"][k]) and mine[k]["n_events"] == pub["n_events"][k]
+        assert mine[k]["positive_rate"] == pytest.approx(pub["positive_rate"][k])
 
 
 def test_a_plain_feast_client_reads_the_semantic_ids(env):

@@ -100,6 +100,7 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
     @app.exception_handler(ValueError)
     def input_error(request, e: ValueError):  # the checks on request content raise ValueError
         return JSONResponse({"detail": str(e)}, status_code=422)
+
     registry = Registry(settings)
     lock = threading.Lock()
     state = {"served": None, "error": None, "checked_at": 0.0}

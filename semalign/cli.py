@@ -19,6 +19,20 @@ app.add_typer(codebook_app, name="codebook")
 app.add_typer(ids_app, name="ids")
 app.add_typer(items_app, name="items")
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"semalign {version('semalign')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the installed version and exit.")):
+    """Behavior-aligned semantic IDs for cold-start CTR."""
+
+
 DataOpt = typer.Option(None, "--data", help="Dataset folder (env SEMALIGN_DATA).")
 HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")

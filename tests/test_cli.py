@@ -27,6 +27,10 @@ def test_help_is_fast_because_nothing_heavy_is_imported():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+    from importlib.metadata import version
+
+    got = subprocess.run([sys.executable, "-m", "semalign.cli", "--version"], capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == f"semalign {version('semalign')}"
 
 
 @pytest.fixture(scope="module")

@@ -139,20 +139,23 @@ class RankerScorer:
                 raw[k] = None if extra[i][2] is None else np.asarray(extra[i][2], np.float32)
             else:
                 codes[k], found[k], emb[k], raw[k] = look[i]
-        no_raw = [i for i, f, r in zip(items, found, raw) if f and self.raw_dim and (r is None or len(r) != self.raw_dim)]
-        if no_raw:
-            found &= ~np.isin(np.array(items, dtype=object), no_raw)
+        # held without the text-tower vector this ranker reads: missing too (history rows are dropped)
+        lacks_raw = np.array([bool(self.raw_dim) and f and (r is None or len(r) != self.raw_dim)
+                              for f, r in zip(found, raw)], bool)
+        found &= ~lacks_raw
         cands = set(item_ids)
+        lacking = [i for i, lack in zip(items, lacks_raw) if lack and i in cands]
+        if lacking:
+            from semalign.feature_repo.errors import FeatureStoreError
+
+            raise FeatureStoreError(
+                f"codebook version {self.codebook_version} holds no {self.raw_dim}-d text-tower vector for "
+                f"{lacking[:10]}; this ranker reads one: publish the version through `semalign run`/`refresh` "
+                "or `semalign ids publish --data` (or onboard the items with their text)")
         cand_missing = [i for i, f in zip(items, found) if not f and i in cands]
         if cand_missing:
-            from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError
+            from semalign.feature_repo.errors import ItemsNotFoundError
 
-            lacking = [i for i in cand_missing if i in set(no_raw)]
-            if lacking:
-                raise FeatureStoreError(
-                    f"codebook version {self.codebook_version} holds no {self.raw_dim}-d text-tower vector for "
-                    f"{lacking[:10]}; this ranker reads one: publish the version through `semalign run`/`refresh` "
-                    "(or onboard the items with their text)")
             raise ItemsNotFoundError(self.codebook_version, cand_missing)
         # rows: 0 = padding, k+1 = items[k]; history items the version lacks are dropped
         pos = {iid: k + 1 for k, (iid, f) in enumerate(zip(items, found)) if f}

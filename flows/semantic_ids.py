@@ -295,6 +295,15 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
                           sids=sids)
 
 
+def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
+    """Row in `ds.items` of each of `item_ids` (those `holder` holds); refuses ids the dataset lacks."""
+    rows = pd.Index(ds.items["item_id"]).get_indexer(pd.Index(item_ids))
+    if (rows < 0).any():
+        missing = pd.Index(item_ids)[rows < 0].tolist()[:5]
+        raise ValueError(f"{holder} holds items the dataset {ds.name} lacks ({missing}); nothing was published")
+    return rows
+
+
 def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
                   make_current: bool = True, feats: TowerFeatures | None = None) -> dict:
     """Publishes a codebook version's SIDs, aligned vectors and text-tower vectors (the ranker reads both) to the
@@ -306,10 +315,7 @@ def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: Enco
     store = SemanticIdStore(settings, levels=codebook.levels)
     avail = ds.items["available_at"] if "available_at" in ds.items else None
     sids = cb.sids
-    row_of = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
-    if (row_of < 0).any():
-        raise ValueError(f"codebook {cb.version} holds items the dataset {ds.name} lacks "
-                         f"({sids['item_id'][row_of < 0].tolist()[:5]}); nothing was published")
+    row_of = item_rows(ds, sids["item_id"], f"codebook {cb.version}")
     if avail is not None:
         avail = avail.to_numpy()[row_of]
     feats = feats or tower_features(settings, ds)

@@ -198,16 +198,10 @@ def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, 
     enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
     content = None
     if s.data is not None:
-        import pandas as pd
-
-        from semalign.flows.semantic_ids import ingest, tower_features
+        from semalign.flows.semantic_ids import ingest, item_rows, tower_features
 
         ds = ingest(s, s.data)
-        rows = pd.Index(ds.items["item_id"]).get_indexer(sids["item_id"])
-        if (rows < 0).any():
-            raise ValueError(f"{s.data}: lacks items of codebook {version} "
-                             f"({sids['item_id'][rows < 0].tolist()[:5]}); nothing was published")
-        content = tower_features(s, ds).text[rows]
+        content = tower_features(s, ds).text[item_rows(ds, sids["item_id"], f"codebook {version}")]
     res = SemanticIdStore(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
                                                        encoder_version=enc_v, make_current=current, content=content)
     _emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,

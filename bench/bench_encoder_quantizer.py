@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `models` importable without the package installed (bare GPU box)
 
-from models.quantizer import _assign, build_codebook  # noqa: E402
+from models.codebook import build_codebook  # noqa: E402
+from models.kmeans import _assign  # noqa: E402
 from models.towers import TextTower  # noqa: E402
 
 

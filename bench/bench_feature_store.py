@@ -53,7 +53,7 @@ def read_bench(backend: str, n_items: int, reps: int, tmp: Path) -> list[dict]:
 
     from semalign.config import Settings
     from semalign.feature_repo.store import SemanticIdStore
-    from semalign.models.quantizer import build_codebook
+    from semalign.models.codebook import build_codebook
 
     project = f"bench{uuid.uuid4().hex[:8]}"
     kw = {"feast_online": "redis"} if backend == "redis" else {}
@@ -126,10 +126,10 @@ def read_bench(backend: str, n_items: int, reps: int, tmp: Path) -> list[dict]:
 
 def onboarding_bench(home: Path) -> dict:
     from semalign.config import Settings
-    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.flows.semantic_ids import open_store
 
     s = Settings(home=home)
-    store = SemanticIdStore(s)
+    store = open_store(s)
     v = store.current_version()
     if v is None:
         raise SystemExit(f"no published version under {home}: run `semalign run` first or pass --skip-onboarding")

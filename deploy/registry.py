@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from semalign import atomic, state
 from semalign.config import Settings
 from semalign.errors import NotFoundError, SemalignError
+from semalign.feature_repo.catalogue import CodebookCatalogue
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
@@ -77,6 +78,8 @@ class Registry:
         else:
             self.experiment_id = exp.experiment_id
         self.state = state.engine(settings.resolved_state_url())
+        # the store's current-codebook pointer moves with promotions, through its only owner
+        self.catalogue = CodebookCatalogue(self.state, self.project)
 
     # ------------------------------------------------------------------ lookups
     def version_by_alias(self, alias: str):
@@ -192,7 +195,7 @@ class Registry:
                 state.record(c, self.project, action, f"{self.name}@{CHAMPION}", str(version), from_value=old_v,
                              reason=reason, actor=actor)
             if cb:
-                state.move_pointer(c, self.project, "current_codebook", cb, reason=f"{action} v{version}", actor=actor)
+                self.catalogue.move_current(c, cb, reason=f"{action} v{version}", actor=actor)
         return {"moved": moved, "champion": str(version), "previous": old_v, "codebook_version": cb}
 
     def _last_champion(self, conn) -> str | None:
@@ -234,7 +237,7 @@ class Registry:
         moves = self.history(actions=("promote", "rollback"))
         since = next((m for m in moves if champ and m["to_value"] == str(champ.version)), None)
         gate = next(iter(self.history(actions=("gate",), limit=1)), None)
-        current = state.get_pointer(self.state, self.project, "current_codebook")
+        current = self.catalogue.current()
 
         def desc(mv):
             if mv is None:

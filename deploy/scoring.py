@@ -80,12 +80,12 @@ class RankerScorer:
         self.torch = torch
         if store is None:
             from semalign.config import Settings
-            from semalign.feature_repo.store import SemanticIdStore
+            from semalign.flows.semantic_ids import open_store
 
             settings = settings or Settings()
             if self.meta.get("feast_project"):
                 settings = settings.model_copy(update={"feast_project": self.meta["feast_project"]})
-            store = SemanticIdStore(settings, levels=self.levels)
+            store = open_store(settings, levels=self.levels)
         self.store = store
 
     # ------------------------------------------------------------------ features
@@ -126,8 +126,28 @@ class RankerScorer:
         that reads text-tower vectors treats an item the version holds without one as missing."""
         torch = self.torch
         hl = int(self.meta["hist_len"])
-        extra = extra or {}
         items = list(dict.fromkeys(list(item_ids) + [i for h in histories for i in h[-hl:]]))
+        tables, pos = self._request_tables(items, set(item_ids), extra or {})
+        hist_rows = np.zeros((len(item_ids), hl), np.int64)
+        for r, h in enumerate(histories):  # history items the version lacks are dropped
+            rows = [pos[i] for i in h if i in pos][-hl:]
+            if rows:
+                hist_rows[r, hl - len(rows):] = rows
+        cand = torch.as_tensor([pos[i] for i in item_ids])
+        u, h = torch.as_tensor(np.asarray(user_feats, np.float32)), torch.as_tensor(hist_rows)
+        out = []
+        # the request's item rows go in as the forward's tables: the parameters are shared and read-only, so
+        # concurrent requests need no lock
+        with torch.no_grad():
+            for s in range(0, len(cand), batch):
+                out.append(torch.sigmoid(self.model(u[s:s + batch], cand[s:s + batch], h[s:s + batch],
+                                                    tables=tables).float()))
+        return torch.cat(out).numpy()
+
+    def _request_tables(self, items: list[str], cands: set, extra: dict) -> tuple[dict, dict]:
+        """The model's item tables for one request's items (row 0 = padding, k+1 = items[k]) and {item_id: row}
+        of the items found. Candidates the version lacks (or holds without the text-tower vector this ranker
+        reads) are refused by name."""
         look = self.item_features([i for i in items if i not in extra])
         codes = np.zeros((len(items), self.levels + 1), np.int64)
         found = np.zeros(len(items), bool)
@@ -139,11 +159,9 @@ class RankerScorer:
                 raw[k] = None if extra[i][2] is None else np.asarray(extra[i][2], np.float32)
             else:
                 codes[k], found[k], emb[k], raw[k] = look[i]
-        # held without the text-tower vector this ranker reads: missing too (history rows are dropped)
         lacks_raw = np.array([bool(self.raw_dim) and f and (r is None or len(r) != self.raw_dim)
                               for f, r in zip(found, raw)], bool)
         found &= ~lacks_raw
-        cands = set(item_ids)
         lacking = [i for i, lack in zip(items, lacks_raw) if lack and i in cands]
         if lacking:
             from semalign.feature_repo.errors import FeatureStoreError
@@ -157,36 +175,21 @@ class RankerScorer:
             from semalign.feature_repo.errors import ItemsNotFoundError
 
             raise ItemsNotFoundError(self.codebook_version, cand_missing)
-        # rows: 0 = padding, k+1 = items[k]; history items the version lacks are dropped
-        pos = {iid: k + 1 for k, (iid, f) in enumerate(zip(items, found)) if f}
-        content = np.zeros((len(items) + 1, int(self.meta["content_dim"])), np.float32)
-        raw_tab = np.zeros((len(items) + 1, self.raw_dim), np.float32)
-        code_tab = np.zeros((len(items) + 1, self.levels), np.int64)
-        id_vocab = np.zeros(len(items) + 1, np.int64)
-        for k, (iid, f) in enumerate(zip(items, found)):
-            if f:
-                content[k + 1] = emb[k]
-                if self.raw_dim:
-                    raw_tab[k + 1] = raw[k]
-                code_tab[k + 1] = codes[k, : self.levels]
-                id_vocab[k + 1] = self.id_row.get(iid, 0)
-        hist_rows = np.zeros((len(item_ids), hl), np.int64)
-        for r, h in enumerate(histories):
-            rows = [pos[i] for i in h if i in pos][-hl:]
-            if rows:
-                hist_rows[r, hl - len(rows):] = rows
-        m = self.model
-        cand = torch.as_tensor([pos[i] for i in item_ids])
-        u, h = torch.as_tensor(np.asarray(user_feats, np.float32)), torch.as_tensor(hist_rows)
-        out = []
-        # the request's item rows go in as the forward's tables: the parameters are shared and read-only, so
-        # concurrent requests need no lock
-        tables = {"id_vocab": torch.as_tensor(id_vocab), "content": torch.as_tensor(content),
-                  "raw": torch.as_tensor(raw_tab), "codes": torch.as_tensor(code_tab)}
-        with torch.no_grad():
-            for s in range(0, len(cand), batch):
-                out.append(torch.sigmoid(m(u[s:s + batch], cand[s:s + batch], h[s:s + batch], tables=tables).float()))
-        return torch.cat(out).numpy()
+        n = len(items) + 1
+        content = np.zeros((n, int(self.meta["content_dim"])), np.float32)
+        raw_tab = np.zeros((n, self.raw_dim), np.float32)
+        code_tab = np.zeros((n, self.levels), np.int64)
+        id_vocab = np.zeros(n, np.int64)
+        for k in np.flatnonzero(found):
+            content[k + 1] = emb[k]
+            if self.raw_dim:
+                raw_tab[k + 1] = raw[k]
+            code_tab[k + 1] = codes[k, : self.levels]
+            id_vocab[k + 1] = self.id_row.get(items[k], 0)
+        t = self.torch
+        tables = {"id_vocab": t.as_tensor(id_vocab), "content": t.as_tensor(content), "raw": t.as_tensor(raw_tab),
+                  "codes": t.as_tensor(code_tab)}
+        return tables, {items[k]: k + 1 for k in np.flatnonzero(found)}
 
     def item_features(self, items: list[str]) -> dict:
         """{item_id: (codes [levels + 1] or -1s, found, aligned vector or None, text-tower vector or None)} from

@@ -1,4 +1,6 @@
-"""Online reads on the hot path: Feast's provider `online_read` for prepared entity keys, decoded straight into
+"""The online store: reads on the hot path and the two write paths.
+
+Reads: Feast's provider `online_read` for prepared entity keys, decoded straight into
 arrays, with no per-call registry lookups or response objects.
 
 `FeatureStore._get_provider().online_read` is a private Feast API. It is called here and nowhere else, and
@@ -61,3 +63,20 @@ def read_users(fs, user_view, user_ids: list[str]) -> list[dict | None]:
                     "n_events": int(vals["n_events"].int64_val),
                     "positive_rate": float(vals["positive_rate"].float_val)})
     return out
+
+
+def write_rows(fs, frames: dict, chunk: int = 20000, between=None) -> None:
+    """Batch writes (a publish): each view's rows in chunks; `between` runs after each chunk."""
+    for view, df in frames.items():
+        for i in range(0, len(df), chunk):
+            fs.write_to_online_store(view, df.iloc[i:i + chunk])
+            if between is not None:
+                between()
+
+
+def push_rows(fs, frames: dict) -> None:
+    """Small writes (onboarding) through each view's push source."""
+    from feast.data_source import PushMode
+
+    for view, df in frames.items():
+        fs.push(f"{view}_push", df, to=PushMode.ONLINE)

@@ -1,21 +1,11 @@
-"""The `refresh` flow as a module-level Prefect flow (the entrypoint of scheduled deployments), and
-`schedule()`, which registers a cron deployment on a process work pool of the configured Prefect server.
-Parameters carry only the data path and SEMALIGN_HOME; everything else (credentials included) comes from the
-worker's environment, so no secret is stored in Prefect."""
+"""`schedule()`: registers the one `refresh` flow (flows/refresh.py) as a cron deployment on a process work pool
+of the configured Prefect server. Parameters carry only the data path and SEMALIGN_HOME; everything else
+(credentials included) comes from the worker's environment, so no secret is stored in Prefect."""
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
-
-from prefect import flow
-
-
-@flow(name="refresh", description="Refresh encoder, codebook, semantic IDs and ranker; promote behind gates.")
-def refresh(data: str | None = None, home: str | None = None) -> dict:
-    from semalign.config import Settings
-    from semalign.flows.refresh import refresh_job
-
-    settings = Settings(home=home) if home else Settings()
-    return refresh_job(settings, data)
 
 
 def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str = "semalign-refresh",
@@ -23,6 +13,9 @@ def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
+    from prefect.schedules import Cron
+
+    from semalign.flows.refresh import refresh
 
     with get_client(sync_client=True) as client:
         try:
@@ -31,12 +24,7 @@ def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str 
             pass
         api = client.api_url
     source = Path(__file__).resolve().parent
-    deployable = refresh.from_source(source=str(source), entrypoint="deployment.py:refresh")
-    import contextlib
-    import sys
-
-    from prefect.schedules import Cron
-
+    deployable = refresh.from_source(source=str(source), entrypoint="refresh.py:refresh")
     with contextlib.redirect_stdout(sys.stderr):  # Prefect's advice text would spoil `--json` on stdout
         dep_id = deployable.deploy(name=name, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone)],
                                    parameters={"data": str(Path(data).resolve()), "home": str(Path(home).resolve())},

@@ -267,7 +267,7 @@ def load_saved(json_path: Path) -> tuple[dict, dict]:
     out = json.loads(json_path.read_text())
     npz = json_path.with_suffix(".preds.npz")
     if not npz.exists():
-        raise FileNotFoundError(f"{npz}: the predictions of {json_path.name} are missing (written by --json)")
+        raise FileNotFoundError(f"{npz}: the predictions of {json_path.name} are missing (written by --out)")
     saved = {}
     with np.load(npz, allow_pickle=False) as z:
         for key in z.files:

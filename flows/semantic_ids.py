@@ -5,8 +5,6 @@ already built, so re-running on unchanged input does no repeated work and publis
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,17 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semalign import atomic
+from semalign import artifacts, atomic
 from semalign.config import Settings
 from semalign.data import Dataset, Split, load_dataset, mine_pairs, settings_split
+from semalign.hashing import digest
 from semalign.progress import Reporter
 
 
 def _hash(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:12]
+    return digest(*parts, length=12)
 
 
 @dataclass
@@ -98,7 +94,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     """Trains (or reuses) the encoder. With `parent` ("latest" or a version) a retrain starts from the parent's
     weights and image PCA, so item embeddings move only as far as behavior changed: that is what keeps
     semantic IDs stable across refreshes."""
-    from semalign.models.encoder import EncoderConfig, embed_items, hit_at_k, load_encoder, save_encoder, train_encoder
+    from semalign.models.encoder import EncoderConfig, embed_items, load_encoder, save_encoder, train_encoder
 
     rep = rep or Reporter(quiet=True)
     device = settings.resolved_device()
@@ -136,24 +132,8 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
                 "best_epoch": res.best_epoch, "history": res.history,
                 "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "split": split.kind}
     emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
-
-    cold = set(split.cold_items.tolist())
-    cold_pairs = np.array([p for p in test_pairs if p[0] in cold or p[1] in cold], dtype=np.int64).reshape(-1, 2)
-    both_img = test_pairs[feats.has_image[test_pairs].all(1)] if len(test_pairs) else test_pairs
-    k = cfg.eval_k
-    metrics = {
-        "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "test_pairs": int(len(test_pairs)),
-        "test_pairs_with_cold_item": int(len(cold_pairs)), "best_epoch": meta["best_epoch"],
-        f"hit@{k}": {
-            "encoder": hit_at_k(emb, test_pairs, k), "raw_text": hit_at_k(feats.text, test_pairs, k),
-            "encoder_cold_pairs": hit_at_k(emb, cold_pairs, k), "raw_text_cold_pairs": hit_at_k(feats.text, cold_pairs, k),
-        },
-    }
-    if feats.image is not None and len(both_img):
-        metrics[f"hit@{k}"].update(encoder_image_pairs=hit_at_k(emb, both_img, k),
-                                   raw_image_image_pairs=hit_at_k(feats.image, both_img, k),
-                                   raw_text_image_pairs=hit_at_k(feats.text, both_img, k))
-        metrics["test_pairs_both_images"] = int(len(both_img))
+    metrics = {"train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "best_epoch": meta["best_epoch"],
+               **_encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k)}
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
         with atomic.building(folder) as tmp:
             save_encoder(model, tmp, {**meta, "metrics": metrics})
@@ -163,26 +143,40 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
 
 
+def _encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int) -> dict:
+    """hit@k of the encoder against the raw towers on the test window's behavior pairs: all, those with a cold
+    item, and those whose items both have images."""
+    from semalign.models.encoder import hit_at_k
+
+    cold = set(split.cold_items.tolist())
+    cold_pairs = np.array([p for p in test_pairs if p[0] in cold or p[1] in cold], dtype=np.int64).reshape(-1, 2)
+    both_img = test_pairs[feats.has_image[test_pairs].all(1)] if len(test_pairs) else test_pairs
+    hits = {"encoder": hit_at_k(emb, test_pairs, k), "raw_text": hit_at_k(feats.text, test_pairs, k),
+            "encoder_cold_pairs": hit_at_k(emb, cold_pairs, k), "raw_text_cold_pairs": hit_at_k(feats.text, cold_pairs, k)}
+    out = {"test_pairs": int(len(test_pairs)), "test_pairs_with_cold_item": int(len(cold_pairs)), f"hit@{k}": hits}
+    if feats.image is not None and len(both_img):
+        hits.update(encoder_image_pairs=hit_at_k(emb, both_img, k), raw_image_image_pairs=hit_at_k(feats.image, both_img, k),
+                    raw_text_image_pairs=hit_at_k(feats.text, both_img, k))
+        out["test_pairs_both_images"] = int(len(both_img))
+    return out
+
+
 # ---------------------------------------------------------------- codebooks
 
 def latest_codebook_version(settings: Settings) -> str | None:
-    p = settings.codebooks_dir / "LATEST"
-    return p.read_text().strip() if p.exists() else None
+    return artifacts.latest_version(settings)
 
 
 def load_codebook(settings: Settings, version: str):
-    from semalign.models.quantizer import Codebook
-
-    folder = settings.codebooks_dir / version
-    if not folder.exists():
-        known = sorted(p.name for p in settings.codebooks_dir.glob("*") if (p / "codebook.json").exists()) \
-            if settings.codebooks_dir.exists() else []
+    folder = artifacts.codebook_folder(settings, version)
+    if not folder.path.exists():
+        known = artifacts.built_versions(settings)
         raise KeyError(f"unknown codebook version '{version}' (known: {known or 'none'})")
-    return Codebook.load(folder)
+    return folder.load_codebook()
 
 
 def load_sids(settings: Settings, version: str) -> pd.DataFrame:
-    return pd.read_parquet(settings.codebooks_dir / version / "sids.parquet")
+    return pd.read_parquet(artifacts.codebook_folder(settings, version).sids_file)
 
 
 @dataclass
@@ -200,8 +194,9 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
                    rep: Reporter | None = None, move_latest: bool = True) -> CodebookOutput:
     """Fits the codebook on the training items' embeddings, assigns every item (cold ones included),
     adds the dedup level, and records churn against the parent's published SIDs."""
-    from semalign.models.quantizer import (build_codebook, dedup_level, default_codes, embeddings_hash, procrustes,
-                                           sid_churn)
+    from scipy.optimize import linear_sum_assignment
+
+    from semalign.models.codebook import build_codebook, default_codes, embeddings_hash
 
     rep = rep or Reporter(quiet=True)
     method = method or settings.codebook_method
@@ -210,89 +205,107 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
     codes = codes or settings.codebook_codes or default_codes(len(fit_items))
     parent_version = latest_codebook_version(settings) if parent == "latest" else parent
     parent_cb = load_codebook(settings, parent_version) if parent_version else None
+    parent_folder = artifacts.codebook_folder(settings, parent_cb.version) if parent_cb is not None else None
     item_ids = ds.items["item_id"].tolist()
-    embeddings, rotated, rot = enc.embeddings, False, None
-    if parent_cb is not None and (settings.codebooks_dir / parent_cb.version / "sids.parquet").exists():
-        # a retrained encoder can come out rotated: align it to the parent's published space first
-        old = load_sids(settings, parent_cb.version).set_index("item_id")["embedding"]
-        pos = {iid: i for i, iid in enumerate(item_ids)}
-        common = [iid for iid in old.index if iid in pos]
-        old_emb = np.stack(old.loc[common].to_numpy()) if common else None
-        if old_emb is not None and old_emb.shape[1] == embeddings.shape[1] and len(common) >= embeddings.shape[1]:
-            new_common = embeddings[[pos[i] for i in common]]
-            rot = procrustes(new_common, old_emb)
-            # unchanged embeddings must stay bit-identical, or a rerun would mint a new version
-            if not np.array_equal(new_common, old_emb) and np.abs(rot - np.eye(len(rot))).max() > 1e-4:
-                embeddings, rotated = (embeddings @ rot).astype(np.float32), True
-                rows = [pos[i] for i in common]
-                if np.allclose(embeddings[rows], old_emb, rtol=0, atol=1e-5):
-                    # the parent's own encoder output, up to the rotation's float noise: keep the parent's
-                    # bits, or re-running the champion's input would mint a new version
-                    embeddings[rows] = old_emb
+    embeddings, rot = _align_to_parent(settings, parent_folder, item_ids, enc.embeddings)
     data_hash = embeddings_hash(embeddings, item_ids) + "-" + _hash(fit_items.tobytes())
-    pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
     # same embeddings + same config as the parent: the parent *is* the result; nothing new is written
     want = {"method": method, "levels": levels, "codes": codes, "iters": settings.kmeans_iters,
             "seed": settings.seed, "dim": int(embeddings.shape[1])}
     if parent_cb is not None and parent_cb.data_hash == data_hash and \
             {k: parent_cb.config.get(k) for k in want} == want:
         return CodebookOutput(version=parent_cb.version, parent=parent_cb.parent, metrics=parent_cb.metrics,
-                              churn=json.loads((settings.codebooks_dir / parent_cb.version / "churn.json").read_text())
-                              if (settings.codebooks_dir / parent_cb.version / "churn.json").exists() else None,
-                              reused=True, sids=load_sids(settings, parent_cb.version))
+                              churn=parent_folder.churn(), reused=True, sids=load_sids(settings, parent_cb.version))
     # fit pairs re-indexed into the fit subset (RQ-VAE's contrastive term)
+    pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
     pos = -np.ones(ds.n_items, dtype=np.int64)
     pos[fit_items] = np.arange(len(fit_items))
     fit_pairs = pos[pairs]
     fit_pairs = fit_pairs[(fit_pairs >= 0).all(1)]
-    from scipy.optimize import linear_sum_assignment
-
     with rep.stage(f"codebook {method} {levels}x{codes}", levels) as adv:
         cb = build_codebook(embeddings[fit_items], levels=levels, codes=codes, method=method,
                             iters=settings.kmeans_iters, seed=settings.seed, parent=parent_cb, pairs=fit_pairs,
                             data_hash=data_hash, on_level=lambda lvl: adv(1), solve_assignment=linear_sum_assignment)
-    folder = settings.codebooks_dir / cb.version
+    sids, cb.metrics = _sid_table(cb, item_ids, embeddings, rotated=rot is not None)
+    churn = _churn(settings, parent_folder, sids, levels)
+    # write into a temp folder, then rename: readers never see a half-written version
+    # (an existing folder was built before by a run that later changed LATEST: identical content, kept)
+    with atomic.building(artifacts.codebook_folder(settings, cb.version).path, replace=False) as tmp:
+        cb.save(tmp)
+        sids.to_parquet(artifacts.CodebookFolder(tmp).sids_file, index=False)
+        if churn is not None:
+            artifacts.write_churn(tmp, churn)
+        # what onboarding needs to embed a new item into this codebook's space: the encoder, then the rotation
+        artifacts.write_lineage(tmp, enc.version, rot)
+    if move_latest:
+        artifacts.set_latest(settings, cb.version)
+    return CodebookOutput(version=cb.version, parent=cb.parent, metrics=cb.metrics, churn=churn, reused=False,
+                          sids=sids)
+
+
+def _align_to_parent(settings: Settings, parent_folder, item_ids: list[str], embeddings: np.ndarray):
+    """(embeddings, rotation or None): a retrained encoder can come out rotated, so its output is rotated onto
+    the parent's published space (orthogonal Procrustes on the shared items) when that is not the identity."""
+    from semalign.models.kmeans import procrustes
+
+    if parent_folder is None or not parent_folder.sids_file.exists():
+        return embeddings, None
+    old = load_sids(settings, parent_folder.version).set_index("item_id")["embedding"]
+    pos = {iid: i for i, iid in enumerate(item_ids)}
+    common = [iid for iid in old.index if iid in pos]
+    old_emb = np.stack(old.loc[common].to_numpy()) if common else None
+    if old_emb is None or old_emb.shape[1] != embeddings.shape[1] or len(common) < embeddings.shape[1]:
+        return embeddings, None
+    new_common = embeddings[[pos[i] for i in common]]
+    rot = procrustes(new_common, old_emb)
+    # unchanged embeddings must stay bit-identical, or a rerun would mint a new version
+    if np.array_equal(new_common, old_emb) or np.abs(rot - np.eye(len(rot))).max() <= 1e-4:
+        return embeddings, None
+    embeddings = (embeddings @ rot).astype(np.float32)
+    rows = [pos[i] for i in common]
+    if np.allclose(embeddings[rows], old_emb, rtol=0, atol=1e-5):
+        # the parent's own encoder output, up to the rotation's float noise: keep the parent's bits, or
+        # re-running the champion's input would mint a new version
+        embeddings[rows] = old_emb
+    return embeddings, rot
+
+
+def _sid_table(cb, item_ids: list[str], embeddings: np.ndarray, rotated: bool) -> tuple[pd.DataFrame, dict]:
+    """Every item's SID (dedup level included) and aligned vector, and the codebook's metrics extended with the
+    whole catalogue's (cold items included: what serving sees)."""
+    from semalign.models.sids import dedup_level
+
     assigned = cb.assign(embeddings)
     tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")
     dedup = dedup_level(assigned, tie_order=tie)
     sids = pd.DataFrame({"item_id": item_ids})
-    for lvl in range(levels):
+    for lvl in range(assigned.shape[1]):
         sids[f"sid_{lvl}"] = assigned[:, lvl]
     sids["sid_dedup"] = dedup
     sids["embedding"] = list(embeddings.astype(np.float32))
-    all_metrics = dict(cb.metrics)
-    all_metrics["rotated_to_parent"] = rotated
-    # the fit set's metrics are the codebook's; the catalogue's (cold items included) are what serving sees
+    metrics = dict(cb.metrics)
+    metrics["rotated_to_parent"] = rotated
     _, counts = np.unique(assigned, axis=0, return_counts=True)
-    all_metrics["catalogue_collision_rate"] = float(counts[counts > 1].sum() / len(assigned))
-    all_metrics["catalogue_collision_rate_after_dedup"] = float(
+    metrics["catalogue_collision_rate"] = float(counts[counts > 1].sum() / len(assigned))
+    metrics["catalogue_collision_rate_after_dedup"] = float(
         len(assigned) - len(np.unique(np.c_[assigned, dedup], axis=0))) / len(assigned)
-    all_metrics["max_dedup"] = int(dedup.max()) if len(dedup) else 0
-    cb.metrics = all_metrics
-    churn = None
-    if parent_cb is not None and (settings.codebooks_dir / parent_cb.version / "sids.parquet").exists():
-        old = load_sids(settings, parent_cb.version).set_index("item_id")
-        common = [i for i in item_ids if i in old.index]
-        cols = [f"sid_{lvl}" for lvl in range(levels)]
-        if common and all(c in old.columns for c in cols):
-            new = sids.set_index("item_id").loc[common, cols].to_numpy()
-            churn = {"parent": parent_cb.version, "items": len(common),
-                     **sid_churn(old.loc[common, cols].to_numpy(), new)}
-    # write into a temp folder, then rename: readers never see a half-written version
-    # (an existing folder was built before by a run that later changed LATEST: identical content, kept)
-    with atomic.building(folder, replace=False) as tmp:
-        cb.save(tmp)
-        sids.to_parquet(tmp / "sids.parquet", index=False)
-        if churn is not None:
-            (tmp / "churn.json").write_text(json.dumps(churn, indent=2))
-        # what onboarding needs to embed a new item into this codebook's space: the encoder, then the rotation
-        (tmp / "lineage.json").write_text(json.dumps({"encoder_version": enc.version, "rotated": rotated}, indent=2))
-        if rotated:
-            np.save(tmp / "rotation.npy", rot.astype(np.float32), allow_pickle=False)
-    if move_latest:
-        atomic.write_text(settings.codebooks_dir / "LATEST", cb.version)
-    return CodebookOutput(version=cb.version, parent=cb.parent, metrics=all_metrics, churn=churn, reused=False,
-                          sids=sids)
+    metrics["max_dedup"] = int(dedup.max()) if len(dedup) else 0
+    return sids, metrics
+
+
+def _churn(settings: Settings, parent_folder, sids: pd.DataFrame, levels: int) -> dict | None:
+    """SID churn of the items the parent also held, overall and per level."""
+    from semalign.models.sids import sid_churn
+
+    if parent_folder is None or not parent_folder.sids_file.exists():
+        return None
+    old = load_sids(settings, parent_folder.version).set_index("item_id")
+    cols = [f"sid_{lvl}" for lvl in range(levels)]
+    common = [i for i in sids["item_id"] if i in old.index]
+    if not common or not all(c in old.columns for c in cols):
+        return None
+    new = sids.set_index("item_id").loc[common, cols].to_numpy()
+    return {"parent": parent_folder.version, "items": len(common), **sid_churn(old.loc[common, cols].to_numpy(), new)}
 
 
 def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
@@ -304,15 +317,21 @@ def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
     return rows
 
 
+def open_store(settings: Settings, levels: int | None = None):
+    """The feature store with the item embedder handed in, so it can onboard and encode items from content."""
+    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.flows.embedder import item_embedders
+
+    return SemanticIdStore(settings, levels=levels, embedder=item_embedders(settings))
+
+
 def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
                   make_current: bool = True, feats: TowerFeatures | None = None) -> dict:
     """Publishes a codebook version's SIDs, aligned vectors and text-tower vectors (the ranker reads both) to the
     feature store (a no-op when that exact version is already published). Offline rows are stamped with the
     item's `available_at` where known. Without `feats` the tower features are read (from their cache)."""
-    from semalign.feature_repo.store import SemanticIdStore
-
     codebook = load_codebook(settings, cb.version)
-    store = SemanticIdStore(settings, levels=codebook.levels)
+    store = open_store(settings, levels=codebook.levels)
     avail = ds.items["available_at"] if "available_at" in ds.items else None
     sids = cb.sids
     row_of = item_rows(ds, sids["item_id"], f"codebook {cb.version}")

@@ -7,7 +7,6 @@ Ids are kept as strings so any id scheme works; models see dense integer indices
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import urllib.request
 import zipfile
@@ -29,6 +28,7 @@ POSITIVE_RATING = 4
 BUCKETS = ("unseen", "1-9", "10-99", "100+")   # items by training-window interactions
 ALL_BUCKETS = ("all",) + BUCKETS                 # every metric table: all events, then per bucket
 MAX_TEXT_CHARS = 100_000     # longer item text is a broken export, not a description
+MAX_REQUEST_TEXT_CHARS = 20_000  # per item in a scoring/onboarding request: encoding cost is paid per request
 FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
 BadRowPolicy = Literal["error", "quarantine"]
 
@@ -64,11 +64,11 @@ class Dataset:
         return int(self.interactions["user_idx"].max()) + 1 if len(self.interactions) else 0
 
     def content_hash(self) -> str:
-        h = hashlib.sha256()
-        h.update(pd.util.hash_pandas_object(self.items[["item_id", "text"]], index=False).values.tobytes())
-        h.update(pd.util.hash_pandas_object(self.interactions[["user_id", "item_id", "ts", "label"]],
-                                            index=False).values.tobytes())
-        return h.hexdigest()[:16]
+        from semalign.hashing import digest
+
+        return digest(pd.util.hash_pandas_object(self.items[["item_id", "text"]], index=False).values,
+                      pd.util.hash_pandas_object(self.interactions[["user_id", "item_id", "ts", "label"]],
+                                                 index=False).values, length=16)
 
 
 # ---------------------------------------------------------------- loading
@@ -219,9 +219,40 @@ def _parse_timestamps(s: pd.Series) -> pd.Series:
 
 def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, policy: BadRowPolicy = "error",
              quarantine_dir: Path | None = None, positive_rating: float = POSITIVE_RATING) -> Dataset:
+    """Checks both tables against the data contract (bad rows fail naming file, row and column, or are
+    quarantined) and returns the dataset with dense user/item indices, events in a deterministic order."""
     chk = _Checker(policy, files, quarantine_dir)
     items = items.reset_index(drop=True)
     inter = inter.reset_index(drop=True)
+    _require_columns(items, inter, files)
+    items = _valid_items(chk, items)
+    inter = _valid_interactions(chk, inter, set(items["item_id"]), positive_rating)
+    if len(inter) == 0:
+        raise DataValidationError(files["interactions"], None, None, "at least one valid interaction")
+    chk.flush()
+    items = items.reset_index(drop=True)
+    item_index = pd.Series(np.arange(len(items)), index=items["item_id"])
+    users = np.sort(inter["user_id"].unique())
+    user_index = pd.Series(np.arange(len(users)), index=users)
+    out = pd.DataFrame({
+        "user_id": inter["user_id"].to_numpy(),
+        "item_id": inter["item_id"].to_numpy(),
+        "timestamp": inter["_ts"].to_numpy(),
+        "label": inter["_label"].astype("int8").to_numpy(),
+    })
+    out["ts"] = (out["timestamp"].astype("int64") // 10**9).astype("int64") if out["timestamp"].dtype.kind == "M" \
+        else pd.to_datetime(out["timestamp"], utc=True).astype("int64") // 10**9
+    out["item_idx"] = item_index.loc[out["item_id"]].to_numpy()
+    out["user_idx"] = user_index.loc[out["user_id"]].to_numpy()
+    # deterministic order: time, then ids
+    out = out.sort_values(["ts", "user_idx", "item_idx"], kind="stable").reset_index(drop=True)
+    report = dict(chk.report)
+    report.update(items=len(items), interactions=len(out), users=len(users),
+                  items_with_image=int(items["image_path"].notna().sum()), positive_rate=float(out["label"].mean()))
+    return Dataset(name=name, items=items, interactions=out, report=report)
+
+
+def _require_columns(items: pd.DataFrame, inter: pd.DataFrame, files: dict) -> None:
     for col in ("item_id", "text"):
         if col not in items.columns:
             raise DataValidationError(files["items"], None, col, f"a column '{col}' (have: {list(items.columns)})")
@@ -232,7 +263,8 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
     if "label" not in inter.columns and "rating" not in inter.columns:
         raise DataValidationError(files["interactions"], None, "label", "a column 'label' (0/1) or 'rating'")
 
-    # items
+
+def _valid_items(chk: "_Checker", items: pd.DataFrame) -> pd.DataFrame:
     items["item_id"] = items["item_id"].map(lambda v: None if _isnull(v) else str(v).strip())
     items = chk.bad("items", items, items["item_id"].isna().to_numpy(), "item_id", "a non-empty id", fatal=True)
     dup = items["item_id"].duplicated(keep="first").to_numpy()
@@ -255,8 +287,10 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
         items.loc[missing_img, "image_path"] = None
     if "available_at" in items.columns:
         items["available_at"] = pd.to_datetime(items["available_at"], utc=True, errors="coerce", format="mixed")
+    return items
 
-    # interactions
+
+def _valid_interactions(chk: "_Checker", inter: pd.DataFrame, known: set, positive_rating: float) -> pd.DataFrame:
     for col in ("user_id", "item_id"):
         inter[col] = inter[col].map(lambda v: None if _isnull(v) else str(v).strip())
         inter = chk.bad("interactions", inter, inter[col].isna().to_numpy(), col, "a non-empty id")
@@ -275,35 +309,11 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
         rating = pd.to_numeric(inter["rating"], errors="coerce")
         inter = chk.bad("interactions", inter.assign(_label=(rating >= positive_rating).astype("int8")),
                         rating.isna().to_numpy(), "rating", "a number")
-    known = set(items["item_id"])
     inter = chk.bad("interactions", inter, ~inter["item_id"].isin(known).to_numpy(), "item_id",
                     "an item_id present in the items file")
     dups = inter.duplicated(["user_id", "item_id", "_ts"], keep="first").to_numpy()
     inter = chk.bad("interactions", inter, dups, "timestamp", "one event per (user_id, item_id, timestamp)")
-    if len(inter) == 0:
-        raise DataValidationError(files["interactions"], None, None, "at least one valid interaction")
-    chk.flush()
-
-    items = items.reset_index(drop=True)
-    item_index = pd.Series(np.arange(len(items)), index=items["item_id"])
-    users = np.sort(inter["user_id"].unique())
-    user_index = pd.Series(np.arange(len(users)), index=users)
-    out = pd.DataFrame({
-        "user_id": inter["user_id"].to_numpy(),
-        "item_id": inter["item_id"].to_numpy(),
-        "timestamp": inter["_ts"].to_numpy(),
-        "label": inter["_label"].astype("int8").to_numpy(),
-    })
-    out["ts"] = (out["timestamp"].astype("int64") // 10**9).astype("int64") if out["timestamp"].dtype.kind == "M" \
-        else pd.to_datetime(out["timestamp"], utc=True).astype("int64") // 10**9
-    out["item_idx"] = item_index.loc[out["item_id"]].to_numpy()
-    out["user_idx"] = user_index.loc[out["user_id"]].to_numpy()
-    # deterministic order: time, then ids
-    out = out.sort_values(["ts", "user_idx", "item_idx"], kind="stable").reset_index(drop=True)
-    report = dict(chk.report)
-    report.update(items=len(items), interactions=len(out), users=len(users),
-                  items_with_image=int(items["image_path"].notna().sum()), positive_rate=float(out["label"].mean()))
-    return Dataset(name=name, items=items, interactions=out, report=report)
+    return inter
 
 
 # ---------------------------------------------------------------- splits, buckets, pairs, histories

@@ -37,6 +37,11 @@ class ConflictError(SemalignError):
     http_status = 409
 
 
+class TooLargeError(InvalidInputError):
+    """A request carries more than one call may (candidates, items, bytes)."""
+    http_status = 413
+
+
 class UnavailableError(SemalignError):
     """A server semalign depends on cannot be reached; retrying later can succeed."""
     http_status = 503

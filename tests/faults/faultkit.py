@@ -213,7 +213,7 @@ def nothing_half_written(home: Path) -> list[str]:
     """Every encoder, codebook and ranker folder in SEMALIGN_HOME loads (in-progress ones are dot-named
     temporaries that nothing reads). Returns the folders checked."""
     from semalign.models.encoder import load_encoder
-    from semalign.models.quantizer import Codebook
+    from semalign.models.codebook import Codebook
 
     checked = []
     for folder in sorted((home / "codebooks").glob("[!.]*")):

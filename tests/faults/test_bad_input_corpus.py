@@ -104,7 +104,7 @@ def test_corrupt_and_giant_images_are_skipped_and_counted(tmp_path, movielens):
 
 
 def _tiny_codebook(folder: Path):
-    from semalign.models.quantizer import build_codebook
+    from semalign.models.codebook import build_codebook
 
     x = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
     cb = build_codebook(x, levels=2, codes=4, iters=3, data_hash="corpus")
@@ -129,7 +129,7 @@ def _pickle_bomb(path: Path, marker: Path) -> None:
 
 
 def test_tampered_codebook_files_are_refused(tmp_path):
-    from semalign.models.quantizer import Codebook
+    from semalign.models.codebook import Codebook
 
     folder = tmp_path / "cb"
     _tiny_codebook(folder)

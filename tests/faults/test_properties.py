@@ -85,7 +85,8 @@ def embeddings(draw):
 @FAST
 @given(embeddings(), st.integers(0, 5))
 def test_quantizer_assign_is_deterministic_unique_after_dedup_and_round_trips(x, seed):
-    from semalign.models.quantizer import Codebook, build_codebook, dedup_level
+    from semalign.models.codebook import Codebook, build_codebook
+    from semalign.models.sids import dedup_level
 
     cb = build_codebook(x, levels=2, codes=4, iters=3, seed=seed, data_hash="prop")
     codes = cb.assign(x)

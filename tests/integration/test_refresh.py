@@ -144,7 +144,8 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
 
 
 def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
-    from semalign.flows.refresh import RefreshLockedError, refresh_lock
+    from semalign.flows.errors import RefreshLockedError
+    from semalign.flows.lock import refresh_lock
 
     s = _settings(tmp_path / "home")
     with refresh_lock(s):

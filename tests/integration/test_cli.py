@@ -33,6 +33,27 @@ def test_help_is_fast_because_nothing_heavy_is_imported():
     assert got.stdout.strip() == f"semalign {version('semalign')}"
 
 
+def test_help_lists_the_exit_codes():
+    from semalign.errors import EXIT_FAILED, EXIT_GATES_BLOCKED, EXIT_OK, EXIT_USAGE
+
+    out = subprocess.run([sys.executable, "-m", "semalign.cli", "--help"], capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "400"}).stdout
+    assert "Exit codes" in out
+    for code, meaning in ((EXIT_OK, "ok"), (EXIT_FAILED, "failed"), (EXIT_USAGE, "usage"),
+                          (EXIT_GATES_BLOCKED, "the gates blocked the promotion")):
+        assert f"{code} {meaning}" in out
+
+
+def test_old_experiment_json_path_spelling_is_rewritten_to_out():
+    from semalign.cli import legacy_out
+
+    assert legacy_out(["experiment", "--seeds", "1", "--json", "r.json"]) == ["experiment", "--seeds", "1", "--out", "r.json"]
+    assert legacy_out(["experiment", "--json=r.json"]) == ["experiment", "--out=r.json"]
+    for argv in (["experiment", "--json"], ["experiment", "--json", "--seeds", "2"], ["run", "--json"],
+                 ["ids", "get", "--json", "sku-1"], ["--version"], []):
+        assert legacy_out(argv) == argv  # the --json flag, and other commands, are left alone
+
+
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory, movielens):
     return write_generic(tmp_path_factory.mktemp("shop"), movielens, n_items=300)
@@ -96,7 +117,8 @@ def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens
     out = tmp_path / "exp" / "res.json"
     proc = _cli("experiment", "--data", str(shop), "--seeds", "2", "--models",
                 "aligned_content,full@cold_behavior=generated,id_only,logreg",
-                "--max-epochs", "1", "--bootstrap", "20", "--json", str(out), env=env)
+                "--max-epochs", "1", "--bootstrap", "20", "--out", str(out), env=env)
+    assert "deprecated" not in proc.stderr
     res = json.loads(out.read_text())
     assert res["split"] == "cold-items" and res["seeds"] == [0, 1]
     keys = {(r["model"], r["bucket"], r["metric"]) for r in res["results"]}
@@ -125,6 +147,15 @@ def test_experiment_writes_long_form_results_plot_and_deltas(tmp_path, movielens
     assert "| GAUC |" in proc.stdout and "delta" in proc.stdout
     # the experiment never moves the published codebook pointer
     assert not (tmp_path / "home" / "codebooks" / "LATEST").exists()
+
+    # --json is the flag of every command: the results as JSON on stdout, nothing else there
+    merged = json.loads(_cli("experiment", "--merge", str(out), "--bootstrap", "20", "--json", env=env).stdout)
+    assert merged["seeds"] == [0, 1] and merged["results"] and merged["merged_from"] == ["res.json"]
+    # the old spelling `--json PATH` still writes the files, and says it is deprecated
+    legacy = tmp_path / "exp" / "merged.json"
+    old = _cli("experiment", "--merge", str(out), "--bootstrap", "20", "--json", str(legacy), env=env)
+    assert "`--json PATH` is deprecated, use `--out PATH`" in old.stderr and "| GAUC |" in old.stdout
+    assert json.loads(legacy.read_text())["seeds"] == [0, 1] and legacy.with_suffix(".md").exists()
 
 
 def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop):

@@ -69,7 +69,8 @@ def test_binds_to_loopback_only_by_default(served):
 
 def test_scores_100_candidates_with_one_brand_new_item(served):
     from semalign.config import Settings
-    from semalign.feature_repo.store import _Onboarder
+    from semalign.artifacts import codebook_folder
+    from semalign.flows.embedder import ItemEmbedder
 
     base, first = served["base"], served["first"]
     items = pd.read_csv(served["shop"] / "items.csv")["item_id"].tolist()[:99]
@@ -82,8 +83,10 @@ def test_scores_100_candidates_with_one_brand_new_item(served):
     assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
     got = next(r for r in body["items"] if r["item_id"] == "brand-new-1")
     assert got["source"] == "on_the_fly"
-    ob = _Onboarder(Settings(home=served["home"]), body["codebook_version"], None)
-    want = ob.codebook.assign(ob.embed(pd.DataFrame([new]))[0])[0].tolist()
+    settings = Settings(home=served["home"])
+    embedder = ItemEmbedder(settings, body["codebook_version"])
+    codebook = codebook_folder(settings, body["codebook_version"]).load_codebook()
+    want = codebook.assign(embedder.embed(pd.DataFrame([new]))[0])[0].tolist()
     assert got["sid"] == want
     # on the fly means not written: the store still does not hold it
     status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "brand-new-1"}]})

@@ -6,8 +6,10 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from semalign.models.quantizer import (Codebook, RQVAEConfig, build_codebook, dedup_level, default_codes,
-                                       match_to_parent, sid_churn)
+from semalign.models.codebook import Codebook, build_codebook, default_codes
+from semalign.models.kmeans import match_to_parent
+from semalign.models.rqvae import RQVAEConfig
+from semalign.models.sids import dedup_level, sid_churn
 
 
 def test_match_to_parent_puts_each_new_centroid_in_its_parents_slot():
@@ -114,7 +116,7 @@ def test_rqvae_round_trip(tmp_path, clustered):
 
 
 def test_procrustes_undoes_a_rotation(clustered):
-    from semalign.models.quantizer import procrustes
+    from semalign.models.kmeans import procrustes
 
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((32, 32)))
     rotated = clustered @ q.astype(np.float32)

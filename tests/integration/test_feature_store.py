@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from semalign.config import Settings
-from semalign.models.quantizer import build_codebook, dedup_level
+from semalign.models.codebook import build_codebook
+from semalign.models.sids import dedup_level
 
 REDIS = os.environ.get("SEMALIGN_TEST_REDIS", "127.0.0.1:6379")
 POSTGRES = os.environ.get("SEMALIGN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -243,6 +244,12 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(env):
         store.onboard(pd.DataFrame({"item_id": ["w"]}), version=cb.version, embeddings=np.zeros((1, 3)))
     with pytest.raises(UnknownVersionError):
         store.onboard(pd.DataFrame({"item_id": ["w"]}), version="no-such-version", embeddings=np.zeros((1, 16)))
+    # content needs the item embedder the store was opened with (flows.semantic_ids.open_store hands it in)
+    from semalign.feature_repo.errors import FeatureStoreError
+
+    with pytest.raises(FeatureStoreError, match="without an item embedder"):
+        store.onboard(pd.DataFrame({"item_id": ["w"], "text": ["a new item"]}), version=cb.version)
+    assert store.semantic_ids(["w"], version=cb.version, strict=False)["found"].tolist() == [False]
 
 
 def test_a_store_that_is_down_is_a_clear_error_and_nothing_is_published(env, tmp_path):
@@ -268,7 +275,7 @@ import json, sys
 import numpy as np
 from semalign.config import Settings
 from semalign.feature_repo.store import SemanticIdStore
-from semalign.models.quantizer import Codebook
+from semalign.models.codebook import Codebook
 cfg = json.loads(sys.argv[1])
 s = Settings(**cfg["settings"])
 cb = Codebook.load(cfg["codebook"])
@@ -381,7 +388,7 @@ def test_the_repo_folder_is_accepted_by_feast_apply_as_is(tmp_path):
     import shutil
 
     repo = tmp_path / "feature_repo"
-    src = Path(__file__).resolve().parents[1] / "feature_repo"
+    src = Path(__file__).resolve().parents[2] / "feature_repo"
     shutil.copytree(src, repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     feast_bin = Path(sys.executable).with_name("feast")
     proc = subprocess.run([str(feast_bin), "apply"], cwd=repo, capture_output=True, text=True, timeout=300)
@@ -393,7 +400,7 @@ def test_the_repo_folder_is_accepted_by_feast_apply_as_is(tmp_path):
 
 
 def test_the_rendered_repo_refers_to_the_postgres_password_instead_of_holding_it(tmp_path, monkeypatch):
-    from semalign.feature_repo.store import render_repo
+    from semalign.feature_repo.repo_config import render_repo
 
     monkeypatch.delenv("SEMALIGN_FEAST_PG_PASSWORD", raising=False)
     s = Settings(home=tmp_path, feast_offline="postgres", feast_registry="sql",

@@ -1,0 +1,137 @@
+"""The codebook catalogue in semalign's state tables: which versions exist and which are published (readable),
+every item's SID slot per version, and the current-version pointer with its audit rows. The only module that
+reads or moves that pointer: the store's `set_current` and the registry's promotions go through here."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import sqlalchemy as sa
+
+from semalign import state
+from semalign.feature_repo.errors import UnknownVersionError
+
+CURRENT = "current_codebook"
+
+
+def sid_keys(codes: np.ndarray) -> list[str]:
+    """"c0-c1-c2" per row: a SID without its dedup level."""
+    return ["-".join(map(str, r)) for r in np.asarray(codes).tolist()]
+
+
+class CodebookCatalogue:
+    def __init__(self, engine: sa.Engine, project: str):
+        self.engine, self.project = engine, project
+        self._published: dict[str, dict] = {}  # a published version never changes
+
+    # ------------------------------------------------------------------ versions
+    def versions(self) -> list[dict]:
+        t = state.codebook_versions
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(t).where(t.c.project == self.project).order_by(t.c.started_at))
+            return [dict(r._mapping) for r in rows]
+
+    def row(self, version: str) -> dict | None:
+        t = state.codebook_versions
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(t).where(t.c.project == self.project, t.c.version == version)).first()
+        return dict(r._mapping) if r else None
+
+    def published(self, version: str | None) -> dict:
+        """The catalogue row of a published version (default: the current one); UnknownVersionError otherwise."""
+        if version is None:
+            version = self.current()
+            if version is None:
+                raise UnknownVersionError(f"no codebook version is published in project '{self.project}' yet "
+                                          "(run `semalign ids publish` or `semalign run`)")
+        if version in self._published:
+            return self._published[version]
+        row = self.row(version)
+        if row is not None and row["status"] == "published":
+            self._published[version] = row
+            return row
+        known = [v["version"] for v in self.versions() if v["status"] == "published"]
+        why = "is still being published (or its publish was interrupted)" if row else "is unknown"
+        raise UnknownVersionError(f"codebook version '{version}' {why} in project '{self.project}' "
+                                  f"(published: {known or 'none'})")
+
+    def begin_publish(self, version: str, values: dict, item_ids: list[str], keys: list[str], dedup) -> None:
+        """Step 1 of a publish: the version and its items' slots exist, not readable yet."""
+        t, v = state.item_sids, state.codebook_versions
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(t.delete().where(t.c.project == self.project, t.c.version == version))
+            vals = dict(values, status="publishing", started_at=now, published_at=None)
+            if c.execute(sa.select(v.c.version).where(v.c.project == self.project, v.c.version == version)).first():
+                c.execute(v.update().where(v.c.project == self.project, v.c.version == version).values(**vals))
+            else:
+                c.execute(v.insert().values(project=self.project, version=version, **vals))
+            c.execute(t.insert(), [{"project": self.project, "version": version, "item_id": i, "sid_key": k,
+                                    "dedup": int(d), "source": "batch", "created_at": now}
+                                   for i, k, d in zip(item_ids, keys, dedup)])
+
+    def finish_publish(self, version: str) -> None:
+        """The last step of a publish: readable from here on."""
+        v = state.codebook_versions
+        with self.engine.begin() as c:
+            c.execute(v.update().where(v.c.project == self.project, v.c.version == version)
+                      .values(status="published", published_at=time.time()))
+
+    # ------------------------------------------------------------------ item slots
+    def held(self, versions) -> set[tuple[str, str]]:
+        """(version, item_id) of every item the versions hold."""
+        t = state.item_sids
+        out = set()
+        with self.engine.connect() as c:
+            for v in versions:
+                out.update((v, r[0]) for r in c.execute(sa.select(t.c.item_id).where(
+                    t.c.project == self.project, t.c.version == v)))
+        return out
+
+    def allocate(self, conn: sa.Connection, version: str, ids: list[str], codes: np.ndarray):
+        """Inside the caller's transaction: slots for onboarded items. Items the version holds keep their SID
+        (their codes are overwritten with the held ones); new ones get the lowest free dedup index of their
+        code. Returns (dedup [n], fresh [n] bool). The unique slot constraint makes a racing onboarder fail here
+        instead of colliding."""
+        t = state.item_sids
+        keys = sid_keys(codes)
+        dedup = np.zeros(len(ids), np.int64)
+        fresh = np.ones(len(ids), bool)
+        existing = {r.item_id: r for r in conn.execute(sa.select(t).where(
+            t.c.project == self.project, t.c.version == version, t.c.item_id.in_(ids)))}
+        taken: dict[str, set] = {}
+        for r in conn.execute(sa.select(t.c.sid_key, t.c.dedup).where(
+                t.c.project == self.project, t.c.version == version, t.c.sid_key.in_(sorted(set(keys))))):
+            taken.setdefault(r.sid_key, set()).add(r.dedup)
+        now, new_rows = time.time(), []
+        for j, (iid, k) in enumerate(zip(ids, keys)):
+            if iid in existing:
+                fresh[j] = False
+                codes[j] = [int(x) for x in existing[iid].sid_key.split("-")]
+                dedup[j] = existing[iid].dedup
+                continue
+            used = taken.setdefault(k, set())
+            d = 0
+            while d in used:
+                d += 1
+            used.add(d)
+            dedup[j] = d
+            new_rows.append({"project": self.project, "version": version, "item_id": iid, "sid_key": k,
+                             "dedup": d, "source": "onboard", "created_at": now})
+        if new_rows:
+            conn.execute(t.insert(), new_rows)
+        return dedup, fresh
+
+    # ------------------------------------------------------------------ the current pointer
+    def current(self) -> str | None:
+        return state.get_pointer(self.engine, self.project, CURRENT)
+
+    def set_current(self, version: str, reason: str = "", actor: str | None = None) -> str | None:
+        """Makes a published version the one unpinned readers get; audited; returns the previous one."""
+        self.published(version)
+        with self.engine.begin() as c:
+            return self.move_current(c, version, reason=reason, actor=actor)
+
+    def move_current(self, conn: sa.Connection, version: str, reason: str, actor: str | None = None) -> str | None:
+        """Moves the pointer inside the caller's transaction (a promotion moves it with its own audit row)."""
+        return state.move_pointer(conn, self.project, CURRENT, version, reason=reason, actor=actor)

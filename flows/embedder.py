@@ -1,0 +1,68 @@
+"""The item embedder: an item's content (text, optional image) -> frozen towers -> the behavior-aware encoder of
+a codebook version -> that codebook's space (its rotation). Handed to the feature store for onboarding and to
+serving for on-the-fly candidates (`open_store`), so the store itself runs no model."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from semalign.artifacts import codebook_folder
+from semalign.config import Settings
+from semalign.feature_repo.errors import FeatureStoreError
+
+
+class ItemEmbedder:
+    """Holds the towers and the encoder of one codebook version, so one new item costs one forward pass."""
+
+    def __init__(self, settings: Settings, version: str, encoder_version: str | None = None):
+        folder = codebook_folder(settings, version)
+        self.version = version
+        self.encoder_version = encoder_version or folder.encoder_version()
+        self.rotation = folder.rotation()
+        self.settings = settings
+        self._text = self._image = self._encoder = None
+
+    def embed(self, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(aligned vectors [n, d], text-tower vectors [n, dt]) of items' content."""
+        from semalign.models.encoder import embed_items, load_encoder
+        from semalign.models.towers import TextTower
+
+        if self.encoder_version is None:
+            raise FeatureStoreError(f"codebook {self.version} does not record its encoder; pass embeddings")
+        text = items["text"] if "text" in items else pd.Series(None, index=items.index, dtype=object)
+        empty = text.isna() | (text.astype(str).str.strip() == "")
+        if empty.any():
+            raise ValueError(f"onboarding needs a non-empty 'text' for every item; missing for "
+                             f"{items.loc[empty, 'item_id'].tolist()[:5]}")
+        dev = self.settings.resolved_device()
+        if self._encoder is None:
+            self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)
+            self._text = TextTower(self.settings.resolved_text_model(), device=dev)
+        text = self._text.encode(items["text"].astype(str).tolist())
+        image, has_image = self._images(items, dev)
+        emb = embed_items(self._encoder, text, image, has_image, dev)
+        if self.rotation is not None:
+            emb = (emb @ self.rotation).astype(np.float32)
+        return emb, np.asarray(text, np.float32)
+
+    def _images(self, items: pd.DataFrame, dev) -> tuple[np.ndarray | None, np.ndarray]:
+        """Image-tower features [n, di] (zeros where an item has none) and which items have one."""
+        from semalign.models.towers import ImageTower
+
+        has_image = np.zeros(len(items), bool)
+        if not self._encoder.cfg.image_dim:
+            return None, has_image
+        image = np.zeros((len(items), self._encoder.cfg.image_dim), np.float32)
+        paths = items["image_path"].tolist() if "image_path" in items else [None] * len(items)
+        sel = [j for j, p in enumerate(paths) if isinstance(p, str) and p]
+        if self.settings.use_images and sel:
+            self._image = self._image or ImageTower(device=dev)
+            vec, ok = self._image.encode([paths[j] for j in sel])
+            image[sel] = vec
+            has_image[sel] = ok
+        return image, has_image
+
+
+def item_embedders(settings: Settings):
+    """The factory the store takes: (catalogue row of a published version) -> ItemEmbedder."""
+    return lambda row: ItemEmbedder(settings, row["version"], row.get("encoder_version"))

@@ -1,0 +1,98 @@
+"""Where a refresh stands and how it finishes: the stage tracker that turns a failure into a stage-named error
+(saying whether anything moved), the promotion (feature service, then alias and the store's current pointer),
+and the resumption of a promotion an earlier run on the same input passed its gates for but never finished."""
+from __future__ import annotations
+
+from semalign.checkpoints import checkpoint
+from semalign.config import Settings
+from semalign.flows.errors import RefreshError, first_line
+
+
+def champion_lineage(registry) -> dict:
+    from semalign.deploy.registry import CHAMPION
+
+    mv = registry.version_by_alias(CHAMPION)
+    if mv is None:
+        return {}
+    return {"version": str(mv.version), "run_id": mv.run_id, **{k: mv.tags.get(k) for k in
+            ("codebook_version", "encoder_version", "data_hash", "input_key")}}
+
+
+class StageTracker:
+    """Which stage a refresh is in, so a failure says where it stopped and whether anything moved. The end of
+    each stage is a checkpoint (a kill point for the fault-injection tests)."""
+
+    def __init__(self):
+        self.name, self.champion = "take the refresh lock", None
+
+    def __call__(self, name: str) -> None:
+        self.name = name
+
+    def done(self, name: str) -> None:
+        checkpoint(f"refresh.after_{name.replace(' ', '_')}")
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.name = name
+        out = fn(*args, **kwargs)
+        self.done(name)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or isinstance(err, RefreshError) or not isinstance(err, Exception):
+            return False
+        champ = f"champion v{self.champion}" if self.champion else "the champion"
+        if self.name in ("promote", "done"):
+            after = ("promotion may be partly done; `semalign status` shows where the champion and the current "
+                     "codebook stand and re-running the refresh finishes it")
+        else:
+            after = f"nothing was promoted ({champ} and the semantic IDs it serves are unchanged)"
+        raise RefreshError(f"refresh failed at stage '{self.name}': {type(err).__name__}: "
+                           f"{first_line(err)}; {after}") from err
+
+
+def promote(settings: Settings, registry, mv, reason: str) -> bool:
+    """The feature service for the new champion's codebook first (so nothing points at a missing service), then
+    the alias and the store's current pointer."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    SemanticIdStore(settings).register_ranker_service(mv.tags["feature_service"], mv.tags["codebook_version"],
+                                                      tags={"model": settings.model_name, "model_version": str(mv.version)})
+    checkpoint("refresh.after_feature_service")
+    return bool(registry.promote(str(mv.version), reason=reason)["moved"])
+
+
+def interrupted_before_promotion(registry, mv, champion: str | None) -> bool:
+    """True when `mv` passed its gates against the current champion but was never champion (no promotion or
+    rollback ever named it): its refresh stopped between recording the verdict and moving the alias."""
+    if champion == str(mv.version):
+        return False
+    named = registry.history(actions=("promote", "rollback"), limit=10_000)
+    if any(str(mv.version) in (h["to_value"], h["from_value"]) for h in named):
+        return False
+    before = registry.client.get_run(mv.run_id).data.params.get("champion_before")
+    return before == str(champion)  # else its gates compared it with another champion: not valid today
+
+
+def finish_unchanged_input(settings: Settings, registry, version: str, champ: dict, at: StageTracker) -> dict:
+    """These exact inputs were refreshed before (model `version`): keep that outcome, finishing a promotion the
+    earlier run passed its gates for but did not complete. Returns the summary fields."""
+    mv = registry.get_version(version)
+    passed = mv.tags.get("gate") == "passed"
+    out = dict(model_version=version, promoted=False, verdict={"passed": passed, "reused": True},
+               note="unchanged input: nothing retrained, published or promoted")
+    if passed and interrupted_before_promotion(registry, mv, champ.get("version")):
+        at("promote")
+        gates = registry.history(actions=("gate",), limit=10_000)
+        if not any(h["subject"].endswith(f"/{mv.version}") for h in gates):  # it died before this row
+            verdict = registry.run_artifact_json(mv.run_id, "validation_report.json") or {}
+            registry.record_gate(str(mv.version), {**verdict, "passed": True})
+        out["promoted"] = promote(settings, registry, mv, f"resumed: v{mv.version} passed its gates "
+                                  "in a refresh that stopped before promotion")
+        out["note"] = "finished the promotion of an interrupted refresh on the same input"
+    elif champ.get("version") == str(mv.version):  # finishes a promotion a crash cut after the alias move
+        out["promoted"] = registry.promote(str(mv.version), reason="re-run")["moved"]
+    out["champion"] = champion_lineage(registry).get("version")
+    return out

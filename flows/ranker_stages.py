@@ -1,0 +1,117 @@
+"""The ranker's stages in the refresh: user features to the store, training (keyed by its inputs, so a re-run
+reuses what exists), and evaluation through the serving path."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from semalign import atomic
+from semalign.config import Settings
+from semalign.progress import Reporter
+
+
+@dataclass
+class RankerOut:
+    input_key: str
+    folder: Path
+    registered: str | None       # a version already registered for these inputs
+    fit: dict
+
+
+def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
+    from dataclasses import asdict
+
+    from semalign.hashing import digest
+    from semalign.spec import ranker_config
+
+    return "rk-" + digest(ds.content_hash(), cb_version, settings.split, settings.seed, settings.cold_item_share,
+                         settings.val_cold_item_share, settings.hist_len, asdict(ranker_config(settings)), length=12)
+
+
+def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter) -> RankerOut:
+    from semalign.deploy.scoring import save_ranker
+    from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
+    from semalign.flows.semantic_ids import load_codebook
+    from semalign.models.ranker import train_ranker
+    from semalign.spec import ranker_config
+
+    key = ranker_input_key(settings, ds, cb.version)
+    folder = settings.home / "rankers" / key
+    mv = registry.version_by_input(key)
+    if mv is not None:
+        return RankerOut(key, folder, str(mv.version), {"reused": True})
+    meta_file = folder / "ranker.json"   # a run that stopped after training (the folder lands whole, by rename)
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("input_key") == key:
+            return RankerOut(key, folder, None, {"reused": True, "best_epoch": meta.get("best_epoch"),
+                                                 "val_auc": meta.get("val_auc")})
+    codebook = load_codebook(settings, cb.version)
+    sid_cols = [f"sid_{lvl}" for lvl in range(codebook.levels)]
+    codes = cb.sids[sid_cols].to_numpy()
+    aligned = np.stack(cb.sids["embedding"].to_numpy()).astype(np.float32)
+    seen = split.train_items
+    cfg = ranker_config(settings)
+    # the text-tower vectors the store serves beside the aligned ones (`content` of the embedding view)
+    tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes)
+    frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
+    with rep.stage("ranker", cfg.max_epochs) as adv:
+        res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
+                           on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
+    train = split.part("train")
+    meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
+            "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,
+            "raw_dim": int(feats.text.shape[1]) if cfg.keep_raw_content else 0,
+            "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
+            "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
+            "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
+    with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
+        save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
+    return RankerOut(key, folder, None, {"reused": False, "best_epoch": res.best_epoch, "val_auc": res.best_val_auc,
+                                         "train_samples_per_s": res.samples_per_s})
+
+
+def publish_users(settings: Settings, ds, split) -> int:
+    """Each user's training-window positives (most recent last) and smoothed positive rate, for serving."""
+    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.features import user_table
+
+    return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=ds.content_hash()[:16])
+
+
+def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing: bool = False) -> dict:
+    """AUC / GAUC per item bucket on the test window, scored through the serving path: features from the store,
+    pinned to the ranker's codebook version; histories are the leakage-free ones the ranker trained with."""
+    from semalign.data import ALL_BUCKETS, item_buckets, user_histories
+    from semalign.deploy.scoring import RankerScorer
+    from semalign.features import user_features
+    from semalign.models.metrics import metric_set
+
+    scorer = RankerScorer(ranker_folder, settings)
+    test = split.part("test")
+    item_ids = ds.items["item_id"].to_numpy()
+    cands = item_ids[test["item_idx"].to_numpy()].tolist()
+    if onboard_missing:  # the champion serves catalogue items it never saw by onboarding them into its version
+        store = scorer.store
+        _, found, _, _ = store.read_online(sorted(set(cands)), scorer.codebook_version, scorer.levels)
+        missing = [i for i, f in zip(sorted(set(cands)), found) if not f]
+        if missing:
+            rows = ds.items.set_index("item_id").loc[missing].reset_index()
+            store.onboard(rows[[c for c in ("item_id", "text", "image_path") if c in rows]], version=scorer.codebook_version)
+    hist, _ = user_histories(test, split.part("train"), settings.hist_len)
+    histories = [[item_ids[r - 1] for r in row if r > 0] for row in hist]
+    ufeat = user_features(split, ds.n_users)[test["user_idx"].to_numpy()]
+    p = scorer.score_rows(ufeat, cands, histories)
+    y = test["label"].to_numpy()
+    users = test["user_idx"].to_numpy()
+    buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
+    out = {}
+    for b in ALL_BUCKETS:
+        sel = np.ones(len(y), bool) if b == "all" else buckets == b
+        if sel.sum() and len(np.unique(y[sel])) == 2:
+            ms = metric_set(y[sel], p[sel], users[sel])
+            out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum())}
+    return out

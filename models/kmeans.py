@@ -1,0 +1,133 @@
+"""Residual k-means on torch (GPU or CPU): k-means++ seeding, chunked nearest-centroid assignment, and the
+matching of a rebuild's centroids to its parent's so unchanged items keep their codes."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def _nearest_cpu(xa: np.ndarray, c: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """argmin_j ||x - c_j||^2 as argmax_j [x, 1] . [c_j, -||c_j||^2 / 2]: one GEMM per chunk, no extra pass.
+    numpy's BLAS is used on CPU because it beats torch's GEMM on some CPUs (measured in bench/)."""
+    ca = np.concatenate([c, -0.5 * (c * c).sum(1, keepdims=True)], 1).T.astype(np.float32, copy=False)
+    ca = np.ascontiguousarray(ca)
+    codes = np.empty(len(xa), dtype=np.int64)
+    buf = np.empty((min(chunk, len(xa)), ca.shape[1]), dtype=np.float32)
+    for s in range(0, len(xa), chunk):
+        xs = xa[s: s + chunk]
+        d = np.matmul(xs, ca, out=buf[: len(xs)])
+        codes[s: s + chunk] = d.argmax(1)
+    return codes
+
+
+def _augment(x: torch.Tensor) -> np.ndarray:
+    xa = np.empty((len(x), x.shape[1] + 1), dtype=np.float32)
+    xa[:, :-1] = x.detach().float().numpy()
+    xa[:, -1] = 1.0
+    return xa
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536, xa: np.ndarray | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory. The second value
+    (squared distances) is only computed on GPU; CPU callers that need it use `_sq_dist`."""
+    if x.device.type == "cpu":
+        xa = _augment(x) if xa is None else xa
+        return torch.from_numpy(_nearest_cpu(xa, c.detach().float().numpy())), None
+    c_sq = (c * c).sum(1)
+    codes = torch.empty(len(x), dtype=torch.long, device=x.device)
+    dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for s in range(0, len(x), chunk):
+        xs = x[s: s + chunk]
+        d = torch.addmm(c_sq.unsqueeze(0), xs, c.T, alpha=-2.0)  # ||c||^2 - 2 x.c
+        m, idx = d.min(1)
+        codes[s: s + chunk] = idx
+        dist[s: s + chunk] = m + (xs * xs).sum(1)
+    return codes, dist
+
+
+def _sq_dist(x: torch.Tensor, c: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return ((x - c[codes]) ** 2).sum(1)
+
+
+class _single_thread:
+    def __init__(self, on: bool):
+        self.on, self.prev = on, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.on:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.on:
+            torch.set_num_threads(self.prev)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding; the sampling runs where x lives (no host round trip per centroid on GPU)."""
+    n = len(x)
+    dev_gen = gen if x.device.type == "cpu" else torch.Generator(device=x.device).manual_seed(int(gen.initial_seed()))
+    first = int(torch.randint(n, (1,), generator=gen))
+    idx = torch.empty(k, dtype=torch.long, device=x.device)
+    idx[0] = first
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for j in range(1, k):
+        p = d2.clamp_min(0) + 1e-12  # never all-zero: duplicate points stay drawable
+        nxt = torch.multinomial(p, 1, generator=dev_gen)
+        idx[j] = nxt[0]
+        d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+    return x[idx].clone()
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.Tensor | None = None,
+           init_sample: int = 16) -> torch.Tensor:
+    """Lloyd's k-means on all points. Init: given centroids (warm start from a parent) or k-means++ on a
+    sample of `init_sample * k` points. Empty clusters are re-seeded with the worst-fit points."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means: {n} points cannot fill {k} codes; use fewer codes per level")
+    if init is not None:
+        c = init.to(x.device, x.dtype).clone()
+    else:
+        sample = x if n <= init_sample * k else x[torch.randperm(n, generator=gen)[: init_sample * k].to(x.device)]
+        c = _kmeanspp(sample, k, gen)
+    xa = _augment(x) if x.device.type == "cpu" else None  # built once per call, reused every iteration
+    for _ in range(iters):
+        codes, dist = _assign(x, c, xa=xa)
+        with _single_thread(x.device.type == "cpu"):  # BLAS threads still spin after the GEMM: don't fight them
+            counts = torch.bincount(codes, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, codes, x)
+        empty = counts == 0
+        c = torch.where(empty.unsqueeze(1), c, sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype))
+        if bool(empty.any()):
+            dist = _sq_dist(x, c, codes) if dist is None else dist
+            worst = torch.topk(dist, int(empty.sum())).indices
+            c[empty] = x[worst]
+    return c
+
+
+# ---------------------------------------------------------------- matching a rebuild to its parent
+
+# solves the linear assignment problem like scipy.optimize.linear_sum_assignment: cost [n, n] -> (rows, cols).
+# `models/` imports only torch and numpy, so the caller hands the solver in (flows/ passes scipy's).
+AssignmentSolver = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def match_to_parent(new: torch.Tensor, parent: torch.Tensor, solve: AssignmentSolver) -> torch.Tensor:
+    """Permute `new` centroids so that slot j is the new centroid closest (jointly, minimum total distance) to
+    parent slot j."""
+    cost = torch.cdist(parent.double(), new.double()).cpu().numpy()
+    rows, cols = solve(cost)  # parent slot rows[i] -> new centroid cols[i]
+    col_of_row = np.empty(len(cost), dtype=np.int64)
+    col_of_row[np.asarray(rows)] = np.asarray(cols)
+    return new[torch.as_tensor(col_of_row, device=new.device)]
+
+
+def procrustes(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Orthogonal R minimising ||new @ R - old|| over paired rows. A retrained encoder may land in a rotated
+    copy of the old space; rotating it back (cosines unchanged) lets the parent's centroids still fit."""
+    u, _, vt = np.linalg.svd(np.asarray(new, np.float64).T @ np.asarray(old, np.float64))
+    return (u @ vt).astype(np.float32)

@@ -1,0 +1,59 @@
+"""Utilities on semantic-ID code arrays [n, levels]: the dedup level that makes every SID unique, churn between
+two assignments, and code quality metrics."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def dedup_level(codes: np.ndarray, tie_order: np.ndarray | None = None,
+                taken: dict[tuple, int] | None = None) -> np.ndarray:
+    """Extra level that makes every full SID unique: within a group of identical codes, items get 0, 1, ...
+    in `tie_order` (e.g. rank of the item id). `taken` maps already-published code tuples to the next free
+    dedup index, so onboarded items never reuse one."""
+    n = len(codes)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, inv = np.unique(_row_keys(codes), return_inverse=True)
+    order = np.lexsort((np.arange(n) if tie_order is None else np.asarray(tie_order), inv))
+    g = inv[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    out = np.empty(n, dtype=np.int64)
+    out[order] = rank
+    if taken:
+        offset = np.array([taken.get(tuple(int(c) for c in row), 0) for row in codes], dtype=np.int64)
+        out = out + offset
+    return out
+
+
+def sid_churn(old: np.ndarray, new: np.ndarray) -> dict:
+    """Share of items whose SID changed (overall and per level); rows must be the same items."""
+    if old.shape != new.shape:
+        raise ValueError(f"churn needs the same items and levels: {old.shape} vs {new.shape}")
+    if len(old) == 0:
+        return {"churn": 0.0, "per_level": []}
+    diff = old != new
+    return {"churn": float(diff.any(1).mean()), "per_level": [float(d) for d in diff.mean(0)]}
+
+
+def _row_keys(codes: np.ndarray) -> np.ndarray:
+    """One int64 per SID row (rows of small codes pack exactly; otherwise fall back to row-unique ids)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    base = int(codes.max()) + 1 if codes.size else 1
+    if base ** codes.shape[1] < 2 ** 62:
+        return (codes * (base ** np.arange(codes.shape[1] - 1, -1, -1, dtype=np.int64))).sum(1)
+    return np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def code_metrics(codes: np.ndarray, k: int, relative_recon_error: float) -> dict:
+    _, counts = np.unique(_row_keys(codes), return_counts=True)
+    shared = counts[counts > 1].sum()
+    util = [float(len(np.unique(codes[:, lvl])) / k) for lvl in range(codes.shape[1])]
+    ent = []
+    for lvl in range(codes.shape[1]):
+        p = np.bincount(codes[:, lvl], minlength=k) / len(codes)
+        p = p[p > 0]
+        ent.append(float(np.exp(-(p * np.log(p)).sum())))
+    return {"utilisation": util, "perplexity": ent, "collision_rate": float(shared / len(codes)),
+            "max_collision_group": int(counts.max()), "unique_sids": int(len(counts)),
+            "relative_recon_error": relative_recon_error}

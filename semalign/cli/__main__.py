@@ -1,0 +1,4 @@
+"""`python -m semalign.cli`: the same as the `semalign` console script."""
+from semalign.cli import main
+
+main()

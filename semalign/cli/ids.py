@@ -1,0 +1,108 @@
+"""Semantic IDs in the feature store: `semalign ids publish`, `semalign ids get`, `semalign items add`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from semalign.cli.common import DataOpt, HomeOpt, JsonOpt, emit, load_settings, print_summary
+
+
+def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, as_json: bool = JsonOpt,
+                version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: the latest built)."),
+                current: bool = typer.Option(True, help="Make it the version unpinned readers get.")):
+    """Publish a built codebook version's SIDs, aligned vectors and (with --data, or SEMALIGN_DATA) the items'
+    text-tower vectors, which the default ranker reads, to the feature store (offline + online)."""
+    import numpy as np
+
+    from semalign.errors import NotFoundError
+    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids, open_store
+
+    s = load_settings(home, data, write=True)
+    version = version or latest_codebook_version(s)
+    if version is None:
+        raise NotFoundError(f"no codebook built under {s.codebooks_dir}: run `semalign run` first")
+    cb = load_codebook(s, version)
+    sids = load_sids(s, version)
+    lineage_p = s.codebooks_dir / version / "lineage.json"
+    enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
+    content = None
+    if s.data is not None:
+        from semalign.flows.semantic_ids import ingest, item_rows, tower_features
+
+        ds = ingest(s, s.data)
+        content = tower_features(s, ds).text[item_rows(ds, sids["item_id"], f"codebook {version}")]
+    res = open_store(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
+                                                  encoder_version=enc_v, make_current=current, content=content)
+    emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,
+                      "current": res.current, "wall_s": round(res.wall_s, 3)}}, as_json, print_summary)
+
+
+def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Optional[Path] = HomeOpt,
+            as_json: bool = JsonOpt,
+            version: Optional[str] = typer.Option(None, "--version", help="Pinned codebook version (default: current)."),
+            embedding: bool = typer.Option(False, help="Also return the aligned vector.")):
+    """Read items' semantic IDs from the online store."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    s = load_settings(home, None)
+    df = SemanticIdStore(s).semantic_ids(items, version=version, with_embedding=embedding)
+    rows = df.to_dict("records")
+    for r in rows:
+        if "embedding" in r:
+            r["embedding"] = [float(x) for x in r["embedding"]]
+    emit({"items": rows}, as_json, _print_sids)
+
+
+def _print_sids(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("item_id", "codebook_version", "semantic id")
+    for r in res["items"]:
+        codes = [str(v) for k, v in r.items() if k.startswith("sid_")]
+        t.add_row(r["item_id"], r["codebook_version"], "-".join(codes))
+    Console().print(t)
+
+
+def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with item_id, text[, image_path]."),
+              home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+              version: Optional[str] = typer.Option(None, "--version", help="Pinned codebook version (default: current).")):
+    """Onboard new items: content -> encoder -> SID with the pinned codebook -> online + offline store."""
+    import time
+
+    from semalign.flows.semantic_ids import open_store
+
+    s = load_settings(home, None, write=True)
+    items = read_items(file)
+    t0 = time.perf_counter()
+    out = open_store(s).onboard(items, version=version)
+    res = {"items": out.to_dict("records"), "onboarded": int(out["onboarded"].sum()),
+           "already_present": int((~out["onboarded"]).sum()), "wall_s": round(time.perf_counter() - t0, 3)}
+    emit(res, as_json, lambda r: print_summary({"onboarding": {k: v for k, v in r.items() if k != "items"}}))
+
+
+def read_items(file: Path):
+    """New items from a csv, parquet or jsonl file with item_id, text[, image_path] (paths relative to the file)."""
+    import pandas as pd
+
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no such file")
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        items = pd.read_csv(file, dtype={"item_id": str})
+    elif suffix == ".parquet":
+        items = pd.read_parquet(file)
+    elif suffix in (".jsonl", ".json"):
+        items = pd.read_json(file, lines=suffix == ".jsonl", dtype={"item_id": str})
+    else:
+        raise ValueError(f"{file}: expected .csv, .parquet or .jsonl, got '{suffix}'")
+    missing = [c for c in ("item_id", "text") if c not in items.columns]
+    if missing:
+        raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
+    if "image_path" in items:  # relative image paths are relative to the file
+        items["image_path"] = [str((file.parent / p).resolve()) if isinstance(p, str) and p else None
+                               for p in items["image_path"]]
+    return items

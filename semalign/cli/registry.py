@@ -1,0 +1,76 @@
+"""The champion and its history: `semalign promote`, `rollback`, `status` and the HTML `report`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from semalign.cli.common import HomeOpt, JsonOpt, emit, load_settings, print_summary
+
+
+def promote(version: str = typer.Argument(..., help="Registered model version to make champion."),
+            home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+            reason: str = typer.Option("manual promotion", help="Recorded in the audit history.")):
+    """Move the `champion` alias to a model version (and the store's current codebook with it)."""
+    from semalign.deploy.registry import Registry
+
+    s = load_settings(home, None, write=True)
+    res = Registry(s).promote(version, reason=reason)
+    emit({"promote": res}, as_json, print_summary)
+
+
+def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+             to: Optional[str] = typer.Option(None, "--to", help="Version to roll back to (default: the previous champion)."),
+             reason: str = typer.Option("manual rollback", help="Recorded in the audit history.")):
+    """Move `champion` back to the previous champion (one alias move, audited)."""
+    from semalign.deploy.registry import Registry
+
+    s = load_settings(home, None, write=True)
+    res = Registry(s).rollback(to=to, reason=reason)
+    emit({"rollback": res}, as_json, print_summary)
+
+
+def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+           history: int = typer.Option(10, help="Audit entries to show.")):
+    """Who is champion, since when and why, the last gate's verdict, and the audit history."""
+    from semalign.deploy.registry import Registry
+
+    s = load_settings(home, None)
+    reg = Registry(s)
+    res = reg.status()
+    res["history"] = [{k: r[k] for k in ("at", "action", "subject", "from_value", "to_value", "actor")}
+                      | {"reason": (r["reason"] or "")[:200]} for r in reg.history(limit=history)]
+    emit(res, as_json, _print_status)
+
+
+def _print_status(r: dict) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    champ = r["champion"] or {}
+    con.print(f"[bold]{r['model']}[/] champion: v{champ.get('version')} (codebook {champ.get('codebook_version')}), "
+              f"since {time.ctime(r['champion_since']) if r['champion_since'] else '-'}: {r['champion_reason']}")
+    if r.get("last_gate"):
+        g = r["last_gate"]
+        con.print(f"last gate: v{g['version']} {'passed' if g['passed'] else 'FAILED'}: {g.get('summary', '')}")
+    if r.get("warning"):
+        con.print(f"[yellow]warning:[/] {r['warning']}")
+    t = Table("when", "action", "subject", "from", "to", "by")
+    for h in r["history"]:
+        t.add_row(time.ctime(h["at"]), h["action"], h["subject"], str(h["from_value"]), str(h["to_value"]), h["actor"] or "")
+    con.print(t)
+
+
+def report(home: Optional[Path] = HomeOpt, out: Path = typer.Option(Path("semalign-report.html"), "--out", help="HTML file to write."),
+           run_id: Optional[str] = typer.Option(None, help="MLflow run (default: the last refresh).")):
+    """Write one self-contained HTML page of the last refresh (gates, AUC per bucket, drift, plots, audit)."""
+    from semalign.deploy.report import build_report
+
+    s = load_settings(home, None)
+    path = build_report(s, out, run_id)
+    sys.stdout.write(f"{path}\n")

@@ -10,21 +10,24 @@ from semalign.data import MAX_REQUEST_TEXT_CHARS as MAX_TEXT
 
 
 class Candidate(BaseModel):
-    item_id: str = Field(min_length=1, max_length=256)
+    """An item by id, with its text when the store may not hold it yet. No image or file path: the service opens
+    no file a caller names (unknown fields are refused)."""
+    model_config = {"extra": "forbid"}
+
+    item_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
     text: Optional[str] = Field(default=None, max_length=MAX_TEXT,
                                 description="Content of an item the store may not hold yet (encoded on the fly).")
-    image_path: Optional[str] = Field(default=None, max_length=4096)
 
 
 class ScoreRequest(BaseModel):
-    user_id: str = Field(min_length=1, max_length=256)
-    candidates: list[Candidate] = Field(min_length=1)
-    onboard: bool = Field(default=False, description="Also onboard candidates encoded on the fly.")
-
-    model_config = {"json_schema_extra": {"examples": [{
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{
         "user_id": "196", "onboard": False,
         "candidates": [{"item_id": "242"}, {"item_id": "302"},
                        {"item_id": "new-film-1", "text": "A heist on a night train. Genres: Thriller"}]}]}}
+
+    user_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    candidates: list[Candidate] = Field(min_length=1)
+    onboard: bool = Field(default=False, description="Also onboard candidates encoded on the fly (scope `write`).")
 
 
 class Scored(BaseModel):
@@ -42,6 +45,8 @@ class ScoreResponse(BaseModel):
 
 
 class OnboardRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
     items: list[Candidate] = Field(min_length=1)
 
 
@@ -51,8 +56,17 @@ class ErrorBody(BaseModel):
 
 # the statuses a scoring or onboarding call can answer besides 200 and request-validation 422s; semalign's errors
 # carry theirs (semalign/errors.py), mapped in one handler
-ERRORS = {404: {"model": ErrorBody, "description": "an unknown user, or items the pinned codebook version lacks "
-                                                  "and the request sent without content"},
-          409: {"model": ErrorBody, "description": "the request contradicts what the store holds"},
-          413: {"model": ErrorBody, "description": "more candidates or items than one request may carry"},
-          503: {"model": ErrorBody, "description": "no champion loaded, or the feature store is unreachable"}}
+def _err(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+ERRORS = {400: _err("a Host header the service does not answer (SEMALIGN_SERVE_ALLOWED_HOSTS)"),
+          401: _err("no credentials, or invalid ones (when the service has API keys)"),
+          403: _err("the key lacks the scope this call needs (`score`; `write` to onboard)"),
+          404: _err("an unknown user, or items the pinned codebook version lacks and the request sent without content"),
+          409: _err("the request contradicts what the store holds"),
+          413: _err("a body over the size limit, or more candidates or items to encode than one request may carry"),
+          429: _err("the key's rate limit is used up (Retry-After says when to retry)"),
+          503: _err("no champion loaded, the feature store unreachable, or no encoding slot free in time "
+                    "(Retry-After)"),
+          500: _err("an unexpected error (details in the service's log, never in the body)")}

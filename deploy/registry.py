@@ -224,7 +224,8 @@ class Registry:
             state.record(c, self.project, "gate", f"{self.name}/{version}",
                          "passed" if verdict["passed"] else "failed", reason=json.dumps(verdict, default=float))
 
-    def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate"), limit: int = 50) -> list[dict]:
+    def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate", "unlock"),
+                limit: int = 50) -> list[dict]:
         a = state.audit
         with self.state.connect() as c:
             rows = c.execute(sa.select(a).where(a.c.project == self.project, a.c.action.in_(actions))

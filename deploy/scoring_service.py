@@ -7,14 +7,18 @@ import numpy as np
 
 from semalign.deploy.api import Candidate, OnboardRequest, Scored, ScoreRequest, ScoreResponse
 from semalign.deploy.champion import ChampionHolder
-from semalign.errors import InvalidInputError, NotFoundError, TooLargeError
+from semalign.errors import InvalidInputError, NotFoundError, TooLargeError, UnavailableError
+
+
+class EncodingBusy(UnavailableError):
+    """No encoding slot came free in time: the request is refused rather than queued without bound."""
+    retry_after_s = 1
 
 
 def _frame(items: list[Candidate]):
     import pandas as pd
 
-    return pd.DataFrame({"item_id": [c.item_id for c in items], "text": [c.text for c in items],
-                         "image_path": [c.image_path for c in items]})
+    return pd.DataFrame({"item_id": [c.item_id for c in items], "text": [c.text for c in items]})
 
 
 def _has_text(c: Candidate) -> bool:
@@ -22,12 +26,37 @@ def _has_text(c: Candidate) -> bool:
 
 
 class ScoringService:
-    def __init__(self, champion: ChampionHolder, max_candidates: int = 1000):
-        self.champion, self.max_candidates = champion, max_candidates
+    """Caps per request: `max_candidates` candidates, `max_new_items` items to encode (on the fly or onboarded),
+    and `encode_concurrency` requests encoding at once, each waiting at most `encode_wait_s` for a slot."""
 
-    def _check_size(self, n: int, what: str) -> None:
-        if n > self.max_candidates:
-            raise TooLargeError(f"{n} {what}; at most {self.max_candidates} per request")
+    def __init__(self, champion: ChampionHolder, max_candidates: int = 1000, max_new_items: int = 32,
+                 encode_concurrency: int = 2, encode_wait_s: float = 2.0):
+        import threading
+
+        self.champion, self.max_candidates, self.max_new_items = champion, max_candidates, max_new_items
+        self._encoding = threading.BoundedSemaphore(encode_concurrency)
+        self.encode_wait_s = encode_wait_s
+
+    def _check_size(self, n: int, what: str, limit: int | None = None) -> None:
+        limit = self.max_candidates if limit is None else limit
+        if n > limit:
+            raise TooLargeError(f"{n} {what}; at most {limit} per request")
+
+    def _encoding_slot(self):
+        """A context holding one of the encoding slots; EncodingBusy when none frees up in time."""
+        import contextlib
+
+        if not self._encoding.acquire(timeout=self.encode_wait_s):
+            raise EncodingBusy(f"all encoding slots are busy (waited {self.encode_wait_s:g} s); retry shortly")
+
+        @contextlib.contextmanager
+        def held():
+            try:
+                yield
+            finally:
+                self._encoding.release()
+
+        return held()
 
     def score(self, req: ScoreRequest) -> ScoreResponse:
         self._check_size(len(req.candidates), "candidates")
@@ -46,6 +75,7 @@ class ScoringService:
         no_content = [c.item_id for c in new if not _has_text(c)]
         if no_content:
             raise NotFoundError(f"items not in the store and sent without content: {no_content[:10]}")
+        self._check_size(len(new), "items to encode", self.max_new_items)
         source = {i: "store" for i in ids}
         extra = self._new_items(s, new, req.onboard, known, source)
         # the response's SIDs: on-the-fly items have no dedup level (they hold no slot in the store)
@@ -68,12 +98,14 @@ class ScoringService:
             return {}
         sc, frame = s.scorer, _frame(new)
         if onboard:
-            out = sc.store.onboard(frame, version=s.codebook_version)
+            with self._encoding_slot():
+                out = sc.store.onboard(frame, version=s.codebook_version)
             for r in out.itertuples():
                 source[r.item_id] = "onboarded"
             known.update(sc.item_features([c.item_id for c in new]))
             return {}
-        codes, emb, raw = sc.store.encode(frame, version=s.codebook_version)
+        with self._encoding_slot():
+            codes, emb, raw = sc.store.encode(frame, version=s.codebook_version)
         extra = {}
         for k, c in enumerate(new):
             extra[c.item_id] = (codes[k], emb[k], raw[k])
@@ -81,12 +113,13 @@ class ScoringService:
         return extra
 
     def onboard(self, req: OnboardRequest) -> dict:
-        self._check_size(len(req.items), "items")
+        self._check_size(len(req.items), "items to encode", self.max_new_items)
         s = self.champion.current()
         missing = [c.item_id for c in req.items if not _has_text(c)]
         if missing:
             raise InvalidInputError(f"items need non-empty text: {missing[:10]}")
-        out = s.scorer.store.onboard(_frame(req.items), version=s.codebook_version)
+        with self._encoding_slot():
+            out = s.scorer.store.onboard(_frame(req.items), version=s.codebook_version)
         return {"codebook_version": s.codebook_version, "items": out.to_dict("records")}
 
     def health(self) -> tuple[int, dict]:
@@ -95,13 +128,14 @@ class ScoringService:
 
         s = self.champion.served
         if s is None:
-            return 503, {"status": "unhealthy", "error": self.champion.error}
+            return 503, {"status": "unhealthy", "error": "no champion loaded"}
         try:
             s.scorer.store.read_online(["__health__"], s.codebook_version, s.scorer.levels)
-        except StoreUnavailableError as e:
-            return 503, {"status": "unhealthy", "error": str(e)}
+        except StoreUnavailableError:
+            return 503, {"status": "unhealthy", "error": "the online feature store is unreachable"}
+        # open to anyone: says that the last champion check failed, not why (the log says why)
         return 200, {"status": "ok", "model_version": s.model_version, "codebook_version": s.codebook_version,
-                     "last_check_error": self.champion.error}
+                     "last_check_error": "the last champion check failed" if self.champion.error else None}
 
     def version(self) -> dict:
         s = self.champion.current()

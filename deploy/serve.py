@@ -1,23 +1,50 @@
 """`semalign serve`: the HTTP scoring API. Thin routes over the scoring service (deploy/scoring_service.py), which
-scores with the champion the holder keeps loaded (deploy/champion.py); schemas in deploy/api.py."""
+scores with the champion the holder keeps loaded (deploy/champion.py); schemas in deploy/api.py; API keys, scopes
+and rate limits in deploy/auth.py; host and body-size guards in deploy/guards.py."""
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from semalign.config import Settings
 from semalign.deploy.api import ERRORS, OnboardRequest, ScoreRequest, ScoreResponse
+from semalign.deploy.auth import Caller, Forbidden, KeyRing, RateLimiter, authenticate
+
+log = logging.getLogger("semalign.serve")
+OPEN = {k: ERRORS[k] for k in (400, 500, 503)}   # /health and /version: no credentials, no body
+GUARDED = ERRORS
 
 
-def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidates: int = 1000) -> FastAPI:
+def public_detail(e: Exception, status: int) -> str:
+    """What a caller is told: 4xx messages are about the request; 5xx ones never name hosts, paths or URLs."""
+    from semalign.deploy.champion import NoChampionError
+    from semalign.deploy.scoring_service import EncodingBusy
+    from semalign.feature_repo.errors import StoreUnavailableError
+
+    if status < 500 or isinstance(e, EncodingBusy):
+        return str(e)
+    if isinstance(e, NoChampionError):
+        return "no model loaded; retry later"
+    if isinstance(e, StoreUnavailableError):
+        return "the feature store is unreachable; retry later"
+    return "internal error"
+
+
+def create_app(settings: Settings, check_interval_s: float | None = None, max_candidates: int | None = None) -> FastAPI:
     from semalign.deploy.champion import ChampionHolder
+    from semalign.deploy.guards import BodyLimit, TrustedHosts
     from semalign.deploy.scoring_service import ScoringService
     from semalign.errors import SemalignError
 
-    champion = ChampionHolder(settings, check_interval_s)
-    service = ScoringService(champion, max_candidates)
+    s = settings
+    ring, limiter = KeyRing.from_settings(s), RateLimiter(s.serve_rate_limit)
+    champion = ChampionHolder(s, s.serve_check_interval if check_interval_s is None else check_interval_s)
+    service = ScoringService(champion, s.serve_max_candidates if max_candidates is None else max_candidates,
+                             s.serve_max_new_items, s.serve_encode_concurrency, s.serve_encode_wait_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -26,32 +53,65 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
         champion.stop()
 
     app = FastAPI(title="semalign scoring API", version="1", lifespan=lifespan,
-                  description="Scores a user against candidate items with the champion ranker and Feast features.")
+                  description="Scores a user against candidate items with the champion ranker and Feast features. "
+                              "With API keys configured, /score needs scope `score` (and `write` to onboard), "
+                              "/items scope `write`; /health and /version are open.")
     app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=s.serve_max_body_bytes)
+    app.add_middleware(TrustedHosts, allowed=s.serve_allowed_hosts.split(","))
+
+    def error(e: Exception, status: int) -> JSONResponse:
+        headers = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if hasattr(e, "retry_after_s"):
+            headers["Retry-After"] = str(e.retry_after_s)
+        if status >= 500:
+            log.warning("%s: %s", type(e).__name__, e)
+        return JSONResponse({"detail": public_detail(e, status)}, status_code=status, headers=headers)
 
     @app.exception_handler(SemalignError)
     def semalign_error(request, e: SemalignError):
-        return JSONResponse({"detail": str(e)}, status_code=e.http_status)
+        return error(e, e.http_status)
 
     @app.exception_handler(ValueError)
     def input_error(request, e: ValueError):  # the checks on request content raise ValueError
-        return JSONResponse({"detail": str(e)}, status_code=422)
+        return error(e, 422)
 
-    @app.get("/health")
+    @app.exception_handler(Exception)
+    def unexpected(request, e: Exception):
+        log.exception("unhandled error")
+        return error(e, 500)
+
+    bearer = HTTPBearer(auto_error=False, description="An API key's token (SEMALIGN_SERVE_API_KEYS_FILE).")
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same token, as a header.")
+
+    def caller(*scopes: str):
+        def dependency(request: Request, cred: HTTPAuthorizationCredentials | None = Security(bearer),
+                       key: str | None = Security(key_header)) -> Caller:
+            who = authenticate(ring, cred.credentials if cred else None, key,
+                               request.client.host if request.client else "unknown", set(scopes))
+            limiter.hit(who.id)
+            return who
+        return dependency
+
+    @app.get("/health", responses=OPEN)
     def health():
         status, body = service.health()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/version")
+    @app.get("/version", responses=OPEN)
     def version():
         return service.version()
 
-    @app.post("/score", response_model=ScoreResponse, responses=ERRORS)
-    def score(req: ScoreRequest):
+    @app.post("/score", response_model=ScoreResponse, responses=GUARDED)
+    def score(req: ScoreRequest, who: Caller = Depends(caller("score"))):
+        if req.onboard and "write" not in who.scopes:
+            raise Forbidden("`onboard: true` needs a key with the scope 'write'")
         return service.score(req)
 
-    @app.post("/items", responses=ERRORS)
-    def onboard(req: OnboardRequest):
+    @app.post("/items", responses=GUARDED)
+    def onboard(req: OnboardRequest, who: Caller = Depends(caller("write"))):
         return service.onboard(req)
 
     return app
@@ -59,7 +119,4 @@ def create_app(settings: Settings, check_interval_s: float = 30.0, max_candidate
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `semalign serve` (each worker process builds its own app from the environment)."""
-    import os
-
-    return create_app(Settings(), check_interval_s=float(os.environ.get("SEMALIGN_SERVE_CHECK_INTERVAL", "30")),
-                      max_candidates=int(os.environ.get("SEMALIGN_SERVE_MAX_CANDIDATES", "1000")))
+    return create_app(Settings())

@@ -9,9 +9,11 @@ import numpy as np
 import sqlalchemy as sa
 
 from semalign import state
+from semalign.errors import ConflictError
 from semalign.feature_repo.errors import UnknownVersionError
 
 CURRENT = "current_codebook"
+PENDING = "pending"   # an onboarding slot reserved, its rows not yet confirmed in both stores
 
 
 def sid_keys(codes: np.ndarray) -> list[str]:
@@ -88,15 +90,34 @@ class CodebookCatalogue:
                     t.c.project == self.project, t.c.version == v)))
         return out
 
-    def allocate(self, conn: sa.Connection, version: str, ids: list[str], codes: np.ndarray):
-        """Inside the caller's transaction: slots for onboarded items. Items the version holds keep their SID
-        (their codes are overwritten with the held ones); new ones get the lowest free dedup index of their
-        code. Returns (dedup [n], fresh [n] bool). The unique slot constraint makes a racing onboarder fail here
-        instead of colliding."""
+    def reserve(self, version: str, ids: list[str], codes: np.ndarray, attempts: int = 6):
+        """Step 1 of onboarding: slots for the items, committed as `pending` before anything is written to the
+        stores, so a slot is never handed out twice even if the writer dies before confirming. Items the version
+        holds keep their SID (confirmed ones are not written again; pending ones, left by a writer that died or
+        is still writing, are written again: the same rows). A racing onboarder's conflict on the unique slot or
+        item key is retried with what it committed. Returns (codes, dedup, write [n] bool, fresh [n] bool)."""
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as c:
+                    return self._allocate(c, version, ids, np.array(codes, copy=True))
+            except sa.exc.IntegrityError:
+                if attempt == attempts - 1:
+                    raise ConflictError(f"onboarding into {version} kept colliding with concurrent onboarders "
+                                        f"({attempts} attempts); nothing was onboarded, try again") from None
+                time.sleep(0.02 * (attempt + 1))
+
+    def confirm(self, version: str, ids: list[str]) -> None:
+        """The last step of onboarding: the items' rows are in both stores."""
+        t = state.item_sids
+        with self.engine.begin() as c:
+            c.execute(t.update().where(t.c.project == self.project, t.c.version == version, t.c.item_id.in_(ids),
+                                       t.c.source == PENDING).values(source="onboard"))
+
+    def _allocate(self, conn: sa.Connection, version: str, ids: list[str], codes: np.ndarray):
         t = state.item_sids
         keys = sid_keys(codes)
         dedup = np.zeros(len(ids), np.int64)
-        fresh = np.ones(len(ids), bool)
+        fresh, write = np.ones(len(ids), bool), np.ones(len(ids), bool)
         existing = {r.item_id: r for r in conn.execute(sa.select(t).where(
             t.c.project == self.project, t.c.version == version, t.c.item_id.in_(ids)))}
         taken: dict[str, set] = {}
@@ -106,9 +127,10 @@ class CodebookCatalogue:
         now, new_rows = time.time(), []
         for j, (iid, k) in enumerate(zip(ids, keys)):
             if iid in existing:
-                fresh[j] = False
-                codes[j] = [int(x) for x in existing[iid].sid_key.split("-")]
-                dedup[j] = existing[iid].dedup
+                old = existing[iid]
+                fresh[j], write[j] = False, old.source == PENDING
+                codes[j] = [int(x) for x in old.sid_key.split("-")]
+                dedup[j] = old.dedup
                 continue
             used = taken.setdefault(k, set())
             d = 0
@@ -117,10 +139,10 @@ class CodebookCatalogue:
             used.add(d)
             dedup[j] = d
             new_rows.append({"project": self.project, "version": version, "item_id": iid, "sid_key": k,
-                             "dedup": d, "source": "onboard", "created_at": now})
+                             "dedup": d, "source": PENDING, "created_at": now})
         if new_rows:
             conn.execute(t.insert(), new_rows)
-        return dedup, fresh
+        return codes, dedup, write, fresh
 
     # ------------------------------------------------------------------ the current pointer
     def current(self) -> str | None:

@@ -18,6 +18,7 @@ from semalign.feature_repo.errors import FeatureStoreError
 TEMPLATE = Path(__file__).resolve().parent
 SID_VIEW, EMB_VIEW, USER_VIEW = "item_semantic_id", "item_embedding", "user_recent_items"
 PG_PASSWORD_ENV = "SEMALIGN_FEAST_PG_PASSWORD"  # what the rendered feature_store.yaml refers to
+REDIS_PASSWORD_ENV = "SEMALIGN_FEAST_REDIS_PASSWORD"
 REDIS_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
 
 
@@ -26,12 +27,20 @@ def sa_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1) if url.startswith("postgresql://") else url
 
 
-def redis_connection_string(url: str) -> str:
+def redis_connection_string(url: str, password_by_reference: bool = False) -> str:
     """The Feast connection string with socket timeouts unless the user set them: without them a hung Redis
-    blocks a reader forever. redis-py then retries a failed command 3 times with jittered backoff (<= 7 s)."""
-    given = {part.split("=", 1)[0].strip() for part in url.split(",") if "=" in part}
+    blocks a reader forever. redis-py then retries a failed command 3 times with jittered backoff (<= 7 s).
+    With `password_by_reference` a password becomes ${SEMALIGN_FEAST_REDIS_PASSWORD} (set in this process's
+    environment), which Feast expands when it reads the file: the rendered file holds no secret."""
+    parts = [p.strip() for p in url.split(",")]
+    given = {p.split("=", 1)[0] for p in parts if "=" in p}
+    if password_by_reference:
+        for i, p in enumerate(parts):
+            if p.startswith("password="):
+                os.environ[REDIS_PASSWORD_ENV] = p.split("=", 1)[1]
+                parts[i] = "password=${" + REDIS_PASSWORD_ENV + "}"
     extra = [f"{k}={v}" for k, v in REDIS_TIMEOUTS.items() if k not in given]
-    return ",".join([url, *extra])
+    return ",".join([*parts, *extra])
 
 
 def _postgres(settings: Settings):
@@ -59,7 +68,7 @@ def feature_store_yaml(settings: Settings) -> str:
     else:
         lines += ["registry: data/registry.db"]
     if s.feast_online == "redis":
-        lines += ["online_store:", "  type: redis", f"  connection_string: \"{redis_connection_string(s.redis_url)}\""]
+        lines += ["online_store:", "  type: redis", f"  connection_string: \"{redis_connection_string(s.redis_url, password_by_reference=True)}\""]
     else:
         lines += ["online_store:", "  type: sqlite", "  path: data/online_store.db"]
     if s.feast_offline == "postgres":

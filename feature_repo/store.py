@@ -31,10 +31,10 @@ from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError, 
 from semalign.feature_repo.offline import offline_writer
 from semalign.feature_repo.repo_config import (EMB_VIEW, SID_VIEW, USER_VIEW, ensure_applied, redis_connection_string,
                                                render_repo)
+from semalign.feature_repo.rows import content_vectors, item_frames, onboarding_items, publish_inputs, timestamps
 from semalign.hashing import digest
 
 __all__ = ["SemanticIdStore", "PublishResult", "SID_VIEW", "EMB_VIEW", "USER_VIEW", "redis_connection_string"]
-EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 # Feast converts every timestamp through datetime and says so once per row batch
 warnings.filterwarnings("ignore", message="Discarding nonzero nanoseconds", category=UserWarning)
 
@@ -112,8 +112,8 @@ class SemanticIdStore:
 
         t0 = time.perf_counter()
         item_ids = [str(i) for i in item_ids]
-        emb = _publish_inputs(codebook, item_ids, embeddings, self.levels)
-        raw = _content_vectors(content, len(item_ids), "nothing was published")
+        emb = publish_inputs(codebook, item_ids, embeddings, self.levels)
+        raw = content_vectors(content, len(item_ids), "nothing was published")
         codes = codebook.assign(emb)  # validates finiteness too
         tie = np.argsort(np.argsort(np.array(item_ids, dtype=object), kind="stable"), kind="stable")
         dedup = dedup_level(codes, tie_order=tie)
@@ -143,7 +143,7 @@ class SemanticIdStore:
             levels=codebook.levels, dim=codebook.dim, n_items=len(item_ids), content_hash=fingerprint),
             item_ids, sid_keys(codes), dedup)                      # 1. the version exists, not readable yet
         now = pd.Timestamp.now(tz="UTC").floor("us")
-        frames = _frames(version, item_ids, codes, dedup, emb, raw, _timestamps(available_at, len(item_ids)), now)
+        frames = item_frames(version, item_ids, codes, dedup, emb, raw, timestamps(available_at, len(item_ids)), now)
         self.offline.write(frames, batch=f"{version}")           # 2. offline (atomic per store)
         checkpoint("publish.after_offline")
         with self._online():                                     # 3. online
@@ -221,7 +221,7 @@ class SemanticIdStore:
         SIDs; nothing is written when a step fails."""
         row = self._published(version)
         version = row["version"]
-        items = _onboarding_items(items)
+        items = onboarding_items(items)
         raw = None
         if embeddings is None:
             emb, raw = self._embedder(row).embed(items)
@@ -230,24 +230,26 @@ class SemanticIdStore:
             if emb.ndim != 2 or emb.shape != (len(items), row["dim"]):
                 raise ValueError(f"embeddings for codebook {version} must have shape ({len(items)}, {row['dim']}); "
                                  f"got {tuple(emb.shape)}; nothing was onboarded")
-        codes = self._codebook(version).assign(emb)
         ids = items["item_id"].tolist()
-        with self.state.begin() as c:  # the slots roll back if a store write below fails
-            dedup, fresh = self.catalogue.allocate(c, version, ids, codes)
-            if fresh.any():
-                now = time.time()
-                ts = pd.Timestamp(now, unit="s", tz="UTC").floor("us")
-                sel = np.flatnonzero(fresh)
-                frames = _frames(version, [ids[j] for j in sel], codes[sel], dedup[sel], emb[sel],
+        # reserve the slots (committed), write both stores, confirm: a writer that dies in between leaves a
+        # pending slot that nobody else gets and that the next onboarding of the item writes again
+        codes, dedup, write, fresh = self.catalogue.reserve(version, ids, self._codebook(version).assign(emb))
+        if write.any():
+            now = time.time()
+            ts = pd.Timestamp(now, unit="s", tz="UTC").floor("us")
+            sel = np.flatnonzero(write)
+            frames = item_frames(version, [ids[j] for j in sel], codes[sel], dedup[sel], emb[sel],
                                  None if raw is None else raw[sel], ts, ts)
-                with self._online():
-                    online.push_rows(self.fs, frames)
-                self.offline.write(frames, batch=f"{version}-onboard-{int(now * 1e6)}-{os.getpid()}")
+            with self._online():
+                online.push_rows(self.fs, frames)
+            self.offline.write(frames, batch=f"{version}-onboard-{int(now * 1e6)}-{os.getpid()}")
+            checkpoint("onboard.before_confirm")
+            self.catalogue.confirm(version, [ids[j] for j in sel])
         out = pd.DataFrame({"item_id": ids, "codebook_version": version})
         for lvl in range(codes.shape[1]):
             out[f"sid_{lvl}"] = codes[:, lvl]
         out["sid_dedup"] = dedup
-        out["onboarded"] = fresh
+        out["onboarded"] = fresh | write   # this call wrote the item (a pending slot left by a dead writer counts)
         return out
 
     def encode(self, items: pd.DataFrame, version: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -300,70 +302,3 @@ class SemanticIdStore:
 
     def service_version(self, name: str) -> str:
         return self.fs.get_feature_service(name).tags["codebook_version"]
-
-
-# ---------------------------------------------------------------- row shaping and input checks
-
-def _frames(version, item_ids, codes, dedup, emb, raw, event_ts, created) -> dict[str, pd.DataFrame]:
-    """The rows of both item views for one batch."""
-    base = pd.DataFrame({"item_id": item_ids, "codebook_version": version})
-    sid = base.copy()
-    for lvl in range(codes.shape[1]):
-        sid[f"sid_{lvl}"] = codes[:, lvl].astype(np.int64)
-    sid["sid_dedup"] = np.asarray(dedup, dtype=np.int64)
-    e = base.copy()
-    e["embedding"] = list(emb.astype(np.float32))
-    e["content"] = [np.zeros(0, np.float32)] * len(e) if raw is None else list(raw)
-    for df in (sid, e):
-        df["event_timestamp"] = event_ts
-        df["created"] = created
-    return {SID_VIEW: sid, EMB_VIEW: e}
-
-
-def _publish_inputs(codebook, item_ids: list[str], embeddings, levels: int) -> np.ndarray:
-    emb = np.asarray(embeddings, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[1] != codebook.dim:
-        raise ValueError(f"embeddings for codebook {codebook.version} must have width {codebook.dim}; "
-                         f"got shape {tuple(emb.shape)}; nothing was published")
-    if len(item_ids) != len(emb):
-        raise ValueError(f"{len(item_ids)} item ids but {len(emb)} embeddings; nothing was published")
-    dup = pd.Index(item_ids)[pd.Index(item_ids).duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"duplicate item ids {dup[:5]}; nothing was published")
-    if codebook.levels != levels:
-        raise FeatureStoreError(f"codebook {codebook.version} has {codebook.levels} levels; this store's "
-                                f"feature view has {levels}")
-    return emb
-
-
-def _onboarding_items(items: pd.DataFrame) -> pd.DataFrame:
-    if "item_id" not in items:
-        raise ValueError("items need an item_id column (and text, optionally image_path)")
-    items = items.copy()
-    items["item_id"] = items["item_id"].astype(str)
-    if items["item_id"].duplicated().any():
-        raise ValueError(f"duplicate item ids in the onboarding batch: "
-                         f"{items.loc[items['item_id'].duplicated(), 'item_id'].tolist()[:5]}")
-    return items
-
-
-def _content_vectors(content, n: int, outcome: str) -> np.ndarray | None:
-    """Validated text-tower vectors [n, dt] (float32, finite), or None."""
-    if content is None:
-        return None
-    raw = np.asarray(content, dtype=np.float32)
-    if raw.ndim != 2 or len(raw) != n or raw.shape[1] == 0:
-        raise ValueError(f"content vectors must have shape ({n}, dim); got {tuple(raw.shape)}; {outcome}")
-    if not np.isfinite(raw).all():
-        bad = int(np.flatnonzero(~np.isfinite(raw).all(1))[0])
-        raise ValueError(f"content vector of row {bad} is not finite; {outcome}")
-    return raw
-
-
-def _timestamps(available_at, n: int) -> pd.Series:
-    if available_at is None:
-        return pd.Series([EPOCH] * n)
-    ts = pd.to_datetime(pd.Series(list(available_at)), utc=True)
-    if len(ts) != n:
-        raise ValueError(f"available_at has {len(ts)} values for {n} items")
-    return ts.fillna(EPOCH)

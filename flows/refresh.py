@@ -9,17 +9,15 @@ is reused with its recorded verdict (flows/promotion.py). A refresh holds a lock
 once (flows/lock.py)."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
-from semalign.flows import ranker_stages, semantic_ids
+from semalign.flows import prefect_env, ranker_stages, semantic_ids
 from semalign.flows.errors import InputValidationError, RefreshError, RefreshLockedError, first_line
 from semalign.flows.gates import run_gates
 from semalign.flows.lock import refresh_lock, remove_dead_temporaries
@@ -82,7 +80,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
 
     rep = rep or Reporter(quiet=True)
     t0 = time.perf_counter()
-    with StageTracker() as at, refresh_lock(settings):
+    with StageTracker() as at, refresh_lock(settings) as lock:
+        at.lock = lock
         remove_dead_temporaries(settings)  # under the lock: no other refresh is writing them
         at("registry lookup")
         registry = Registry(settings)
@@ -155,13 +154,9 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
 def run_refresh(settings: Settings, data=None, rep: Reporter | None = None) -> dict:
     """`semalign run`: the refresh flow in-process (Prefect's ephemeral API under SEMALIGN_HOME unless a Prefect
     API is configured), with the progress shown here."""
-    os.environ.setdefault("PREFECT_HOME", str((settings.home / "prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    # errors reach the user once, from the CLI; set PREFECT_LOGGING_LEVEL to see Prefect's own logs
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    prefect_env.prepare(settings)  # `semalign run` did this before importing Prefect; other callers get it here
 
     home = str(settings.home)
     _IN_PROCESS[home] = _Run(settings, rep or Reporter(quiet=True))

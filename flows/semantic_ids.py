@@ -39,9 +39,10 @@ class TowerFeatures:
         return _hash(*parts)
 
 
-def ingest(settings: Settings, data: str | Path | None = None, on_bad_rows: str = "error") -> Dataset:
+def ingest(settings: Settings, data: str | Path | None = None, on_bad_rows: str | None = None) -> Dataset:
     path = Path(data).expanduser().resolve() if data else settings.resolved_data()
-    return load_dataset(path, on_bad_rows=on_bad_rows, quarantine_dir=settings.home / "quarantine")
+    return load_dataset(path, on_bad_rows=on_bad_rows or settings.on_bad_rows,
+                        quarantine_dir=settings.home / "quarantine")
 
 
 def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None) -> TowerFeatures:

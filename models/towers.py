@@ -79,7 +79,11 @@ class TextTower:
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
         for start in range(0, len(texts), self.batch_size):
             idx = order[start: start + self.batch_size]
-            batch = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+            # cut to the tokenizer's window first: it truncates to max_length tokens anyway, and tokenizing a
+            # 20,000-character text only to drop most of it is cost a caller could force (32 characters a token
+            # is beyond any real text's average, so no real text loses a token)
+            window = self.max_length * 32
+            batch = self.tokenizer([texts[i][:window] for i in idx], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt")
             if on_gpu:
                 batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}

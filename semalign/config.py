@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     data: Path | None = Field(default=None, description="Dataset folder (MovieLens-100K or a generic folder).")
     text_model: Path | None = Field(default=None, description="Local transformers model dir; default: bundled all-MiniLM-L6-v2.")
     use_images: bool = True
+    # bad rows in a dataset: refuse it naming file, row and column ("error"), or set them aside under
+    # SEMALIGN_HOME/quarantine/ with counts in the report and go on ("quarantine")
+    on_bad_rows: Literal["error", "quarantine"] = "error"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -70,6 +73,23 @@ class Settings(BaseSettings):
     ranker_id_dropout: float = 0.1
     ranker_epochs: int = 10
     hist_len: int = 50
+    # serving (`semalign serve`): who may call it and what one request may cost
+    serve_api_keys_file: Path | None = Field(default=None, description=(
+        "Secret file of API keys, one per line: `<key id> <token> <scope>[,<scope>]` (scopes: score, write)."))
+    serve_api_keys: str | None = Field(default=None, description="The same lines, `;`-separated (prefer the file).")
+    serve_allowed_hosts: str = "127.0.0.1,localhost,::1"   # Host headers the service answers; "*": any
+    serve_max_body_bytes: int = 1_000_000
+    serve_max_candidates: int = 1000
+    serve_max_new_items: int = 32           # items one request may have encoded (on the fly or onboarded)
+    serve_encode_concurrency: int = 2       # requests encoding content at once, per worker process
+    serve_encode_wait_s: float = 2.0        # how long a request waits for an encoding slot before a 503
+    serve_rate_limit: str = "1200/minute"   # per API key (per client address with auth off); `limits` syntax
+    serve_check_interval: float = 30.0      # seconds between checks of the champion alias
+
+    # the refresh lock's lease: its holder renews it every third of this; a holder that dies (or hangs) on another
+    # host frees the lock when it runs out
+    refresh_lock_lease_s: float = 120.0
+
     # refresh: the gates that guard promotion
     gate_auc_tolerance: float = 0.005
     gate_cold_auc_tolerance: float = 0.01

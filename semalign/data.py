@@ -7,7 +7,9 @@ Ids are kept as strings so any id scheme works; models see dense integer indices
 """
 from __future__ import annotations
 
+import csv
 import io
+import re
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ ALL_BUCKETS = ("all",) + BUCKETS                 # every metric table: all event
 MAX_TEXT_CHARS = 100_000     # longer item text is a broken export, not a description
 MAX_REQUEST_TEXT_CHARS = 20_000  # per item in a scoring/onboarding request: encoding cost is paid per request
 FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
+MAX_ID_CHARS = 256           # item and user ids: printable, at most this long (the store's keys and the API's)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 BadRowPolicy = Literal["error", "quarantine"]
 
 
@@ -76,7 +80,7 @@ class Dataset:
 def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quarantine_dir: Path | None = None,
                  positive_rating: float = POSITIVE_RATING) -> Dataset:
     """MovieLens-100K folder (u.data + u.item) or a generic contract folder (items.* + interactions.*)."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {path}")
     if (path / "u.data").exists() and (path / "u.item").exists():
@@ -117,7 +121,20 @@ def _read_table(p: Path) -> pd.DataFrame:
     try:
         if p.suffix == ".parquet":
             return pd.read_parquet(p)
+        raw = p.read_bytes()
+        names = next(csv.reader([raw.split(b"\n", 1)[0].decode("utf-8")]), [])
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise DataValidationError(p, 1, dup[0], f"unique column names (repeated: {dup})")
+        nul = raw.find(b"\x00")
+        if nul >= 0:  # pandas' C parser silently cuts a field at NUL: refuse instead of reading a shortened id
+            line_start = raw.rfind(b"\n", 0, nul) + 1
+            col = raw[line_start:nul].count(b",")
+            raise DataValidationError(p, raw.count(b"\n", 0, nul), names[col] if col < len(names) else None,
+                                      "text without NUL bytes")
         return pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    except DataValidationError:
+        raise
     except UnicodeDecodeError as e:
         raise DataValidationError(p, None, None, f"UTF-8 text ({e.reason} at byte {e.start})") from e
     except Exception as e:  # pandas/pyarrow parser errors carry the line
@@ -132,9 +149,9 @@ def _read_generic(folder: Path):
         by_stem = {p.stem: p for p in (folder / "images").iterdir() if p.is_file()}
         items["image_path"] = [str(by_stem[str(i)]) if str(i) in by_stem else None for i in items.get("item_id", [])]
     elif "image_path" in items.columns:
-        items["image_path"] = [None if _isnull(v) else str(v if Path(str(v)).is_absolute() else folder / str(v))
-                               for v in items["image_path"]]
-    return items, inter, {"items": items_p, "interactions": inter_p, "row_offset": 2 if items_p.suffix == ".csv" else 1}
+        items["image_path"] = [None if _isnull(v) else str(folder / str(v)) for v in items["image_path"]]
+    return items, inter, {"items": items_p, "interactions": inter_p, "root": folder,
+                          "row_offset": 2 if items_p.suffix == ".csv" else 1}
 
 
 def _read_movielens(folder: Path):
@@ -166,10 +183,25 @@ def _read_movielens(folder: Path):
                           "available_at": raw["release"].replace("", None)})
     inter = pd.read_csv(folder / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
                         dtype=str)
-    return items, inter, {"items": folder / "u.item", "interactions": folder / "u.data", "row_offset": 1}
+    return items, inter, {"items": folder / "u.item", "interactions": folder / "u.data", "root": folder,
+                          "row_offset": 1}
 
 
 # ---------------------------------------------------------------- validation
+
+def image_inside(root: Path, path: str) -> str | None:
+    """`path` (relative to `root`, or absolute) resolved, symlinks followed, when it stays inside `root`."""
+    p = (root / path).resolve()
+    return str(p) if p.is_relative_to(root) else None
+
+
+def bad_ids(ids: pd.Series) -> np.ndarray:
+    """Ids the contract refuses: longer than MAX_ID_CHARS, or holding control characters (NUL included)."""
+    return ids.map(lambda v: v is not None and (len(v) > MAX_ID_CHARS or bool(_CONTROL.search(v)))).to_numpy(bool)
+
+
+ID_EXPECTED = f"an id of at most {MAX_ID_CHARS} characters without control characters"
+
 
 def _isnull(v) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() == "")
@@ -267,6 +299,7 @@ def _require_columns(items: pd.DataFrame, inter: pd.DataFrame, files: dict) -> N
 def _valid_items(chk: "_Checker", items: pd.DataFrame) -> pd.DataFrame:
     items["item_id"] = items["item_id"].map(lambda v: None if _isnull(v) else str(v).strip())
     items = chk.bad("items", items, items["item_id"].isna().to_numpy(), "item_id", "a non-empty id", fatal=True)
+    items = chk.bad("items", items, bad_ids(items["item_id"]), "item_id", ID_EXPECTED)
     dup = items["item_id"].duplicated(keep="first").to_numpy()
     if dup.any():
         first = int(np.flatnonzero(dup)[0])
@@ -281,12 +314,21 @@ def _valid_items(chk: "_Checker", items: pd.DataFrame) -> pd.DataFrame:
     if "image_path" not in items.columns:
         items["image_path"] = None
     items["image_path"] = items["image_path"].map(lambda v: None if _isnull(v) else str(v))
+    if chk.files.get("root") is not None:  # images are the dataset's own: nothing outside its folder is opened
+        root = Path(chk.files["root"]).resolve()
+        inside = items["image_path"].map(lambda v: None if v is None else image_inside(root, v))
+        items = chk.bad("items", items, (items["image_path"].notna() & inside.isna()).to_numpy(), "image_path",
+                        f"a path inside the dataset folder {root}")
+        items["image_path"] = inside[items.index]
     missing_img = items["image_path"].map(lambda p: p is not None and not Path(p).is_file())
     if missing_img.any():
         chk.report["missing_image_files"] = int(missing_img.sum())
         items.loc[missing_img, "image_path"] = None
     if "available_at" in items.columns:
-        items["available_at"] = pd.to_datetime(items["available_at"], utc=True, errors="coerce", format="mixed")
+        given = items["available_at"].map(lambda v: not _isnull(v)).to_numpy(bool)
+        at = _parse_timestamps(items["available_at"].where(given, None))
+        items = chk.bad("items", items.assign(available_at=at), given & at.isna().to_numpy(), "available_at",
+                        "a date (ISO 8601) or unix seconds, or nothing")
     return items
 
 
@@ -294,6 +336,7 @@ def _valid_interactions(chk: "_Checker", inter: pd.DataFrame, known: set, positi
     for col in ("user_id", "item_id"):
         inter[col] = inter[col].map(lambda v: None if _isnull(v) else str(v).strip())
         inter = chk.bad("interactions", inter, inter[col].isna().to_numpy(), col, "a non-empty id")
+        inter = chk.bad("interactions", inter, bad_ids(inter[col]), col, ID_EXPECTED)
     ts = _parse_timestamps(inter["timestamp"])
     inter = chk.bad("interactions", inter.assign(_ts=ts), ts.isna().to_numpy(), "timestamp",
                     "a UTC timestamp (unix seconds or ISO 8601)")
@@ -308,7 +351,7 @@ def _valid_interactions(chk: "_Checker", inter: pd.DataFrame, known: set, positi
     else:
         rating = pd.to_numeric(inter["rating"], errors="coerce")
         inter = chk.bad("interactions", inter.assign(_label=(rating >= positive_rating).astype("int8")),
-                        rating.isna().to_numpy(), "rating", "a number")
+                        ~np.isfinite(rating.to_numpy(float)), "rating", "a finite number")
     inter = chk.bad("interactions", inter, ~inter["item_id"].isin(known).to_numpy(), "item_id",
                     "an item_id present in the items file")
     dups = inter.duplicated(["user_id", "item_id", "_ts"], keep="first").to_numpy()

@@ -35,7 +35,7 @@ item_sids = sa.Table(
     sa.Column("item_id", sa.String(256), primary_key=True),
     sa.Column("sid_key", sa.String(128), nullable=False),     # "c0-c1-c2": the codes without the dedup level
     sa.Column("dedup", sa.Integer, nullable=False),
-    sa.Column("source", sa.String(16), nullable=False),       # batch | onboard
+    sa.Column("source", sa.String(16), nullable=False),       # batch | onboard | pending (reserved, unconfirmed)
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("project", "version", "sid_key", "dedup", name="uq_item_sids_slot"),
 )
@@ -66,6 +66,7 @@ locks = sa.Table(
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("owner", sa.String(256), nullable=False),
     sa.Column("acquired_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),        # the lease: a holder that stops renewing it loses the lock
 )
 
 
@@ -85,6 +86,9 @@ def engine(url: str) -> sa.Engine:
         def _wal(conn, _):  # readers never block the writer of a publish
             conn.execute("PRAGMA journal_mode=WAL")
     metadata.create_all(eng)
+    if "expires_at" not in {c["name"] for c in sa.inspect(eng).get_columns("locks")}:
+        with eng.begin() as c:  # a state database from before leases
+            c.execute(sa.text("ALTER TABLE locks ADD COLUMN expires_at FLOAT"))
     return eng
 
 

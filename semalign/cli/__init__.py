@@ -41,6 +41,7 @@ app.command("report")(registry.report)
 app.command("promote")(registry.promote)
 app.command("rollback")(registry.rollback)
 app.command("status")(registry.status)
+app.command("unlock")(registry.unlock)
 app.command("experiment")(experiment.experiment)
 
 

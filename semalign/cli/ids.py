@@ -34,8 +34,12 @@ def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, 
 
         ds = ingest(s, s.data)
         content = tower_features(s, ds).text[item_rows(ds, sids["item_id"], f"codebook {version}")]
-    res = open_store(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
-                                                  encoder_version=enc_v, make_current=current, content=content)
+    from semalign.flows.lock import refresh_lock
+
+    with refresh_lock(s, "ids publish"):  # a refresh publishing and moving the current version meanwhile: wait
+        res = open_store(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(),
+                                                      np.stack(sids["embedding"].to_numpy()), encoder_version=enc_v,
+                                                      make_current=current, content=content)
     emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,
                       "current": res.current, "wall_s": round(res.wall_s, 3)}}, as_json, print_summary)
 
@@ -91,8 +95,8 @@ def read_items(file: Path):
     if not file.exists():
         raise FileNotFoundError(f"{file}: no such file")
     suffix = file.suffix.lower()
-    if suffix == ".csv":
-        items = pd.read_csv(file, dtype={"item_id": str})
+    if suffix == ".csv":  # as the data contract reads tables: "NA" or "null" is an id, an empty field is missing
+        items = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
     elif suffix == ".parquet":
         items = pd.read_parquet(file)
     elif suffix in (".jsonl", ".json"):
@@ -102,7 +106,15 @@ def read_items(file: Path):
     missing = [c for c in ("item_id", "text") if c not in items.columns]
     if missing:
         raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
-    if "image_path" in items:  # relative image paths are relative to the file
-        items["image_path"] = [str((file.parent / p).resolve()) if isinstance(p, str) and p else None
-                               for p in items["image_path"]]
+    if "image_path" in items:  # relative to the file, and inside its folder (no symlink escapes)
+        from semalign.data import image_inside
+
+        root = file.parent.resolve()
+        paths = []
+        for row, p in enumerate(items["image_path"], 1):
+            path = image_inside(root, p) if isinstance(p, str) and p.strip() else None
+            if isinstance(p, str) and p.strip() and path is None:
+                raise ValueError(f"{file}, row {row}, column image_path: expected a path inside {root}; got '{p}'")
+            paths.append(path)
+        items["image_path"] = paths
     return items

@@ -37,7 +37,9 @@ def codebook_build(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOp
 
     s = load_settings(home, data, write=True, use_images=images, codebook_method=method, codebook_levels=levels,
                       codebook_codes=codes)
-    with Reporter(quiet=as_json) as rep:
+    from semalign.flows.lock import refresh_lock
+
+    with refresh_lock(s, "codebook build"), Reporter(quiet=as_json) as rep:  # it moves LATEST and publishes
         res = semantic_ids_job(s, data, rep, parent=None if parent == "none" else parent)
     emit(res, as_json, print_summary)
 

@@ -11,16 +11,22 @@ from semalign.cli.common import DataOpt, HomeOpt, ImagesOpt, JsonOpt, emit, fail
 
 
 def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
-        images: bool = ImagesOpt):
+        images: bool = ImagesOpt,
+        quarantine: bool = typer.Option(False, "--quarantine", help="Set bad rows aside under "
+                                        "SEMALIGN_HOME/quarantine/ (counts in the output) instead of refusing the "
+                                        "dataset (env SEMALIGN_ON_BAD_ROWS=quarantine).")):
     """The main job: the `refresh` flow in-process on embedded defaults. Ingest + validate -> encoder ->
     codebook -> publish SIDs to Feast -> train ranker -> evaluate vs champion -> gates -> MLflow -> promote.
     Exits 3 when the gates blocked the promotion (the verdict is in the output)."""
     import contextlib
 
-    from semalign.flows.refresh import run_refresh
+    from semalign.flows import prefect_env
     from semalign.progress import Reporter
 
-    s = load_settings(home, data, write=True, use_images=images)
+    s = load_settings(home, data, write=True, use_images=images, on_bad_rows="quarantine" if quarantine else None)
+    prefect_env.prepare(s)  # before Prefect is imported: it reads its settings and sets up logging then
+    from semalign.flows.refresh import run_refresh
+
     # with --json, stdout carries only the JSON (MLflow prints run links to stdout)
     with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout), Reporter(quiet=as_json) as rep:
         res = run_refresh(s, data, rep)

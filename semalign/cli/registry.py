@@ -15,9 +15,11 @@ def promote(version: str = typer.Argument(..., help="Registered model version to
             reason: str = typer.Option("manual promotion", help="Recorded in the audit history.")):
     """Move the `champion` alias to a model version (and the store's current codebook with it)."""
     from semalign.deploy.registry import Registry
+    from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
-    res = Registry(s).promote(version, reason=reason)
+    with refresh_lock(s, "promote"):  # never in the middle of a refresh's own promotion
+        res = Registry(s).promote(version, reason=reason)
     emit({"promote": res}, as_json, print_summary)
 
 
@@ -26,10 +28,28 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
              reason: str = typer.Option("manual rollback", help="Recorded in the audit history.")):
     """Move `champion` back to the previous champion (one alias move, audited)."""
     from semalign.deploy.registry import Registry
+    from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
-    res = Registry(s).rollback(to=to, reason=reason)
+    with refresh_lock(s, "rollback"):
+        res = Registry(s).rollback(to=to, reason=reason)
     emit({"rollback": res}, as_json, print_summary)
+
+
+def unlock(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+           force: bool = typer.Option(False, "--force", help="Required: remove the lock whoever holds it."),
+           reason: str = typer.Option("manual unlock", help="Recorded in the audit history.")):
+    """Remove the project's refresh lock left by a holder that is gone (audited). A live holder notices at its
+    next stage and stops; the lock frees itself anyway when its lease runs out."""
+    from semalign.errors import InvalidInputError
+    from semalign.flows.lock import force_unlock
+
+    if not force:
+        raise InvalidInputError("`semalign unlock` removes a lock someone may still hold: pass --force "
+                                "(`semalign status` shows the holder and its lease)")
+    s = load_settings(home, None, write=True)
+    removed = force_unlock(s, reason=reason)
+    emit({"unlock": removed or {"owner": None, "note": "no lock was held"}}, as_json, print_summary)
 
 
 def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
@@ -40,6 +60,7 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     s = load_settings(home, None)
     reg = Registry(s)
     res = reg.status()
+    res["lock"] = lock_holder(s)
     res["history"] = [{k: r[k] for k in ("at", "action", "subject", "from_value", "to_value", "actor")}
                       | {"reason": (r["reason"] or "")[:200]} for r in reg.history(limit=history)]
     emit(res, as_json, _print_status)
@@ -74,3 +95,15 @@ def report(home: Optional[Path] = HomeOpt, out: Path = typer.Option(Path("semali
     s = load_settings(home, None)
     path = build_report(s, out, run_id)
     sys.stdout.write(f"{path}\n")
+
+
+def lock_holder(settings) -> dict | None:
+    """The project's lock row (holder, since, lease until), if any."""
+    import sqlalchemy as sa
+
+    from semalign import state
+
+    eng = state.engine(settings.resolved_state_url())
+    with eng.connect() as c:
+        row = c.execute(sa.select(state.locks).where(state.locks.c.name == f"refresh:{settings.feast_project}")).first()
+    return None if row is None else {"owner": row.owner, "acquired_at": row.acquired_at, "expires_at": row.expires_at}

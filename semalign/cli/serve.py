@@ -10,7 +10,8 @@ from semalign.cli.common import HomeOpt, load_settings
 
 
 def serve(home: Optional[Path] = HomeOpt,
-          host: str = typer.Option("127.0.0.1", help="Bind address (loopback unless you mean otherwise)."),
+          host: str = typer.Option("127.0.0.1", help="Bind address. Beyond loopback only with API keys "
+                                   "(SEMALIGN_SERVE_API_KEYS_FILE) and SEMALIGN_SERVE_ALLOWED_HOSTS."),
           port: int = typer.Option(8000, help="Port."),
           workers: int = typer.Option(1, help="Worker processes."),
           check_interval: float = typer.Option(30.0, help="Seconds between checks of the champion alias."),
@@ -20,7 +21,10 @@ def serve(home: Optional[Path] = HomeOpt,
 
     import uvicorn
 
+    from semalign.deploy.auth import KeyRing, check_bind
+
     s = load_settings(home, None, write=True)
+    check_bind(host, KeyRing.from_settings(s), s.serve_allowed_hosts)  # before anything listens
     os.environ["SEMALIGN_HOME"] = str(s.home)
     os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
     os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)

@@ -44,6 +44,17 @@ DATASET_CASES = [
     ("missing column", "item_id,title\na,one\n", EVENTS, "items.csv", None, "text", "a column 'text'"),
     ("no label or rating", ITEMS, "user_id,item_id,timestamp\nu1,a,1000\n", "interactions.csv", None, "label",
      "'label' (0/1) or 'rating'"),
+    ("item id with a NUL", "item_id,text\na,one\nb\x00c,two\n", EVENTS, "items.csv", 2, "item_id",
+     "without NUL bytes"),
+    ("item id over 256 characters", "item_id,text\na,one\n" + "b" * 257 + ",two\n", EVENTS, "items.csv", 2,
+     "item_id", "at most 256 characters"),
+    ("user id with a control character", ITEMS, "user_id,item_id,timestamp,label\nu1,a,1000,1\nu\x1b2,b,2000,0\n",
+     "interactions.csv", 2, "user_id", "without control characters"),
+    ("duplicated header", "item_id,text,text\na,one,x\n", EVENTS, "items.csv", 1, "text", "unique column names"),
+    ("infinite rating", ITEMS, "user_id,item_id,timestamp,rating\nu1,a,1000,4\nu1,b,2000,inf\n",
+     "interactions.csv", 2, "rating", "a finite number"),
+    ("unparseable available_at", "item_id,text,available_at\na,one,2020-01-01\nb,two,someday\n", EVENTS,
+     "items.csv", 2, "available_at", "a date"),
 ]
 
 

@@ -409,3 +409,85 @@ def test_the_rendered_repo_refers_to_the_postgres_password_instead_of_holding_it
     assert "s3cr" not in text
     expanded = os.path.expandvars(text)   # what Feast does when it loads the file
     assert "bob:s3cr%40t@db.internal:5432/feast" in expanded and 'password: "s3cr@t"' in expanded
+
+
+def test_the_rendered_repo_refers_to_the_redis_password_instead_of_holding_it(tmp_path, monkeypatch):
+    from semalign.feature_repo.repo_config import render_repo
+
+    monkeypatch.delenv("SEMALIGN_FEAST_REDIS_PASSWORD", raising=False)
+    s = Settings(home=tmp_path, feast_online="redis", redis_url="cache.internal:6379,password=r3d!s,db=2")
+    text = (render_repo(s, 3) / "feature_store.yaml").read_text()
+    assert "r3d!s" not in text and "${SEMALIGN_FEAST_REDIS_PASSWORD}" in text
+    expanded = os.path.expandvars(text)   # what Feast does when it loads the file
+    assert "cache.internal:6379,password=r3d!s,db=2,socket_timeout=1.0" in expanded
+
+
+ONBOARD_ONE = """
+import sys, time
+from pathlib import Path
+import numpy as np, pandas as pd
+from semalign.config import Settings
+from semalign.feature_repo.store import SemanticIdStore
+store = SemanticIdStore(Settings())
+store.fs
+Path(sys.argv[1]).touch()
+while not Path(sys.argv[2]).exists():   # start line: both processes onboard at once
+    time.sleep(0.01)
+out = store.onboard(pd.DataFrame({"item_id": sys.argv[3].split(",")}), version=sys.argv[4],
+                    embeddings=np.load(sys.argv[5]))
+print(out[["sid_0", "sid_1", "sid_2", "sid_dedup"]].to_numpy().tolist())
+"""
+
+
+def test_concurrent_onboarding_gives_one_answer_and_never_shares_a_slot(env, tmp_path):
+    """Two processes onboard at the same moment: the same item gets one SID (no 500, one row), and different
+    items whose codes collide get different dedup slots."""
+    store, s = env["store"], env["settings"]
+    cb, ids, x = codebook_for(12, n=200)
+    store.publish(cb, ids, x)
+    np.save(tmp_path / "same.npy", x[:1] + 1e-4)
+    np.save(tmp_path / "twin.npy", x[:1] + 2e-4)   # same codes as the first item: a dedup slot of its own
+    child_env = {**os.environ, "SEMALIGN_HOME": str(s.home), "SEMALIGN_FEAST_PROJECT": s.feast_project,
+                 **{f"SEMALIGN_{k.upper()}": v for k, v in BACKENDS[env["backend"]].items()}}
+    for a_items, b_items, b_emb in (("race-1", "race-1", "same.npy"), ("race-2", "race-3", "twin.npy")):
+        go = tmp_path / f"go-{a_items}"
+        procs = []
+        for k, (item, emb) in enumerate(((a_items, "same.npy"), (b_items, b_emb))):
+            ready = tmp_path / f"ready-{a_items}-{k}"
+            procs.append((ready, subprocess.Popen(
+                [sys.executable, "-c", ONBOARD_ONE, str(ready), str(go), item, cb.version, str(tmp_path / emb)],
+                env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        deadline = time.time() + 120
+        while not all(r.exists() for r, _ in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        outs = []
+        for _, p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-2000:]
+            outs.append(json.loads(out.strip().splitlines()[-1])[0])
+        if a_items == b_items:
+            assert outs[0] == outs[1]
+        else:
+            assert outs[0][:3] == outs[1][:3] and outs[0][3] != outs[1][3]
+    got = store.semantic_ids(["race-1", "race-2", "race-3"], version=cb.version)
+    assert len(np.unique(got[SID_COLS].to_numpy(), axis=0)) == 3
+
+
+def test_a_writer_that_dies_before_confirming_keeps_its_slot(env):
+    """Reserve, write, confirm: a slot reserved by a writer that died is handed to nobody else, and onboarding
+    the item again writes and confirms it with the same SID."""
+    store = env["store"]
+    cb, ids, x = codebook_for(13, n=200)
+    store.publish(cb, ids, x)
+    emb = x[:1] + 1e-4
+    codes, dedup, write, fresh = store.catalogue.reserve(cb.version, ["dies-1"], cb.assign(emb))  # then "dies"
+    assert write.all() and fresh.all()
+    assert not store.semantic_ids(["dies-1"], version=cb.version, strict=False)["found"].iloc[0]
+    other = store.onboard(pd.DataFrame({"item_id": ["same-codes"]}), version=cb.version, embeddings=emb + 1e-5)
+    assert other["sid_dedup"].iloc[0] != dedup[0]           # the pending slot is not handed out again
+    again = store.onboard(pd.DataFrame({"item_id": ["dies-1"]}), version=cb.version, embeddings=emb)
+    assert again["onboarded"].iloc[0] and again["sid_dedup"].iloc[0] == dedup[0]
+    assert store.semantic_ids(["dies-1"], version=cb.version)["sid_dedup"].iloc[0] == dedup[0]
+    third = store.onboard(pd.DataFrame({"item_id": ["dies-1"]}), version=cb.version, embeddings=emb)
+    assert not third["onboarded"].iloc[0]                    # confirmed now: nothing written a second time

@@ -149,7 +149,7 @@ def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):
 
     s = _settings(tmp_path / "home")
     with refresh_lock(s):
-        with pytest.raises(RefreshLockedError, match="another refresh"):
+        with pytest.raises(RefreshLockedError, match="another refresh of project"):
             with refresh_lock(s):
                 pass
     proc = _cli("run", "--data", str(tmp_path / "nothing-here"), env={"SEMALIGN_HOME": str(tmp_path / "home")},

@@ -156,3 +156,61 @@ def test_only_training_window_items_get_an_id_row_so_no_teacher_sees_a_held_out_
     trained = np.unique(sp.part("train")["item_idx"])
     assert (vocab[trained + 1] > 0).all() and len(np.unique(vocab[trained + 1])) == len(trained)
     assert (vocab > 0).sum() == len(trained)
+
+
+def test_image_paths_stay_inside_the_dataset_folder(tmp_path):
+    """A dataset opens only its own images: an absolute path elsewhere or a symlink out of the folder is a bad
+    row (named), not a file read."""
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"not yours")
+    folder = tmp_path / "shop"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "escape.jpg").symlink_to(outside)
+    items = f"item_id,text,image_path\na,one,\nb,two,{outside}\n"
+    events = "user_id,item_id,timestamp,label\nu1,a,1000,1\nu1,b,2000,0\n"
+    (folder / "items.csv").write_text(items)
+    (folder / "interactions.csv").write_text(events)
+    with pytest.raises(DataValidationError) as e:
+        load_dataset(folder)
+    assert (e.value.row, e.value.column) == (2, "image_path") and "inside the dataset folder" in str(e.value)
+    (folder / "items.csv").write_text("item_id,text,image_path\na,one,\nb,two,images/escape.jpg\n")
+    with pytest.raises(DataValidationError, match="inside the dataset folder"):
+        load_dataset(folder)
+    ds = load_dataset(folder, on_bad_rows="quarantine", quarantine_dir=tmp_path / "q")
+    assert ds.n_items == 1 and ds.report["quarantined_items_image_path"] == 1
+
+
+def test_ingest_follows_the_settings_bad_row_policy(tmp_path):
+    from semalign.config import Settings
+    from semalign.flows.semantic_ids import ingest
+
+    folder = _folder(tmp_path, GOOD_ITEMS, "user_id,item_id,timestamp,label\nu1,a,1000,1\nu1,zz,2000,0\n")
+    with pytest.raises(DataValidationError):
+        ingest(Settings(home=tmp_path / "h"), folder)
+    ds = ingest(Settings(home=tmp_path / "h", on_bad_rows="quarantine"), folder)
+    assert len(ds.interactions) == 1 and ds.report["quarantined_interactions_item_id"] == 1
+    assert (tmp_path / "h" / "quarantine" / "interactions.csv").exists()
+
+
+def test_every_onboarding_path_checks_ids_and_text(tmp_path):
+    from semalign.cli.ids import read_items
+    from semalign.data import MAX_TEXT_CHARS
+    from semalign.feature_repo.rows import onboarding_items
+
+    f = tmp_path / "new.csv"
+    f.write_text("item_id,text\nNA,a film called NA\n,no id here\n")
+    items = read_items(f)
+    assert items["item_id"].iloc[0] == "NA"          # a literal id, as the data contract reads it
+    with pytest.raises(ValueError, match="row 2, column item_id: expected a non-empty id"):
+        onboarding_items(items)
+    for bad, words in ((pd.DataFrame({"item_id": ["ok", "x\x00y"], "text": ["t", "t"]}), "row 2, column item_id"),
+                       (pd.DataFrame({"item_id": ["z" * 257], "text": ["t"]}), "at most 256"),
+                       (pd.DataFrame({"item_id": ["a"], "text": ["x" * (MAX_TEXT_CHARS + 1)]}), "column text")):
+        with pytest.raises(ValueError, match=words):
+            onboarding_items(bad)
+    (tmp_path / "elsewhere.jpg").write_bytes(b"x")
+    sub = tmp_path / "batch"
+    sub.mkdir()
+    (sub / "new.csv").write_text("item_id,text,image_path\nn1,a film,../elsewhere.jpg\n")
+    with pytest.raises(ValueError, match="row 1, column image_path: expected a path inside"):
+        read_items(sub / "new.csv")

@@ -1,0 +1,53 @@
+"""API keys and scopes of the scoring service (deploy/auth.py): what a key file may say, and who gets in."""
+import pytest
+
+from semalign.deploy.auth import (Forbidden, KeyRing, RateLimited, RateLimiter, Unauthorized, authenticate,
+                                  check_bind, parse_keys)
+from semalign.errors import InvalidInputError
+
+TOKEN_A, TOKEN_B = "a" * 20, "b" * 20
+
+
+def test_key_files_are_checked_line_by_line_without_echoing_tokens():
+    ring = KeyRing(parse_keys(f"# comment\n\nreader {TOKEN_A} score\nwriter {TOKEN_B} score,write\n", "keys"))
+    assert [k.id for k in ring.keys] == ["reader", "writer"]
+    assert ring.check(TOKEN_B).id == "writer" and ring.check("c" * 20) is None
+    for text, why in ((f"reader {TOKEN_A}", "line 1: expected"), (f"reader {TOKEN_A} admin", "unknown scope"),
+                      ("reader short score", "at least 16"),
+                      (f"r {TOKEN_A} score\nr {TOKEN_B} score", "line 2: a unique key id")):
+        with pytest.raises(InvalidInputError, match=why) as e:
+            parse_keys(text, "keys")
+        assert TOKEN_A not in str(e.value) and TOKEN_B not in str(e.value)
+
+
+def test_authentication_and_scopes():
+    ring = KeyRing(parse_keys(f"reader {TOKEN_A} score;writer {TOKEN_B} score,write", "env"))
+    with pytest.raises(Unauthorized):
+        authenticate(ring, None, None, "10.0.0.1", {"score"})
+    with pytest.raises(Unauthorized):
+        authenticate(ring, "z" * 20, None, "10.0.0.1", {"score"})
+    with pytest.raises(Forbidden, match="write"):
+        authenticate(ring, TOKEN_A, None, "10.0.0.1", {"write"})
+    assert authenticate(ring, None, TOKEN_B, "10.0.0.1", {"write"}).id == "writer"
+    # with no keys the service is open (loopback only) and callers are told apart by address
+    open_caller = authenticate(KeyRing([]), None, None, "127.0.0.1", {"write"})
+    assert not open_caller.authenticated and open_caller.id == "addr:127.0.0.1"
+
+
+def test_rate_limit_and_bind_rules():
+    limiter = RateLimiter("3/minute")
+    for _ in range(3):
+        limiter.hit("k")
+    with pytest.raises(RateLimited) as e:
+        limiter.hit("k")
+    assert e.value.retry_after_s >= 1
+    limiter.hit("other")
+    with pytest.raises(InvalidInputError, match="SEMALIGN_SERVE_RATE_LIMIT"):
+        RateLimiter("lots")
+    ring = KeyRing(parse_keys(f"reader {TOKEN_A} score", "env"))
+    check_bind("127.0.0.1", KeyRing([]), "127.0.0.1")
+    with pytest.raises(InvalidInputError, match="without authentication"):
+        check_bind("0.0.0.0", KeyRing([]), "api.example")
+    with pytest.raises(InvalidInputError, match="ALLOWED_HOSTS"):
+        check_bind("0.0.0.0", ring, "127.0.0.1,localhost")
+    check_bind("0.0.0.0", ring, "api.example")

@@ -60,7 +60,7 @@ def main():
         raise SystemExit(f"no champion under {args.home}: run `semalign run` first")
     folder = reg.download_ranker(mv, s.home / "rankers" / (mv.tags.get("input_key") or f"v{mv.version}"))
     scorer = RankerScorer(folder, s)
-    users = [u for u, r in zip(map(str, range(1, 400)), scorer.store.users_online([str(u) for u in range(1, 400)])) if r]
+    users = [u for u, r in zip(map(str, range(1, 400)), scorer.store.users_online([str(u) for u in range(1, 400)], scorer.users_version)) if r]
     rng = np.random.default_rng(0)
     vocab = json.loads((folder / "vocab.json").read_text())
     bodies, calls = [], []

@@ -94,13 +94,17 @@ def main():
     args = ap.parse_args()
     from semalign.config import Settings
     from semalign.data import MAX_REQUEST_TEXT_CHARS
-    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.deploy.registry import CHAMPION, Registry
+    from semalign.deploy.scoring import RankerScorer
 
     s = Settings(home=args.home)
-    store = SemanticIdStore(s)
-    sids = store.semantic_ids([str(i) for i in range(1, 2000)], strict=False)
-    items = sids.loc[sids["found"], "item_id"].tolist()[:100]
-    user = store.users_online(["1"])[0] and "1" or "196"
+    reg = Registry(s)
+    mv = reg.version_by_alias(CHAMPION)
+    scorer = RankerScorer(reg.download_ranker(mv, s.home / "rankers" / (mv.tags.get("input_key") or f"v{mv.version}")), s)
+    found = scorer.item_features([str(i) for i in range(1, 2000)])
+    items = [i for i, (_, f, _, _) in found.items() if f][:100]
+    user = next(u for u, r in zip(map(str, range(1, 1000)), scorer.store.users_online(
+        [str(u) for u in range(1, 1000)], scorer.users_version)) if r)
     body = json.dumps({"user_id": user, "candidates": [{"item_id": i} for i in items]}).encode()
     keys = args.home / "bench-keys"
     keys.write_text(f"bench {TOKEN} score,write\n")

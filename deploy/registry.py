@@ -205,19 +205,19 @@ class Registry:
             ("promote", "rollback"))).order_by(a.c.id.desc()).limit(1)).first()
         return row[0] if row else None
 
-    def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
-        """Champion back to `to`, or to the version that was champion before the current one."""
+    def rollback_target(self) -> str:
+        """The version that was champion before the current one."""
         cur = self.version_by_alias(CHAMPION)
         if cur is None:
             raise RegistryError(f"model '{self.name}' has no champion to roll back")
-        if to is None:
-            for row in self.history(actions=("promote", "rollback")):
-                if row["to_value"] == str(cur.version) and row["from_value"]:
-                    to = row["from_value"]
-                    break
-            if to is None:
-                raise RegistryError(f"no earlier champion of '{self.name}' in the audit history; pass --to VERSION")
-        return self.promote(str(to), reason=reason, actor=actor, action="rollback")
+        for row in self.history(actions=("promote", "rollback")):
+            if row["to_value"] == str(cur.version) and row["from_value"]:
+                return row["from_value"]
+        raise RegistryError(f"no earlier champion of '{self.name}' in the audit history; pass --to VERSION")
+
+    def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
+        """Champion back to `to`, or to the version that was champion before the current one."""
+        return self.promote(str(to or self.rollback_target()), reason=reason, actor=actor, action="rollback")
 
     def record_gate(self, version: str, verdict: dict) -> None:
         with self.state.begin() as c:

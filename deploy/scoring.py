@@ -52,6 +52,10 @@ class RankerScorer:
         cfg["hidden"] = tuple(cfg["hidden"])
         self.cfg = RankerConfig(**cfg)
         self.codebook_version = self.meta["codebook_version"]
+        self.users_version = self.meta.get("users_version")   # the user-feature snapshot it was trained with
+        if not self.users_version:
+            raise ValueError(f"{folder}: ranker.json names no user-feature snapshot (a ranker from before snapshots): "
+                             "run the refresh again to train one that pins its users")
         self.levels = int(self.meta["levels"])
         vocab = json.loads((folder / "vocab.json").read_text())
         self.id_row = {iid: i + 1 for i, iid in enumerate(vocab)}
@@ -94,7 +98,7 @@ class RankerScorer:
         already read with `store.users_online`)."""
         from semalign.features import user_feature_vector
 
-        rec = self.store.users_online(user_ids) if records is None else records
+        rec = self.store.users_online(user_ids, self.users_version) if records is None else records
         prior = float(self.meta["label_prior"])
         n = np.array([r["n_events"] if r else 0 for r in rec], np.float64)
         rate = np.array([r["positive_rate"] if r else prior for r in rec], np.float64)

@@ -65,7 +65,7 @@ class ScoringService:
             raise InvalidInputError("candidate item_ids must be unique")
         s = self.champion.current()
         sc = s.scorer
-        users = sc.store.users_online([req.user_id])
+        users = sc.store.users_online([req.user_id], sc.users_version)
         if users[0] is None:
             raise NotFoundError(f"unknown user '{req.user_id}' (not in the feature store)")
         feats, hists, _ = sc.user_rows([req.user_id], records=users)

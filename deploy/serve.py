@@ -38,13 +38,12 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
     from semalign.deploy.champion import ChampionHolder
     from semalign.deploy.guards import BodyLimit, TrustedHosts
     from semalign.deploy.scoring_service import ScoringService
-    from semalign.errors import SemalignError
 
     s = settings
-    ring, limiter = KeyRing.from_settings(s), RateLimiter(s.serve_rate_limit)
     champion = ChampionHolder(s, s.serve_check_interval if check_interval_s is None else check_interval_s)
     service = ScoringService(champion, s.serve_max_candidates if max_candidates is None else max_candidates,
                              s.serve_max_new_items, s.serve_encode_concurrency, s.serve_encode_wait_s)
+    caller = _callers(KeyRing.from_settings(s), RateLimiter(s.serve_rate_limit))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,6 +58,52 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=s.serve_max_body_bytes)
     app.add_middleware(TrustedHosts, allowed=s.serve_allowed_hosts.split(","))
+    _error_handlers(app)
+
+    @app.get("/health", responses=OPEN)
+    def health():
+        status, body = service.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/version", responses=OPEN)
+    def version():
+        return service.version()
+
+    @app.post("/score", response_model=ScoreResponse, responses=GUARDED)
+    def score(req: ScoreRequest, who: Caller = Depends(caller("score"))):
+        if req.onboard and "write" not in who.scopes:
+            raise Forbidden("`onboard: true` needs a key with the scope 'write'")
+        return service.score(req)
+
+    @app.post("/items", responses=GUARDED)
+    def onboard(req: OnboardRequest, who: Caller = Depends(caller("write"))):
+        return service.onboard(req)
+
+    return app
+
+
+def _callers(ring: KeyRing, limiter: RateLimiter):
+    """caller(*scopes): the dependency that authenticates a request for `scopes` and counts it against its key's
+    rate limit (security dependencies run before the body is validated: no credentials, no parsing)."""
+    bearer = HTTPBearer(auto_error=False, description="An API key's token (SEMALIGN_SERVE_API_KEYS_FILE).")
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same token, as a header.")
+
+    def caller(*scopes: str):
+        def dependency(request: Request, cred: HTTPAuthorizationCredentials | None = Security(bearer),
+                       key: str | None = Security(key_header)) -> Caller:
+            who = authenticate(ring, cred.credentials if cred else None, key,
+                               request.client.host if request.client else "unknown", set(scopes))
+            limiter.hit(who.id)
+            return who
+        return dependency
+
+    return caller
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """One answer per error: semalign's errors with their status, ValueError 422, anything else 500; the body is
+    ErrorBody, 401 says how to authenticate, 429/503 say when to retry."""
+    from semalign.errors import SemalignError
 
     def error(e: Exception, status: int) -> JSONResponse:
         headers = {}
@@ -82,39 +127,6 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
     def unexpected(request, e: Exception):
         log.exception("unhandled error")
         return error(e, 500)
-
-    bearer = HTTPBearer(auto_error=False, description="An API key's token (SEMALIGN_SERVE_API_KEYS_FILE).")
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same token, as a header.")
-
-    def caller(*scopes: str):
-        def dependency(request: Request, cred: HTTPAuthorizationCredentials | None = Security(bearer),
-                       key: str | None = Security(key_header)) -> Caller:
-            who = authenticate(ring, cred.credentials if cred else None, key,
-                               request.client.host if request.client else "unknown", set(scopes))
-            limiter.hit(who.id)
-            return who
-        return dependency
-
-    @app.get("/health", responses=OPEN)
-    def health():
-        status, body = service.health()
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/version", responses=OPEN)
-    def version():
-        return service.version()
-
-    @app.post("/score", response_model=ScoreResponse, responses=GUARDED)
-    def score(req: ScoreRequest, who: Caller = Depends(caller("score"))):
-        if req.onboard and "write" not in who.scopes:
-            raise Forbidden("`onboard: true` needs a key with the scope 'write'")
-        return service.score(req)
-
-    @app.post("/items", responses=GUARDED)
-    def onboard(req: OnboardRequest, who: Caller = Depends(caller("write"))):
-        return service.onboard(req)
-
-    return app
 
 
 def app_from_env() -> FastAPI:

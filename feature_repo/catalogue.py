@@ -90,6 +90,13 @@ class CodebookCatalogue:
                     t.c.project == self.project, t.c.version == v)))
         return out
 
+    def onboarded_items(self, version: str) -> list[str]:
+        """Items onboarded (confirmed) into a version, as opposed to published with it."""
+        t = state.item_sids
+        with self.engine.connect() as c:
+            return [r[0] for r in c.execute(sa.select(t.c.item_id).where(
+                t.c.project == self.project, t.c.version == version, t.c.source == "onboard"))]
+
     def reserve(self, version: str, ids: list[str], codes: np.ndarray, attempts: int = 6):
         """Step 1 of onboarding: slots for the items, committed as `pending` before anything is written to the
         stores, so a slot is never handed out twice even if the writer dies before confirming. Items the version

@@ -34,6 +34,8 @@ item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
 codebook = Entity(name="codebook", join_keys=["codebook_version"], value_type=ValueType.STRING,
                   description="A codebook version; readers pin the version their ranker was trained with.")
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="A user (string id).")
+user_snapshot = Entity(name="user_snapshot", join_keys=["users_version"], value_type=ValueType.STRING,
+                       description="One refresh's user features; each ranker pins the snapshot it was trained with.")
 
 item_sid_push = PushSource(name="item_semantic_id_push", batch_source=_source("item_semantic_id"),
                            description="New items' semantic IDs, pushed at onboarding time.")
@@ -65,13 +67,14 @@ item_embedding = FeatureView(
 
 user_recent_items = FeatureView(
     name="user_recent_items",
-    entities=[user],
+    entities=[user, user_snapshot],
     ttl=timedelta(0),
     schema=[Field(name="recent_items", dtype=Array(String)), Field(name="n_events", dtype=Int64),
             Field(name="positive_rate", dtype=Float32)],
     source=_source("user_recent_items"),
     online=True,
-    description="A user's most recent positive items (newest last) and activity counts, for the ranker's history.",
+    description="A user's most recent positive items (newest last) and activity counts, for the ranker's history, "
+                "per snapshot: a refresh writes a new one, and a ranker reads the one it was trained with.",
 )
 
 # The default service; semalign registers one more per ranker version, tagged with its codebook version.

@@ -64,7 +64,7 @@ class PostgresOfflineWriter:
         }
         md = sa.MetaData()
         for view, extra in cols.items():
-            keys = [sa.Column("user_id", sa.Text)] if view == USER_VIEW else \
+            keys = [sa.Column("user_id", sa.Text), sa.Column("users_version", sa.Text)] if view == USER_VIEW else \
                 [sa.Column("item_id", sa.Text), sa.Column("codebook_version", sa.Text)]
             sa.Table(f"{self.project}_{view}", md, *keys, *extra,
                      sa.Column("event_timestamp", sa.DateTime(timezone=True)),
@@ -76,10 +76,11 @@ class PostgresOfflineWriter:
         with reaching("the Postgres offline store"):
             eng = state.engine(self.url)
             md.create_all(eng)
-            emb_table = f"{self.project}_{EMB_VIEW}"
-            if "content" not in {c["name"] for c in sa.inspect(eng).get_columns(emb_table)}:
-                with eng.begin() as c:  # a table created before the embedding view gained `content`
-                    c.execute(sa.text(f'ALTER TABLE "{emb_table}" ADD COLUMN IF NOT EXISTS content real[]'))
+            for table, column, kind in ((f"{self.project}_{EMB_VIEW}", "content", "real[]"),
+                                        (f"{self.project}_{USER_VIEW}", "users_version", "text")):
+                if column not in {c["name"] for c in sa.inspect(eng).get_columns(table)}:
+                    with eng.begin() as c:  # a table from before the column existed
+                        c.execute(sa.text(f'ALTER TABLE "{table}" ADD COLUMN IF NOT EXISTS {column} {kind}'))
         self._md = md
 
     def write(self, frames: dict[str, pd.DataFrame], batch: str) -> None:

@@ -48,12 +48,15 @@ def read_items(fs, sid_view, emb_view, item_ids: list[str], version: str, levels
         vectors("content") if with_content else None
 
 
-def read_users(fs, user_view, user_ids: list[str]) -> list[dict | None]:
-    """Each user's recent items (newest last), event count and positive rate; None for users the store lacks."""
+def read_users(fs, user_view, user_ids: list[str], version: str) -> list[dict | None]:
+    """Each user's recent items (newest last), event count and positive rate in snapshot `version`; None for
+    users it lacks."""
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=str(u))]) for u in user_ids]
+    vval = Value(string_val=version)
+    keys = [EntityKey(join_keys=["user_id", "users_version"], entity_values=[Value(string_val=str(u)), vval])
+            for u in user_ids]
     out = []
     for _, vals in _provider_read(fs, user_view, keys, USER_FEATURES):
         if not vals or not vals.get("n_events") or not vals["n_events"].HasField("int64_val"):

@@ -116,9 +116,11 @@ def ensure_applied(fs, repo: Path, project: str, levels: int, before_apply: Call
         have = {fv.name: fv for fv in fs.list_feature_views()}
     except Exception:
         have = {}
-    sid, emb = have.get(SID_VIEW), have.get(EMB_VIEW)
-    current = emb is not None and "content" in {f.name for f in emb.features}
-    if sid is not None and sid.tags.get("levels") == str(levels) and current and USER_VIEW in have:
+    sid, emb, users = have.get(SID_VIEW), have.get(EMB_VIEW), have.get(USER_VIEW)
+    # projects applied before the embedding view gained `content` or user features gained snapshots: re-applied
+    current = emb is not None and "content" in {f.name for f in emb.features} and users is not None \
+        and "users_version" in {c.name for c in users.entity_columns}
+    if sid is not None and sid.tags.get("levels") == str(levels) and current:
         return
     if sid is not None and sid.tags.get("levels") != str(levels):
         raise FeatureStoreError(f"the feature view {SID_VIEW} in project '{project}' has "

@@ -215,10 +215,11 @@ class SemanticIdStore:
         return ent.merge(got[["_row"] + feat_cols], on="_row", how="left").drop(columns="_row")
 
     # ------------------------------------------------------------------ onboarding
-    def onboard(self, items: pd.DataFrame, version: str | None = None, embeddings: np.ndarray | None = None) -> pd.DataFrame:
-        """New items -> aligned vectors (the item embedder of the pinned codebook, or `embeddings` given) -> SIDs
-        with the pinned codebook -> online and offline in one call. Items the version already holds keep their
-        SIDs; nothing is written when a step fails."""
+    def onboard(self, items: pd.DataFrame, version: str | None = None, embeddings: np.ndarray | None = None,
+                content: np.ndarray | None = None) -> pd.DataFrame:
+        """New items -> aligned vectors (the item embedder of the pinned codebook, or `embeddings` given, with
+        their text-tower vectors as `content`) -> SIDs with the pinned codebook -> online and offline in one
+        call. Items the version already holds keep their SIDs; nothing is written when a step fails."""
         row = self._published(version)
         version = row["version"]
         items = onboarding_items(items)
@@ -230,6 +231,7 @@ class SemanticIdStore:
             if emb.ndim != 2 or emb.shape != (len(items), row["dim"]):
                 raise ValueError(f"embeddings for codebook {version} must have shape ({len(items)}, {row['dim']}); "
                                  f"got {tuple(emb.shape)}; nothing was onboarded")
+            raw = content_vectors(content, len(items), "nothing was onboarded")
         ids = items["item_id"].tolist()
         # reserve the slots (committed), write both stores, confirm: a writer that dies in between leaves a
         # pending slot that nobody else gets and that the next onboarding of the item writes again
@@ -273,21 +275,25 @@ class SemanticIdStore:
         return self._embedders[row["version"]]
 
     # ------------------------------------------------------------------ users and ranker services
-    def publish_users(self, frame: pd.DataFrame, batch: str) -> int:
-        """frame: user_id, recent_items (list of item ids, newest last), n_events, positive_rate, event_timestamp."""
+    def publish_users(self, frame: pd.DataFrame, batch: str) -> str:
+        """Publishes one snapshot of user features, `users-<batch>`, beside the earlier ones: nothing a ranker
+        pinned to another snapshot reads changes. frame: user_id, recent_items (item ids, newest last), n_events,
+        positive_rate, event_timestamp. Returns the snapshot's version."""
+        version = f"users-{batch}"
         df = frame.copy()
         df["user_id"] = df["user_id"].astype(str)
+        df["users_version"] = version
         df["created"] = pd.Timestamp.now(tz="UTC")
-        self.offline.write({USER_VIEW: df}, batch=f"users-{batch}")
+        self.offline.write({USER_VIEW: df}, batch=version)
         with self._online():
             online.write_rows(self.fs, {USER_VIEW: df})
-        return len(df)
+        return version
 
-    def users_online(self, user_ids: list[str]) -> list[dict | None]:
-        """Each user's recent items and activity from the online store (None for users it does not hold)."""
+    def users_online(self, user_ids: list[str], version: str) -> list[dict | None]:
+        """Each user's recent items and activity in snapshot `version` (None for users it does not hold)."""
         fs = self.fs
         with self._online():
-            return online.read_users(fs, self.view(USER_VIEW), user_ids)
+            return online.read_users(fs, self.view(USER_VIEW), user_ids, version)
 
     def register_ranker_service(self, name: str, codebook_version: str, tags: dict | None = None) -> str:
         """One feature service per ranker version, tagged with the codebook version its readers must pin."""

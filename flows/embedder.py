@@ -45,6 +45,20 @@ class ItemEmbedder:
             emb = (emb @ self.rotation).astype(np.float32)
         return emb, np.asarray(text, np.float32)
 
+    def embed_text_vectors(self, text: np.ndarray) -> np.ndarray:
+        """Aligned vectors [n, d] of items known only by their text-tower vectors [n, dt] (no image): how items
+        onboarded under another codebook version are carried into this one."""
+        from semalign.models.encoder import embed_items, load_encoder
+
+        if self.encoder_version is None:
+            raise FeatureStoreError(f"codebook {self.version} does not record its encoder")
+        dev = self.settings.resolved_device()
+        if self._encoder is None:
+            self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)
+        image = np.zeros((len(text), self._encoder.cfg.image_dim), np.float32) if self._encoder.cfg.image_dim else None
+        emb = embed_items(self._encoder, np.asarray(text, np.float32), image, np.zeros(len(text), bool), dev)
+        return (emb @ self.rotation).astype(np.float32) if self.rotation is not None else emb
+
     def _images(self, items: pd.DataFrame, dev) -> tuple[np.ndarray | None, np.ndarray]:
         """Image-tower features [n, di] (zeros where an item has none) and which items have one."""
         from semalign.models.towers import ImageTower
@@ -66,3 +80,25 @@ class ItemEmbedder:
 def item_embedders(settings: Settings):
     """The factory the store takes: (catalogue row of a published version) -> ItemEmbedder."""
     return lambda row: ItemEmbedder(settings, row["version"], row.get("encoder_version"))
+
+
+def carry_onboarded(settings: Settings, store, from_version: str | None, to_version: str) -> dict:
+    """Items onboarded under `from_version` that `to_version` does not hold, onboarded into it: re-encoded with its
+    encoder (and rotation) from the text-tower vectors the store keeps, then given SIDs by its codebook. Nothing
+    onboarded is lost when a new codebook version takes over. Items stored without a text-tower vector cannot be
+    re-encoded and are counted; an item's image does not travel (its features are not stored)."""
+    if not from_version or from_version == to_version:
+        return {"carried": 0, "without_content": 0}
+    todo = sorted(set(store.catalogue.onboarded_items(from_version))
+                  - {i for _, i in store.catalogue.held([to_version])})
+    if not todo:
+        return {"carried": 0, "without_content": 0}
+    levels = store.catalogue.published(from_version)["levels"]
+    _, found, _, content = store.read_online(todo, from_version, levels, with_content=True)
+    keep = [j for j, f in enumerate(found) if f and content[j] is not None and len(content[j])]
+    if keep:
+        text = np.stack([content[j] for j in keep]).astype(np.float32)
+        emb = ItemEmbedder(settings, to_version).embed_text_vectors(text)
+        store.onboard(pd.DataFrame({"item_id": [todo[j] for j in keep]}), version=to_version, embeddings=emb,
+                      content=text)
+    return {"carried": len(keep), "without_content": len(todo) - len(keep)}

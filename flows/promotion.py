@@ -55,11 +55,24 @@ class StageTracker:
                            f"{first_line(err)}; {after}") from err
 
 
+def carry_to(settings: Settings, registry, mv) -> dict:
+    """Items onboarded under the serving champion's codebook version, onboarded into `mv`'s before `mv` serves:
+    an item onboarded under v1 stays servable once v2 is promoted (or rolled back to)."""
+    from semalign.deploy.registry import CHAMPION
+    from semalign.flows.embedder import carry_onboarded
+    from semalign.flows.semantic_ids import open_store
+
+    cur = registry.version_by_alias(CHAMPION)
+    return carry_onboarded(settings, open_store(settings), cur.tags.get("codebook_version") if cur else None,
+                           mv.tags.get("codebook_version"))
+
+
 def promote(settings: Settings, registry, mv, reason: str) -> bool:
-    """The feature service for the new champion's codebook first (so nothing points at a missing service), then
-    the alias and the store's current pointer."""
+    """Onboarded items carried into the new champion's codebook version and its feature service registered first
+    (so nothing it serves is missing), then the alias and the store's current pointer."""
     from semalign.feature_repo.store import SemanticIdStore
 
+    carry_to(settings, registry, mv)
     SemanticIdStore(settings).register_ranker_service(mv.tags["feature_service"], mv.tags["codebook_version"],
                                                       tags={"model": settings.model_name, "model_version": str(mv.version)})
     checkpoint("refresh.after_feature_service")

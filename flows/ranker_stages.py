@@ -31,7 +31,8 @@ def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
                          settings.val_cold_item_share, settings.hist_len, asdict(ranker_config(settings)), length=12)
 
 
-def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter) -> RankerOut:
+def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter,
+                       users_version: str | None = None) -> RankerOut:
     from semalign.deploy.scoring import save_ranker
     from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
     from semalign.flows.semantic_ids import load_codebook
@@ -67,6 +68,7 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
             "raw_dim": int(feats.text.shape[1]) if cfg.keep_raw_content else 0,
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
+            "users_version": users_version,
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
     with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
         save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
@@ -74,17 +76,22 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
                                          "train_samples_per_s": res.samples_per_s})
 
 
-def publish_users(settings: Settings, ds, split) -> int:
-    """Each user's training-window positives (most recent last) and smoothed positive rate, for serving."""
+def publish_users(settings: Settings, ds, split) -> str:
+    """Each user's training-window positives (most recent last) and smoothed positive rate, for serving, as a new
+    snapshot (a ranker reads the snapshot it was trained with: a blocked refresh changes nothing served).
+    Returns the snapshot's version."""
     from semalign.feature_repo.store import SemanticIdStore
     from semalign.features import user_table
 
-    return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=ds.content_hash()[:16])
+    batch = ds.content_hash()[:16] + "-h" + str(settings.hist_len)
+    return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=batch)
 
 
-def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing: bool = False) -> dict:
+def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> dict:
     """AUC / GAUC per item bucket on the test window, scored through the serving path: features from the store,
-    pinned to the ranker's codebook version; histories are the leakage-free ones the ranker trained with."""
+    pinned to the ranker's codebook version; histories are the leakage-free ones the ranker trained with. With
+    `encode_missing` (the champion on a new window) items its version lacks are encoded on the fly, as serving
+    does for content it is sent: nothing is written to the store the champion serves from."""
     from semalign.data import ALL_BUCKETS, item_buckets, user_histories
     from semalign.deploy.scoring import RankerScorer
     from semalign.features import user_features
@@ -94,17 +101,20 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, onboard_missing
     test = split.part("test")
     item_ids = ds.items["item_id"].to_numpy()
     cands = item_ids[test["item_idx"].to_numpy()].tolist()
-    if onboard_missing:  # the champion serves catalogue items it never saw by onboarding them into its version
+    extra = {}
+    if encode_missing:
         store = scorer.store
         _, found, _, _ = store.read_online(sorted(set(cands)), scorer.codebook_version, scorer.levels)
         missing = [i for i, f in zip(sorted(set(cands)), found) if not f]
         if missing:
             rows = ds.items.set_index("item_id").loc[missing].reset_index()
-            store.onboard(rows[[c for c in ("item_id", "text", "image_path") if c in rows]], version=scorer.codebook_version)
+            codes, emb, raw = store.encode(rows[[c for c in ("item_id", "text", "image_path") if c in rows]],
+                                           version=scorer.codebook_version)
+            extra = {iid: (codes[k], emb[k], raw[k]) for k, iid in enumerate(missing)}
     hist, _ = user_histories(test, split.part("train"), settings.hist_len)
     histories = [[item_ids[r - 1] for r in row if r > 0] for row in hist]
     ufeat = user_features(split, ds.n_users)[test["user_idx"].to_numpy()]
-    p = scorer.score_rows(ufeat, cands, histories)
+    p = scorer.score_rows(ufeat, cands, histories, extra=extra)
     y = test["label"].to_numpy()
     users = test["user_idx"].to_numpy()
     buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]

@@ -96,8 +96,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                     rep=rep, move_latest=True)
         # readers move to the new version at promotion, not here
         pub = at.run("publish", publish_ids, settings, ds, cb, enc, make_current=not champ, feats=feats)
-        at.run("users", publish_users, settings, ds, split)
-        rk = at.run("ranker", train_ranker, settings, ds, split, cb, enc, feats, registry, rep)
+        users_version = at.run("users", publish_users, settings, ds, split)  # a snapshot; the champion keeps its own
+        rk = at.run("ranker", train_ranker, settings, ds, split, cb, enc, feats, registry, rep, users_version)
         summary = {"dataset": ds.name, "data": ds.report, "input_validation": input_verdict.as_dict(),
                    "encoder": {"version": enc.version, "reused": enc.reused, "parent": champ.get("encoder_version"),
                                **{k: v for k, v in enc.metrics.items() if k.startswith("hit@")}},
@@ -124,7 +124,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
     if champ:
         champ_dir = registry.download_ranker(registry.get_version(champ["version"]),
                                              settings.home / "rankers" / (champ.get("input_key") or f"v{champ['version']}"))
-        champion_metrics = evaluate(settings, ds, split, champ_dir, onboard_missing=True)
+        champion_metrics = evaluate(settings, ds, split, champ_dir, encode_missing=True)
     at.done("evaluate")
     at("gates")
     gates = run_gates(settings, registry, champ, ds, split, cb, challenger, champion_metrics)

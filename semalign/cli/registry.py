@@ -18,8 +18,12 @@ def promote(version: str = typer.Argument(..., help="Registered model version to
     from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
+    from semalign.flows.promotion import carry_to
+
     with refresh_lock(s, "promote"):  # never in the middle of a refresh's own promotion
-        res = Registry(s).promote(version, reason=reason)
+        reg = Registry(s)
+        carried = carry_to(s, reg, reg.get_version(version))  # what was onboarded stays servable
+        res = {**reg.promote(version, reason=reason), "onboarded_items_carried": carried["carried"]}
     emit({"promote": res}, as_json, print_summary)
 
 
@@ -31,8 +35,13 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
+    from semalign.flows.promotion import carry_to
+
     with refresh_lock(s, "rollback"):
-        res = Registry(s).rollback(to=to, reason=reason)
+        reg = Registry(s)
+        target = to or reg.rollback_target()
+        carried = carry_to(s, reg, reg.get_version(target))
+        res = {**reg.rollback(to=target, reason=reason), "onboarded_items_carried": carried["carried"]}
     emit({"rollback": res}, as_json, print_summary)
 
 

@@ -344,7 +344,7 @@ def test_the_online_reader_answers_like_get_online_features(env):
     store.publish(cb, ids, x, content=text)
     users = pd.DataFrame({"user_id": ["ua", "ub"], "recent_items": [ids[:3], ids[5:6]], "n_events": [7, 1],
                           "positive_rate": [0.25, 1.0], "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC")})
-    store.publish_users(users, batch=f"contract-{cb.version}")
+    snapshot = store.publish_users(users, batch=f"contract-{cb.version}")
     asked = ids[:8] + ["not-an-item"]
     codes, found, emb, content = store.read_online(asked, cb.version, cb.levels, with_embedding=True,
                                                    with_content=True)
@@ -357,14 +357,19 @@ def test_the_online_reader_answers_like_get_online_features(env):
         np.testing.assert_allclose(emb[j], public["embedding"][j], rtol=1e-6)
         np.testing.assert_allclose(content[j], public["content"][j], rtol=1e-6)
     assert emb[8] is None and content[8] is None
-    mine = store.users_online(["ua", "ub", "nobody"])
+    mine = store.users_online(["ua", "ub", "nobody"], snapshot)
     pub = store.fs.get_online_features(features=[f"user_recent_items:{f}" for f in ("recent_items", "n_events",
                                                                                   "positive_rate")],
-                                       entity_rows=[{"user_id": u} for u in ("ua", "ub", "nobody")]).to_dict()
+                                       entity_rows=[{"user_id": u, "users_version": snapshot}
+                                                    for u in ("ua", "ub", "nobody")]).to_dict()
     assert mine[2] is None and pub["n_events"][2] is None
     for k in range(2):
         assert mine[k]["recent_items"] == list(pub["recent_items"][k]) and mine[k]["n_events"] == pub["n_events"][k]
         assert mine[k]["positive_rate"] == pytest.approx(pub["positive_rate"][k])
+    # a later snapshot changes nothing a reader pinned to this one sees
+    later = store.publish_users(users.assign(n_events=[99, 98]), batch=f"contract-later-{cb.version}")
+    assert store.users_online(["ua"], snapshot)[0]["n_events"] == 7
+    assert store.users_online(["ua"], later)[0]["n_events"] == 99
 
 
 def test_a_plain_feast_client_reads_the_semantic_ids(env):

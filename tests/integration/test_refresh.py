@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,6 +97,19 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
         del os.environ["SEMALIGN_HOME"]
     assert len(scores) == 3 and ((scores > 0) & (scores < 1)).all()
 
+    def champion_scores():
+        """What the champion serves a fixed set of requests (its codebook version, its user-feature snapshot)."""
+        from semalign.deploy.registry import CHAMPION
+        from semalign.deploy.scoring import RankerScorer
+
+        reg_now = Registry(s)
+        mv = reg_now.version_by_alias(CHAMPION)
+        scorer = RankerScorer(reg_now.download_ranker(mv, tmp_path / f"champion-v{mv.version}"), s)
+        users = [f"u{k}" for k in range(1, 9) for _ in range(5)]
+        return scorer.score(users, [f"sku-{(k * 7) % 60 + 1}" for k in range(len(users))])
+
+    served_before = champion_scores()
+
     # run metrics and artifacts are in the run
     run = reg.client.get_run(first["run_id"])
     assert "challenger_auc_all" in run.data.metrics and run.data.params["split"] == "cold-items"
@@ -125,6 +139,8 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     assert store2.current_version() == first["codebook"]["version"]
     pd.testing.assert_frame_equal(store2.semantic_ids([f"sku-{i}" for i in range(1, 40)]), sids_before)
     assert sorted(fs.name for fs in store2.fs.list_feature_services()) == services_before
+    # ... and so does every score it serves: the blocked refresh wrote its user features as a new snapshot
+    np.testing.assert_array_equal(champion_scores(), served_before)
     status = json.loads(_cli("status", "--json", env=env).stdout)
     assert status["champion"]["version"] == first["model_version"]
     assert not status["last_gate"]["passed"] and "label rate" in status["last_gate"]["summary"]
@@ -141,6 +157,7 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     actions = [(h["action"], h["to_value"]) for h in status["history"]]
     assert ("rollback", first["model_version"]) in actions and ("promote", v2) in actions
     assert SemanticIdStore(s).current_version() == first["codebook"]["version"]
+    np.testing.assert_array_equal(champion_scores(), served_before)   # promote + rollback: the same scores
 
 
 def test_two_refreshes_at_once_one_fails_cleanly(tmp_path):

@@ -146,7 +146,12 @@ def test_a_new_champion_is_picked_up_without_restart(served):
                   if str(v.version) != served["first"]["model_version"]]
     target = max(others, key=lambda v: int(v.version))
     second = {"model_version": str(target.version), "codebook": {"version": target.tags["codebook_version"]}}
-    _cli("promote", second["model_version"], env=env)
+    assert second["codebook"]["version"] != served["first"]["codebook"]["version"]
+    # an item onboarded under the serving champion's codebook version survives the change of version
+    kept = {"item_id": "onboarded-before-promotion", "text": "A road movie across a salt desert. Genres: Drama"}
+    assert _req(served["base"] + "/items", {"items": [kept]})[0] == 200
+    promoted = json.loads(_cli("promote", second["model_version"], "--json", env=env).stdout)
+    assert promoted["promote"]["onboarded_items_carried"] >= 1
     deadline = time.time() + 60
     while time.time() < deadline:
         status, v = _req(served["base"] + "/version")
@@ -157,4 +162,6 @@ def test_a_new_champion_is_picked_up_without_restart(served):
     assert v["codebook_version"] == second["codebook"]["version"]   # the ranker and its own codebook, together
     status, body = _req(served["base"] + "/score", {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]})
     assert status == 200 and body["codebook_version"] == second["codebook"]["version"]
+    status, body = _req(served["base"] + "/score", {"user_id": "u1", "candidates": [{"item_id": kept["item_id"]}]})
+    assert status == 200 and body["items"][0]["source"] == "store", body
     _cli("rollback", env=env)

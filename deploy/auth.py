@@ -124,7 +124,7 @@ class RateLimiter:
 
 def authenticate(ring: KeyRing, bearer: str | None, api_key: str | None, client: str, needed: set[str]) -> Caller:
     """The caller of a request needing `needed` scopes: Unauthorized without a valid token, Forbidden without
-    the scopes. With auth off every caller has every scope and is told apart by address."""
+    the scopes. With auth off (loopback only) every caller has every scope."""
     if not ring:
         return Caller(f"addr:{client}", frozenset(SCOPES), False)
     token = bearer or api_key

@@ -84,7 +84,8 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
 
 def _callers(ring: KeyRing, limiter: RateLimiter):
     """caller(*scopes): the dependency that authenticates a request for `scopes` and counts it against its key's
-    rate limit (security dependencies run before the body is validated: no credentials, no parsing)."""
+    rate limit (security dependencies run before the body is validated: no credentials, no parsing). Without
+    keys the service is open, bound to loopback, and not metered."""
     bearer = HTTPBearer(auto_error=False, description="An API key's token (SEMALIGN_SERVE_API_KEYS_FILE).")
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same token, as a header.")
 
@@ -93,7 +94,8 @@ def _callers(ring: KeyRing, limiter: RateLimiter):
                        key: str | None = Security(key_header)) -> Caller:
             who = authenticate(ring, cred.credentials if cred else None, key,
                                request.client.host if request.client else "unknown", set(scopes))
-            limiter.hit(who.id)
+            if who.authenticated:  # open mode serves loopback only: nothing to meter
+                limiter.hit(who.id)
             return who
         return dependency
 

@@ -1,6 +1,8 @@
-"""The gates that guard promotion: input drift against the champion's reference window, the quality gate
-(challenger vs champion on the same window, cold items included) and SID churn against the champion's codebook.
-The first model has nothing to compare against and passes."""
+"""The gates that guard promotion: input drift against the champion's reference window (marginals, and the
+label's relation to item popularity and user activity), the champion's own performance on the new window against
+its reference (a fall holds promotion for a human), the quality gate (challenger vs champion on the same window,
+cold items included) and SID churn against the champion's codebook. The first model has nothing to compare
+against and passes. Before any of them, a collapsed codebook is refused at publish (`check_codebook`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ class GateOutcome:
 
 def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, challenger: dict,
               champion_metrics: dict | None) -> GateOutcome:
-    from semalign.validation.suites import Verdict, churn_gate, drift_suite, quality_gate, window_profile
+    from semalign.validation.suites import (Verdict, churn_gate, drift_suite, performance_drift_gate, quality_gate,
+                                            relation_gate, window_profile)
 
     train = split.part("train")
     emb = np.stack(cb.sids["embedding"].to_numpy())
@@ -38,6 +41,10 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, challeng
                                         label_rate_tol=settings.drift_label_rate_tolerance,
                                         volume_ratio=(settings.drift_volume_min_ratio, settings.drift_volume_max_ratio),
                                         kl_max=settings.drift_popularity_kl, sid_kl_max=settings.drift_sid_kl))
+            verdicts.append(relation_gate(reference, profile, settings.gate_label_relation_tolerance))
+        # the champion on the new window against itself on its own window: the data changed under it
+        own = (registry.run_artifact_json(champ["run_id"], "evaluation.json") or {}).get("challenger")
+        verdicts.append(performance_drift_gate(champion_metrics, own, settings.gate_performance_drift))
         verdicts.append(quality_gate(challenger, champion_metrics, settings.gate_auc_tolerance,
                                      settings.gate_cold_auc_tolerance))
         same_parent = cb.churn and cb.churn.get("parent") == champ.get("codebook_version")
@@ -46,3 +53,18 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, challeng
         verdicts.append(Verdict("first model"))  # nothing to compare against: the first ranker is promoted
     return GateOutcome(passed=all(v.passed for v in verdicts), gates=[v.as_dict() for v in verdicts],
                        summary="; ".join(v.summary() for v in verdicts), profile=profile, reference=reference)
+
+
+def check_codebook(settings: Settings, cb) -> dict:
+    """Refuses to publish a collapsed codebook (utilisation, first-level perplexity, collisions); returns the
+    passed verdict for the summary."""
+    from semalign.flows.errors import RefreshError
+    from semalign.flows.semantic_ids import load_codebook
+    from semalign.validation.suites import codebook_health
+
+    v = codebook_health(cb.metrics, load_codebook(settings, cb.version).codes, settings.codebook_min_utilisation,
+                        settings.codebook_min_perplexity_share, settings.codebook_max_collision_rate)
+    if not v.passed:
+        raise RefreshError(f"refusing to publish codebook {cb.version}: {v.summary()}; nothing was published or "
+                           "promoted (SEMALIGN_CODEBOOK_MIN_* / _MAX_COLLISION_RATE set the limits)")
+    return v.as_dict()

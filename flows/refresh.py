@@ -19,7 +19,7 @@ from semalign.checkpoints import checkpoint
 from semalign.config import Settings
 from semalign.flows import prefect_env, ranker_stages, semantic_ids
 from semalign.flows.errors import InputValidationError, RefreshError, RefreshLockedError, first_line
-from semalign.flows.gates import run_gates
+from semalign.flows.gates import check_codebook, run_gates
 from semalign.flows.lock import refresh_lock, remove_dead_temporaries
 from semalign.flows.mlflow_payload import refresh_payload
 from semalign.flows.plots import drift_plot, prefect_artifacts, refresh_plots
@@ -94,6 +94,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                      move_latest=True)
         cb = at.run("codebook", build_codebook, settings, ds, split, enc, parent=champ.get("codebook_version"),
                     rep=rep, move_latest=True)
+        health = at.run("codebook health", check_codebook, settings, cb)  # a collapsed codebook is not published
         # readers move to the new version at promotion, not here
         pub = at.run("publish", publish_ids, settings, ds, cb, enc, make_current=not champ, feats=feats)
         users_version = at.run("users", publish_users, settings, ds, split)  # a snapshot; the champion keeps its own
@@ -101,7 +102,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         summary = {"dataset": ds.name, "data": ds.report, "input_validation": input_verdict.as_dict(),
                    "encoder": {"version": enc.version, "reused": enc.reused, "parent": champ.get("encoder_version"),
                                **{k: v for k, v in enc.metrics.items() if k.startswith("hit@")}},
-                   "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, "churn": cb.churn},
+                   "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, "churn": cb.churn,
+                                "health": health["checks"]},
                    "feature_store": pub, "ranker": {"input_key": rk.input_key, **rk.fit}}
         if rk.registered is not None:  # these exact inputs were refreshed before: keep that outcome
             summary.update(finish_unchanged_input(settings, registry, rk.registered, champ, at))

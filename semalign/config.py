@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     serve_max_new_items: int = 32           # items one request may have encoded (on the fly or onboarded)
     serve_encode_concurrency: int = 2       # requests encoding content at once, per worker process
     serve_encode_wait_s: float = 2.0        # how long a request waits for an encoding slot before a 503
-    serve_rate_limit: str = "1200/minute"   # per API key (per client address with auth off); `limits` syntax
+    serve_rate_limit: str = "6000/minute"   # per API key (unmetered without keys: loopback only); `limits` syntax
     serve_check_interval: float = 30.0      # seconds between checks of the champion alias
 
     # the refresh lock's lease: its holder renews it every third of this; a holder that dies (or hangs) on another
@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     gate_auc_tolerance: float = 0.005
     gate_cold_auc_tolerance: float = 0.01
     gate_max_level0_churn: float = 0.6
+    gate_label_relation_tolerance: float = 0.10   # positive rate per popularity / activity quartile vs champion's
+    gate_performance_drift: float = 0.05          # champion's AUC on the new window vs its own reference AUC
+    codebook_min_utilisation: float = 0.5         # a codebook below these is not published (collapsed)
+    codebook_min_perplexity_share: float = 0.25
+    codebook_max_collision_rate: float = 0.5
     drift_label_rate_tolerance: float = 0.03
     drift_volume_min_ratio: float = 0.5
     drift_volume_max_ratio: float = 2.0

@@ -62,7 +62,8 @@ def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame 
     """What the drift suite compares: computed on the champion's window at promotion, kept with its run."""
     counts = np.bincount(interactions["item_idx"].to_numpy(), minlength=n_items)
     prof = {"n_events": int(len(interactions)), "label_rate": float(interactions["label"].mean()),
-            "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS))}
+            "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS)),
+            **label_relations(interactions, n_items)}
     if sids is not None:
         levels = sorted(c for c in sids.columns if c.startswith("sid_") and c != "sid_dedup")
         k = int(max(sids[c].max() for c in levels)) + 1
@@ -73,6 +74,83 @@ def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame 
         prof["embedding_norm_mean"] = float(norms.mean())
         prof["embedding_dim_std_mean"] = float(embeddings.std(0).mean())
     return prof
+
+
+RELATION_BINS = 4   # quartiles of item popularity and of user activity
+RELATION_MIN_EVENTS = 200
+
+
+def label_relations(interactions: pd.DataFrame, n_items: int) -> dict:
+    """How the label relates to items and users, beyond its mean: the positive rate per quartile of item
+    popularity and per quartile of user activity (events, in this window). A corruption that keeps every marginal
+    (labels shuffled across events, item ids swapped, a join on the wrong key) flattens or reorders these."""
+    out = {}
+    for name, key in (("item", "item_idx"), ("user", "user_idx")):
+        counts = interactions.groupby(key)["label"].transform("size").to_numpy()
+        edges = np.quantile(counts, np.linspace(0, 1, RELATION_BINS + 1)[1:-1])
+        q = np.searchsorted(edges, counts, side="right")
+        rates, sizes = [], []
+        for b in range(RELATION_BINS):
+            sel = q == b
+            sizes.append(int(sel.sum()))
+            rates.append(float(interactions["label"].to_numpy()[sel].mean()) if sel.any() else float("nan"))
+        out[f"label_rate_by_{name}_quartile"] = rates
+        out[f"events_by_{name}_quartile"] = sizes
+    return out
+
+
+def relation_gate(reference: dict, profile: dict, tol: float = 0.08) -> Verdict:
+    """The label's relation to items and users drifts when the positive rate of a popularity or activity quartile
+    moves by more than `tol` (quartiles with fewer than RELATION_MIN_EVENTS events on either side are skipped)."""
+    v = Verdict("label relation")
+    for name in ("item", "user"):
+        key = f"label_rate_by_{name}_quartile"
+        if key not in reference or key not in profile:
+            continue
+        diffs = [abs(a - b) for a, b, na, nb in zip(reference[key], profile[key], reference[f"events_by_{name}_quartile"],
+                                                    profile[f"events_by_{name}_quartile"])
+                 if na >= RELATION_MIN_EVENTS and nb >= RELATION_MIN_EVENTS and np.isfinite(a) and np.isfinite(b)]
+        if diffs:
+            v.checks.append({"name": f"label rate by {name} quartile", "passed": bool(max(diffs) <= tol),
+                             "observed": float(max(diffs)), "expected": f"every quartile within {tol} of the champion's"})
+    return v
+
+
+def performance_drift_gate(champion_now: dict | None, champion_reference: dict | None, tol: float = 0.03) -> Verdict:
+    """The champion's own AUC on the new window against the AUC it had on its own window: a fall beyond `tol`
+    means the data changed under the model (or broke): promotion waits for a human (`semalign promote` is the
+    audited override)."""
+    v = Verdict("performance drift")
+    if not champion_now or not champion_reference:
+        return v
+    for b in ("all",):
+        if b in champion_now and b in champion_reference:
+            now, ref = champion_now[b]["auc"], champion_reference[b]["auc"]
+            v.checks.append({"name": f"champion AUC {b} on the new window", "passed": bool(now >= ref - tol),
+                             "observed": float(now), "expected": f">= its reference {ref:.4f} - {tol} "
+                                                                  "(else held for a human: `semalign promote`)"})
+    return v
+
+
+def codebook_health(metrics: dict, codes: int, min_utilisation: float = 0.5, min_perplexity_share: float = 0.25,
+                    max_collision_rate: float = 0.5) -> Verdict:
+    """A collapsed codebook is refused before it is published: each level uses at least `min_utilisation` of its
+    codes, the first level's perplexity is at least `min_perplexity_share` of its codes, and at most
+    `max_collision_rate` of the catalogue shares a SID before the dedup level."""
+    v = Verdict("codebook health")
+    util = metrics.get("utilisation") or []
+    if util:
+        v.checks.append({"name": "codes used per level", "passed": bool(min(util) >= min_utilisation),
+                         "observed": float(min(util)), "expected": f">= {min_utilisation} on every level"})
+    ppl = metrics.get("perplexity") or []
+    if ppl:
+        v.checks.append({"name": "level-0 perplexity / codes", "passed": bool(ppl[0] / codes >= min_perplexity_share),
+                         "observed": float(ppl[0] / codes), "expected": f">= {min_perplexity_share}"})
+    coll = metrics.get("catalogue_collision_rate")
+    if isinstance(coll, (int, float)):
+        v.checks.append({"name": "catalogue collision rate", "passed": bool(coll <= max_collision_rate),
+                         "observed": float(coll), "expected": f"<= {max_collision_rate}"})
+    return v
 
 
 # ---------------------------------------------------------------- GE plumbing

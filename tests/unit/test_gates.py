@@ -1,0 +1,51 @@
+"""Gates that see more than marginals (validation/suites.py): the label's relation to items and users, the
+champion's own performance drift, and codebook health."""
+import numpy as np
+import pandas as pd
+
+from semalign.models.sids import code_metrics
+from semalign.validation.suites import codebook_health, label_relations, performance_drift_gate, relation_gate
+
+
+def _window(seed: int, n: int = 40_000, shuffle: bool = False) -> pd.DataFrame:
+    """Popular items and active users are liked more often: a relation a label shuffle destroys while the
+    label rate, volume and popularity stay the same."""
+    rng = np.random.default_rng(seed)
+    item = np.minimum(rng.zipf(1.6, n), 500) - 1
+    user = np.minimum(rng.zipf(1.8, n), 800) - 1
+    pop = np.bincount(item, minlength=500)[item]
+    act = np.bincount(user, minlength=800)[user]
+    p = 0.25 + 0.3 * (np.log1p(pop) / np.log1p(pop).max()) + 0.2 * (np.log1p(act) / np.log1p(act).max())
+    label = (rng.random(n) < p).astype(np.int8)
+    if shuffle:
+        label = rng.permutation(label)
+    return pd.DataFrame({"item_idx": item, "user_idx": user, "label": label})
+
+
+def test_a_label_shuffle_keeps_the_marginals_but_not_the_relation():
+    ref = label_relations(_window(0), 500)
+    clean = label_relations(_window(1), 500)
+    shuffled_window = _window(1, shuffle=True)
+    shuffled = label_relations(shuffled_window, 500)
+    assert abs(shuffled_window["label"].mean() - _window(1)["label"].mean()) < 1e-12   # same label rate
+    assert relation_gate(ref, clean, tol=0.05).passed
+    v = relation_gate(ref, shuffled, tol=0.05)
+    assert not v.passed and any(c["name"] == "label rate by item quartile" and not c["passed"] for c in v.checks)
+
+
+def test_performance_drift_holds_for_a_human():
+    ref = {"all": {"auc": 0.74}}
+    assert performance_drift_gate({"all": {"auc": 0.72}}, ref, tol=0.05).passed
+    v = performance_drift_gate({"all": {"auc": 0.61}}, ref, tol=0.05)
+    assert not v.passed and "semalign promote" in v.checks[0]["expected"]
+    assert performance_drift_gate(None, ref).passed and performance_drift_gate({"all": {"auc": 0.5}}, None).passed
+
+
+def test_a_collapsed_codebook_is_refused():
+    rng = np.random.default_rng(0)
+    healthy = rng.integers(0, 16, (1000, 3))
+    collapsed = np.c_[rng.integers(0, 2, 1000), rng.integers(0, 16, (1000, 2))]   # level 0: 2 of 16 codes
+    assert codebook_health({**code_metrics(healthy, 16, 0.1), "catalogue_collision_rate": 0.1}, 16).passed
+    v = codebook_health({**code_metrics(collapsed, 16, 0.1), "catalogue_collision_rate": 0.1}, 16)
+    assert not v.passed and {c["name"] for c in v.checks if not c["passed"]} >= {"codes used per level",
+                                                                                  "level-0 perplexity / codes"}

@@ -123,5 +123,6 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing:
         sel = np.ones(len(y), bool) if b == "all" else buckets == b
         if sel.sum() and len(np.unique(y[sel])) == 2:
             ms = metric_set(y[sel], p[sel], users[sel])
-            out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum())}
+            out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum()),
+                      "n_positive": int(y[sel].sum())}
     return out

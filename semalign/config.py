@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     gate_performance_drift: float = 0.05          # champion's AUC on the new window vs its own reference AUC
     codebook_min_utilisation: float = 0.5         # a codebook below these is not published (collapsed)
     codebook_min_perplexity_share: float = 0.25
-    codebook_max_collision_rate: float = 0.5
+    codebook_max_collision_rate: float = 0.9
     drift_label_rate_tolerance: float = 0.03
     drift_volume_min_ratio: float = 0.5
     drift_volume_max_ratio: float = 2.0

@@ -116,24 +116,28 @@ def relation_gate(reference: dict, profile: dict, tol: float = 0.08) -> Verdict:
     return v
 
 
-def performance_drift_gate(champion_now: dict | None, champion_reference: dict | None, tol: float = 0.03) -> Verdict:
+def performance_drift_gate(champion_now: dict | None, champion_reference: dict | None, tol: float = 0.03,
+                           z: float = 2.0) -> Verdict:
     """The champion's own AUC on the new window against the AUC it had on its own window: a fall beyond `tol`
-    means the data changed under the model (or broke): promotion waits for a human (`semalign promote` is the
-    audited override)."""
+    (or beyond `z` times the two windows' sampling noise, if larger) means the data changed under the model, or
+    broke: promotion waits for a human (`semalign promote` is the audited override)."""
     v = Verdict("performance drift")
     if not champion_now or not champion_reference:
         return v
     for b in ("all",):
         if b in champion_now and b in champion_reference:
-            now, ref = champion_now[b]["auc"], champion_reference[b]["auc"]
-            v.checks.append({"name": f"champion AUC {b} on the new window", "passed": bool(now >= ref - tol),
-                             "observed": float(now), "expected": f">= its reference {ref:.4f} - {tol} "
-                                                                  "(else held for a human: `semalign promote`)"})
+            now, ref = champion_now[b], champion_reference[b]
+            noise = z * float(np.hypot(auc_noise(now["auc"], now.get("n_events", 0), now.get("n_positive")),
+                                       auc_noise(ref["auc"], ref.get("n_events", 0), ref.get("n_positive"))))
+            t = max(tol, noise)
+            v.checks.append({"name": f"champion AUC {b} on the new window", "passed": bool(now["auc"] >= ref["auc"] - t),
+                             "observed": float(now["auc"]), "expected": f">= its reference {ref['auc']:.4f} - {t:.4f} "
+                                                                         "(else held for a human: `semalign promote`)"})
     return v
 
 
 def codebook_health(metrics: dict, codes: int, min_utilisation: float = 0.5, min_perplexity_share: float = 0.25,
-                    max_collision_rate: float = 0.5) -> Verdict:
+                    max_collision_rate: float = 0.9) -> Verdict:
     """A collapsed codebook is refused before it is published: each level uses at least `min_utilisation` of its
     codes, the first level's perplexity is at least `min_perplexity_share` of its codes, and at most
     `max_collision_rate` of the catalogue shares a SID before the dedup level."""
@@ -261,18 +265,31 @@ def drift_suite(reference: dict, interactions: pd.DataFrame, n_items: int, sids:
     return v
 
 
+def auc_noise(auc: float, n_events: int, n_positive: int | None) -> float:
+    """Standard error of an AUC measured on n_positive positives and n_events - n_positive negatives (Hanley &
+    McNeil, 1982): how far two models' AUCs on the same window can differ by chance alone."""
+    if not n_positive or n_positive >= n_events:
+        return 0.0
+    a, p, q = float(auc), n_positive, n_events - n_positive
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return float(np.sqrt(max(a * (1 - a) + (p - 1) * (q1 - a * a) + (q - 1) * (q2 - a * a), 0.0) / (p * q)))
+
+
 def quality_gate(challenger: dict, champion: dict, tol: float = 0.005, cold_tol: float = 0.01,
-                 cold_buckets: tuple = ("unseen",)) -> Verdict:
-    """challenger / champion: {bucket: {"auc": .., "gauc": ..}} on the same events."""
+                 cold_buckets: tuple = ("unseen",), z: float = 2.0) -> Verdict:
+    """challenger / champion: {bucket: {"auc": .., "n_events": .., "n_positive": ..}} on the same events. The
+    challenger may trail by the tolerance or by `z` times the AUC's sampling noise on that window, whichever is
+    larger: on a small window a worse AUC within the noise is not evidence of a worse model."""
     v = Verdict("quality")
     for b in ("all",) + tuple(cold_buckets):
         if b not in challenger or b not in champion:
             continue
-        t = tol if b == "all" else cold_tol
         new, old = challenger[b]["auc"], champion[b]["auc"]
+        noise = z * auc_noise(old, challenger[b].get("n_events", 0), challenger[b].get("n_positive"))
+        t = max(tol if b == "all" else cold_tol, noise)
         ok = bool(np.isfinite(new) and new >= old - t)
         v.checks.append({"name": f"AUC {b}", "passed": ok, "observed": float(new),
-                         "expected": f">= champion {old:.4f} - {t}"})
+                         "expected": f">= champion {old:.4f} - {t:.4f}"})
     return v
 
 

@@ -49,3 +49,15 @@ def test_a_collapsed_codebook_is_refused():
     v = codebook_health({**code_metrics(collapsed, 16, 0.1), "catalogue_collision_rate": 0.1}, 16)
     assert not v.passed and {c["name"] for c in v.checks if not c["passed"]} >= {"codes used per level",
                                                                                   "level-0 perplexity / codes"}
+
+
+def test_the_quality_gate_tells_noise_from_a_worse_model():
+    from semalign.validation.suites import quality_gate
+
+    champion = {"all": {"auc": 0.72, "n_events": 900, "n_positive": 450}}
+    small = {"all": {"auc": 0.70, "n_events": 900, "n_positive": 450}}       # 0.02 down on 900 events: noise
+    assert quality_gate(small, champion, tol=0.005).passed
+    big_champ = {"all": {"auc": 0.72, "n_events": 200_000, "n_positive": 100_000}}
+    big = {"all": {"auc": 0.70, "n_events": 200_000, "n_positive": 100_000}}  # the same drop on 200k: real
+    assert not quality_gate(big, big_champ, tol=0.005).passed
+    assert not quality_gate({"all": {"auc": 0.60, "n_events": 900, "n_positive": 450}}, champion).passed

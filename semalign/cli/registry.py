@@ -90,6 +90,11 @@ def _print_status(r: dict) -> None:
         con.print(f"last gate: v{g['version']} {'passed' if g['passed'] else 'FAILED'}: {g.get('summary', '')}")
     if r.get("warning"):
         con.print(f"[yellow]warning:[/] {r['warning']}")
+    if r.get("lock"):
+        lk = r["lock"]
+        until = time.ctime(lk["expires_at"]) if lk.get("expires_at") else "-"
+        con.print(f"locked by {lk['owner']} since {time.ctime(lk['acquired_at'])}, lease until {until} "
+                  "(`semalign unlock --force` if that holder is gone)")
     t = Table("when", "action", "subject", "from", "to", "by")
     for h in r["history"]:
         t.add_row(time.ctime(h["at"]), h["action"], h["subject"], str(h["from_value"]), str(h["to_value"]), h["actor"] or "")

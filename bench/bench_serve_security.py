@@ -101,10 +101,10 @@ def main():
     reg = Registry(s)
     mv = reg.version_by_alias(CHAMPION)
     scorer = RankerScorer(reg.download_ranker(mv, s.home / "rankers" / (mv.tags.get("input_key") or f"v{mv.version}")), s)
-    found = scorer.item_features([str(i) for i in range(1, 2000)])
+    found = scorer.item_features(list(scorer.id_row)[:400])   # items the champion trained on
     items = [i for i, (_, f, _, _) in found.items() if f][:100]
-    user = next(u for u, r in zip(map(str, range(1, 1000)), scorer.store.users_online(
-        [str(u) for u in range(1, 1000)], scorer.users_version)) if r)
+    ids = [p + str(k) for p in ("", "u") for k in range(1, 1000)]   # MovieLens ids, or the test shops' "u<k>"
+    user = next(u for u, r in zip(ids, scorer.store.users_online(ids, scorer.users_version)) if r)
     body = json.dumps({"user_id": user, "candidates": [{"item_id": i} for i in items]}).encode()
     keys = args.home / "bench-keys"
     keys.write_text(f"bench {TOKEN} score,write\n")

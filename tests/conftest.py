@@ -1,5 +1,4 @@
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -171,37 +170,3 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-@contextmanager
-def serving(env: dict, root: Path, *args: str):
-    """A real `semalign serve` on a free loopback port with `env`, waited on until /health answers 200;
-    yields (port, log path) and stops it after."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    log_path = root / f"serve-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port), *args],
-                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.terminate()
-        pytest.fail("server did not become healthy: " + log_path.read_text()[-3000:])
-    try:
-        yield port, log_path
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()

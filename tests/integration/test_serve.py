@@ -1,6 +1,9 @@
 """`semalign serve` as a user runs it: a real uvicorn process on loopback, the champion from the MLflow registry,
 features from the Feast online store, a brand-new item scored from its content."""
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -9,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import serving
+from conftest import free_port
 from conftest import run_cli as _cli
 
 
@@ -30,9 +33,26 @@ def served(refreshed):
     root, shop, home, env = refreshed["root"], refreshed["shop"], refreshed["home"], refreshed["env"]
     st = json.loads(_cli("status", "--json", env=env).stdout)
     first = {"model_version": st["champion"]["version"], "codebook": {"version": st["champion"]["codebook_version"]}}
-    with serving(env, root, "--check-interval", "1") as (port, _):
-        yield {"base": f"http://127.0.0.1:{port}", "home": home, "shop": shop, "first": first, "env": env,
-               "root": root}
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port), "--check-interval", "1"],
+                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if _req(base + "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("server did not become healthy: " + (root / "serve.log").read_text()[-3000:])
+    yield {"base": base, "home": home, "shop": shop, "first": first, "env": env, "root": root}
+    proc.terminate()
+    proc.wait(20)
+    log.close()
 
 
 def test_binds_to_loopback_only_by_default(served):

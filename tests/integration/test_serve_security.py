@@ -3,11 +3,14 @@ limits, no server-side file paths, and no listening beyond loopback without auth
 server on the session's refreshed home."""
 import http.client
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import free_port, serving
+from conftest import free_port
 from conftest import run_cli as _cli
 
 SCORE_TOKEN, WRITE_TOKEN, LIMITED_TOKEN = "score-" + "s" * 26, "write-" + "w" * 26, "limited-" + "l" * 24
@@ -60,8 +63,25 @@ def secured(refreshed, tmp_path_factory):
     keys.chmod(0o600)
     env = {**refreshed["env"], "SEMALIGN_SERVE_API_KEYS_FILE": str(keys), "SEMALIGN_SERVE_RATE_LIMIT": "40/minute",
            "SEMALIGN_SERVE_MAX_NEW_ITEMS": "4"}
-    with serving(env, root) as (port, log):
-        yield {"port": port, "env": env, "log": log}
+    port = free_port()
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port)],
+                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if _http(port, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("server did not become healthy: " + (root / "serve.log").read_text()[-3000:])
+    yield {"port": port, "env": env, "log": root / "serve.log"}
+    proc.terminate()
+    proc.wait(20)
+    log.close()
 
 
 ONE = {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]}

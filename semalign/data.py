@@ -319,7 +319,7 @@ def _valid_items(chk: "_Checker", items: pd.DataFrame) -> pd.DataFrame:
         inside = items["image_path"].map(lambda v: None if v is None else image_inside(root, v))
         items = chk.bad("items", items, (items["image_path"].notna() & inside.isna()).to_numpy(), "image_path",
                         f"a path inside the dataset folder {root}")
-        items["image_path"] = inside[items.index]
+        items = items.assign(image_path=inside[items.index])
     missing_img = items["image_path"].map(lambda p: p is not None and not Path(p).is_file())
     if missing_img.any():
         chk.report["missing_image_files"] = int(missing_img.sum())

@@ -32,7 +32,7 @@ class RefreshLock:
         self.settings, self.purpose = settings, purpose
         self.lease_s = settings.refresh_lock_lease_s if lease_s is None else lease_s
         self.engine = state.engine(settings.resolved_state_url())
-        self.name = f"refresh:{settings.feast_project}"
+        self.name = lock_name(settings)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lost = False
         self._stop = threading.Event()
@@ -150,11 +150,24 @@ def refresh_lock(settings: Settings, purpose: str = "refresh"):
         yield lock
 
 
+def lock_name(settings: Settings) -> str:
+    """The project's lock row key."""
+    return f"refresh:{settings.feast_project}"
+
+
+def lock_holder(settings: Settings) -> dict | None:
+    """The project's lock row (holder, since, lease until), if any."""
+    eng = state.engine(settings.resolved_state_url())
+    with eng.connect() as c:
+        row = c.execute(sa.select(state.locks).where(state.locks.c.name == lock_name(settings))).first()
+    return None if row is None else {"owner": row.owner, "acquired_at": row.acquired_at, "expires_at": row.expires_at}
+
+
 def force_unlock(settings: Settings, reason: str, actor: str | None = None) -> dict | None:
     """Deletes the project's lock row whoever holds it, audited; returns what was removed (None: no lock). A live
     holder notices at its next stage and stops; a Postgres advisory lock of a live session stays."""
     eng = state.engine(settings.resolved_state_url())
-    name = f"refresh:{settings.feast_project}"
+    name = lock_name(settings)
     with eng.begin() as c:
         row = c.execute(sa.select(state.locks).where(state.locks.c.name == name)).first()
         if row is None:

@@ -65,11 +65,12 @@ def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
            history: int = typer.Option(10, help="Audit entries to show.")):
     """Who is champion, since when and why, the last gate's verdict, and the audit history."""
     from semalign.deploy.registry import Registry
+    from semalign.flows.lock import lock_holder
 
     s = load_settings(home, None)
     reg = Registry(s)
     res = reg.status()
-    res["lock"] = lock_holder(s)
+    res["lock"] = lock_holder(s)  # who holds the project's refresh lock, and its lease
     res["history"] = [{k: r[k] for k in ("at", "action", "subject", "from_value", "to_value", "actor")}
                       | {"reason": (r["reason"] or "")[:200]} for r in reg.history(limit=history)]
     emit(res, as_json, _print_status)
@@ -109,15 +110,3 @@ def report(home: Optional[Path] = HomeOpt, out: Path = typer.Option(Path("semali
     s = load_settings(home, None)
     path = build_report(s, out, run_id)
     sys.stdout.write(f"{path}\n")
-
-
-def lock_holder(settings) -> dict | None:
-    """The project's lock row (holder, since, lease until), if any."""
-    import sqlalchemy as sa
-
-    from semalign import state
-
-    eng = state.engine(settings.resolved_state_url())
-    with eng.connect() as c:
-        row = c.execute(sa.select(state.locks).where(state.locks.c.name == f"refresh:{settings.feast_project}")).first()
-    return None if row is None else {"owner": row.owner, "acquired_at": row.acquired_at, "expires_at": row.expires_at}

@@ -54,9 +54,12 @@ def build_report(settings: Settings, out: Path, run_id: str | None = None) -> Pa
             rows.append([g.get("gate"), c["name"], "pass" if c["passed"] else "FAIL", c.get("observed"), c.get("expected")])
     if rows:
         parts.append(_table(rows, ["gate", "check", "result", "observed", "expected"]))
-    ch, cp = ev.get("challenger") or {}, ev.get("champion") or {}
+    cmp = ev.get("compared") or {}
+    ch, cp = cmp.get("challenger") or ev.get("challenger") or {}, ev.get("champion") or {}
     if ch:
-        parts.append("<h2>AUC / GAUC per item bucket (test window)</h2>")
+        on = (f": the {cmp['events']} of {cmp['test_events']} events the champion never trained on"
+              if cmp.get("excludes_champion_training") else "")
+        parts.append(f"<h2>AUC / GAUC per item bucket (test window{on})</h2>")
         parts.append(_table([[b, ch[b]["auc"], (cp.get(b) or {}).get("auc"), ch[b]["gauc"], (cp.get(b) or {}).get("gauc"),
                               ch[b]["n_events"]] for b in ch],
                             ["bucket", "challenger AUC", "champion AUC", "challenger GAUC", "champion GAUC", "events"]))

@@ -25,10 +25,14 @@ class GateOutcome:
         return {"passed": self.passed, "gates": self.gates, "summary": self.summary}
 
 
-def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, challenger: dict,
-              champion_metrics: dict | None) -> GateOutcome:
+def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluation: dict) -> GateOutcome:
+    """`evaluation` is `ranker_stages.judge_window`'s: the champion is judged only on test events it never trained
+    or validated on, and the challenger on the same events."""
     from semalign.validation.suites import (Verdict, churn_gate, drift_suite, performance_drift_gate, quality_gate,
-                                            relation_gate, window_profile)
+                                            relation_gate, repeat_gate, window_profile)
+
+    champion_metrics = evaluation.get("champion")
+    compared = evaluation.get("compared") or {}
 
     train = split.part("train")
     emb = np.stack(cb.sids["embedding"].to_numpy())
@@ -42,11 +46,13 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, challeng
                                         volume_ratio=(settings.drift_volume_min_ratio, settings.drift_volume_max_ratio),
                                         kl_max=settings.drift_popularity_kl, sid_kl_max=settings.drift_sid_kl))
             verdicts.append(relation_gate(reference, profile, settings.gate_label_relation_tolerance))
+            verdicts.append(repeat_gate(reference, profile, settings.gate_repeat_rate_tolerance))
         # the champion on the new window against itself on its own window: the data changed under it
         own = (registry.run_artifact_json(champ["run_id"], "evaluation.json") or {}).get("challenger")
         verdicts.append(performance_drift_gate(champion_metrics, own, settings.gate_performance_drift))
-        verdicts.append(quality_gate(challenger, champion_metrics, settings.gate_auc_tolerance,
-                                     settings.gate_cold_auc_tolerance))
+        verdicts.append(quality_gate(compared.get("challenger", evaluation["challenger"]), champion_metrics,
+                                     settings.gate_auc_tolerance, settings.gate_cold_auc_tolerance,
+                                     compared_events=compared.get("events")))
         same_parent = cb.churn and cb.churn.get("parent") == champ.get("codebook_version")
         verdicts.append(churn_gate(cb.churn if same_parent else None, settings.gate_max_level0_churn))
     else:

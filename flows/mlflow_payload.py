@@ -23,13 +23,17 @@ def _metric_key(bucket: str) -> str:  # MLflow metric names allow no '+'
 
 
 def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, input_verdict, gates,
-                    challenger: dict, champion_metrics: dict | None, plots_dir: Path) -> RunPayload:
+                    evaluation: dict, plots_dir: Path) -> RunPayload:
     from semalign.spec import ranker_config
+
+    challenger, champion_metrics = evaluation["challenger"], evaluation.get("champion")
 
     metrics = {f"challenger_{m}_{_metric_key(b)}": v[m] for b, v in challenger.items() for m in ("auc", "gauc")}
     if champion_metrics:
         metrics.update({f"champion_{m}_{_metric_key(b)}": v[m] for b, v in champion_metrics.items()
                         for m in ("auc", "gauc")})
+    if evaluation.get("compared"):  # the events challenger and champion were judged on
+        metrics["compared_events"] = evaluation["compared"]["events"]
     metrics.update({f"encoder_{k.replace('@', '_at_')}_{k2}": v2 for k, v in enc.metrics.items()
                     if k.startswith("hit@") for k2, v2 in v.items()})
     if cb.churn:
@@ -54,5 +58,5 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
                  "codebook": codebook_folder(settings, cb.version).path}
     json_artifacts = {"validation_report.json": {"input": input_verdict.as_dict(), **gates.verdict()},
                       "reference_profile.json": gates.profile,
-                      "evaluation.json": {"challenger": challenger, "champion": champion_metrics}}
+                      "evaluation.json": evaluation}
     return RunPayload(params, metrics, tags, artifacts, json_artifacts)

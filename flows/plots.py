@@ -42,7 +42,7 @@ def prefect_artifacts(summary: dict) -> None:
         ev = summary.get("evaluation") or {}
         rows = [{"bucket": b, "challenger_auc": round(m["auc"], 4),
                  "champion_auc": round(((ev.get("champion") or {}).get(b) or {}).get("auc", float("nan")), 4)}
-                for b, m in (ev.get("challenger") or {}).items()]
+                for b, m in ((ev.get("compared") or {}).get("challenger") or ev.get("challenger") or {}).items()]
         if rows:
             create_table_artifact(key="refresh-auc", table=rows, description="AUC per item bucket, test window")
     except Exception:

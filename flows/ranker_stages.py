@@ -33,6 +33,7 @@ def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
 
 def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter,
                        users_version: str | None = None) -> RankerOut:
+    from semalign.data import event_keys
     from semalign.deploy.scoring import save_ranker
     from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
     from semalign.flows.semantic_ids import load_codebook
@@ -72,6 +73,7 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
     with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
         save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
+        np.save(tmp / TRAINED_EVENTS, np.unique(event_keys(split.events[split.events["part"] != "test"])))
     return RankerOut(key, folder, None, {"reused": False, "best_epoch": res.best_epoch, "val_auc": res.best_val_auc,
                                          "train_samples_per_s": res.samples_per_s})
 
@@ -87,15 +89,17 @@ def publish_users(settings: Settings, ds, split) -> str:
     return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=batch)
 
 
-def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> dict:
-    """AUC / GAUC per item bucket on the test window, scored through the serving path: features from the store,
-    pinned to the ranker's codebook version; histories are the leakage-free ones the ranker trained with. With
+TRAINED_EVENTS = "trained_events.npy"   # keys of the events a ranker trained and validated on (data.event_keys)
+
+
+def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> np.ndarray:
+    """A ranker's scores for the test window's events, through the serving path: features from the store, pinned
+    to the ranker's codebook version; histories are the leakage-free ones the ranker trained with. With
     `encode_missing` (the champion on a new window) items its version lacks are encoded on the fly, as serving
     does for content it is sent: nothing is written to the store the champion serves from."""
-    from semalign.data import ALL_BUCKETS, item_buckets, user_histories
+    from semalign.data import user_histories
     from semalign.deploy.scoring import RankerScorer
     from semalign.features import user_features
-    from semalign.models.metrics import metric_set
 
     scorer = RankerScorer(ranker_folder, settings)
     test = split.part("test")
@@ -114,15 +118,58 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing:
     hist, _ = user_histories(test, split.part("train"), settings.hist_len)
     histories = [[item_ids[r - 1] for r in row if r > 0] for row in hist]
     ufeat = user_features(split, ds.n_users)[test["user_idx"].to_numpy()]
-    p = scorer.score_rows(ufeat, cands, histories, extra=extra)
+    return scorer.score_rows(ufeat, cands, histories, extra=extra)
+
+
+def test_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """AUC / GAUC per item bucket of the test window's events (those in `mask`, when given)."""
+    from semalign.data import ALL_BUCKETS, item_buckets
+    from semalign.models.metrics import metric_set
+
+    test = split.part("test")
     y = test["label"].to_numpy()
     users = test["user_idx"].to_numpy()
     buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
+    keep = np.ones(len(y), bool) if mask is None else mask
     out = {}
     for b in ALL_BUCKETS:
-        sel = np.ones(len(y), bool) if b == "all" else buckets == b
+        sel = keep if b == "all" else keep & (buckets == b)
         if sel.sum() and len(np.unique(y[sel])) == 2:
             ms = metric_set(y[sel], p[sel], users[sel])
             out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum()),
                       "n_positive": int(y[sel].sum())}
+    return out
+
+
+def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> dict:
+    """AUC / GAUC per item bucket on the test window, scored through the serving path (`score_test`)."""
+    return test_metrics(split, score_test(settings, ds, split, ranker_folder, encode_missing))
+
+
+def fresh_events(ranker_folder: Path, split) -> np.ndarray | None:
+    """Which test events a ranker never trained or validated on (None: it kept no keys, from before they were
+    kept). A champion judged on events it learned from looks better than it is: a resampled or overlapping
+    window would then block every honest challenger."""
+    from semalign.data import event_keys
+
+    f = Path(ranker_folder) / TRAINED_EVENTS
+    if not f.exists():
+        return None
+    return ~np.isin(event_keys(split.part("test")), np.load(f))
+
+
+def judge_window(settings: Settings, ds, split, challenger_folder: Path, champion_folder: Path | None) -> dict:
+    """The challenger on its whole test window (its reference for the next refresh's drift gate) and, with a
+    champion, both on the same events: those the champion never trained or validated on."""
+    p_new = score_test(settings, ds, split, challenger_folder)
+    out = {"challenger": test_metrics(split, p_new), "champion": None}
+    if champion_folder is None:
+        return out
+    p_old = score_test(settings, ds, split, champion_folder, encode_missing=True)
+    mask = fresh_events(champion_folder, split)
+    n_test = len(p_new)
+    out["champion"] = test_metrics(split, p_old, mask)
+    out["compared"] = {"challenger": test_metrics(split, p_new, mask) if mask is not None else out["challenger"],
+                       "events": int(mask.sum()) if mask is not None else n_test, "test_events": n_test,
+                       "excludes_champion_training": mask is not None}
     return out

@@ -49,7 +49,7 @@ build_codebook = task(semantic_ids.codebook_stage, name="build codebook", **STAG
 publish_ids = task(semantic_ids.publish_stage, name="publish semantic IDs", retries=2, **STAGE)
 publish_users = task(ranker_stages.publish_users, name="publish user features", retries=2, **STAGE)
 train_ranker = task(ranker_stages.train_ranker_stage, name="train ranker", **STAGE)
-evaluate = task(ranker_stages.evaluate, name="evaluate", **STAGE)
+judge_window = task(ranker_stages.judge_window, name="evaluate", **STAGE)
 
 
 # ---------------------------------------------------------------- the flow
@@ -121,21 +121,21 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
                        at: StageTracker, rep: Reporter) -> dict:
     """Evaluate challenger and champion on the same window, run the gates, log the run, promote if they pass."""
     at("evaluate")
-    challenger = evaluate(settings, ds, split, rk.folder)
-    champion_metrics = None
+    champ_dir = None
     if champ:
         champ_dir = registry.download_ranker(registry.get_version(champ["version"]),
                                              settings.home / "rankers" / (champ.get("input_key") or f"v{champ['version']}"))
-        champion_metrics = evaluate(settings, ds, split, champ_dir, encode_missing=True)
+    evaluation = judge_window(settings, ds, split, rk.folder, champ_dir)
+    challenger, champion_metrics = evaluation["challenger"], evaluation["champion"]
     at.done("evaluate")
     at("gates")
-    gates = run_gates(settings, registry, champ, ds, split, cb, challenger, champion_metrics)
+    compared = (evaluation.get("compared") or {}).get("challenger", challenger)  # on the champion's fresh events
+    gates = run_gates(settings, registry, champ, ds, split, cb, evaluation)
     plots_dir = settings.home / "runs" / rk.input_key / "plots"
-    refresh_plots(plots_dir, challenger, champion_metrics, cb.metrics)
+    refresh_plots(plots_dir, compared, champion_metrics, cb.metrics)
     if gates.reference is not None:
         drift_plot(plots_dir / "drift.png", gates.reference, gates.profile)
-    payload = refresh_payload(settings, ds, feats, enc, cb, rk, champ, input_verdict, gates, challenger,
-                              champion_metrics, plots_dir)
+    payload = refresh_payload(settings, ds, feats, enc, cb, rk, champ, input_verdict, gates, evaluation, plots_dir)
     at("log to MLflow")
     with rep.stage("log to MLflow", None):
         run_id, version = registry.log_refresh(params=payload.params, metrics=payload.metrics, tags=payload.tags,
@@ -149,7 +149,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
         promoted = promote(settings, registry, registry.get_version(version),
                            "first model" if not champ else f"refresh passed gates: {gates.summary}")
     return dict(model_version=version, run_id=run_id, verdict=gates.verdict(), promoted=promoted,
-                evaluation={"challenger": challenger, "champion": champion_metrics},
+                evaluation=evaluation,
                 champion=champion_lineage(registry).get("version"))
 
 

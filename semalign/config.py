@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     gate_max_level0_churn: float = 0.6
     gate_label_relation_tolerance: float = 0.10   # positive rate per popularity / activity quartile vs champion's
     gate_performance_drift: float = 0.05          # champion's AUC on the new window vs its own reference AUC
+    gate_repeat_rate_tolerance: float = 0.02      # share of events repeating a (user, item) pair, above the champion's
     codebook_min_utilisation: float = 0.5         # a codebook below these is not published (collapsed)
     codebook_min_perplexity_share: float = 0.25
     codebook_max_collision_rate: float = 0.9

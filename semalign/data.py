@@ -416,6 +416,14 @@ def settings_split(ds: Dataset, settings) -> Split:
     return make_split(ds, settings.split, settings.seed, settings.cold_item_share, settings.val_cold_item_share)
 
 
+def event_keys(events: pd.DataFrame) -> np.ndarray:
+    """A stable 64-bit key per event (user id, item id, timestamp), the same in any copy of the data: a ranker
+    keeps the keys of the events it trained and validated on, so a later window can be judged on the rest."""
+    if not len(events):
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_pandas_object(events[["user_id", "item_id", "ts"]], index=False).to_numpy(np.uint64)
+
+
 def item_buckets(train_counts: np.ndarray) -> np.ndarray:
     """Bucket name per item by its training-window interaction count."""
     edges = np.digitize(train_counts, [1, 10, 100])

@@ -63,7 +63,7 @@ def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame 
     counts = np.bincount(interactions["item_idx"].to_numpy(), minlength=n_items)
     prof = {"n_events": int(len(interactions)), "label_rate": float(interactions["label"].mean()),
             "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS)),
-            **label_relations(interactions, n_items)}
+            "repeat_pair_rate": repeat_pair_rate(interactions), **label_relations(interactions, n_items)}
     if sids is not None:
         levels = sorted(c for c in sids.columns if c.startswith("sid_") and c != "sid_dedup")
         k = int(max(sids[c].max() for c in levels)) + 1
@@ -74,6 +74,26 @@ def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame 
         prof["embedding_norm_mean"] = float(norms.mean())
         prof["embedding_dim_std_mean"] = float(embeddings.std(0).mean())
     return prof
+
+
+def repeat_pair_rate(interactions: pd.DataFrame) -> float:
+    """Share of events whose (user, item) pair occurred earlier in the window: days loaded twice by an ETL (shifted
+    in time, so not exact duplicates) raise it while every marginal stays put."""
+    if not len(interactions):
+        return 0.0
+    pairs = interactions["user_idx"].to_numpy(np.int64) * (int(interactions["item_idx"].max()) + 1) \
+        + interactions["item_idx"].to_numpy(np.int64)
+    return float(1.0 - len(np.unique(pairs)) / len(pairs))
+
+
+def repeat_gate(reference: dict, profile: dict, tol: float = 0.02) -> Verdict:
+    """Events repeating a (user, item) pair rise by more than `tol` over the champion's window: replayed data."""
+    v = Verdict("repeats")
+    if "repeat_pair_rate" in reference and "repeat_pair_rate" in profile:
+        ref, now = reference["repeat_pair_rate"], profile["repeat_pair_rate"]
+        v.checks.append({"name": "repeated user-item pairs", "passed": bool(now <= ref + tol), "observed": float(now),
+                         "expected": f"<= the champion window's {ref:.4f} + {tol}"})
+    return v
 
 
 RELATION_BINS = 4   # quartiles of item popularity and of user activity
@@ -276,11 +296,19 @@ def auc_noise(auc: float, n_events: int, n_positive: int | None) -> float:
 
 
 def quality_gate(challenger: dict, champion: dict, tol: float = 0.005, cold_tol: float = 0.01,
-                 cold_buckets: tuple = ("unseen",), z: float = 2.0) -> Verdict:
-    """challenger / champion: {bucket: {"auc": .., "n_events": .., "n_positive": ..}} on the same events. The
-    challenger may trail by the tolerance or by `z` times the AUC's sampling noise on that window, whichever is
-    larger: on a small window a worse AUC within the noise is not evidence of a worse model."""
+                 cold_buckets: tuple = ("unseen",), z: float = 2.0, compared_events: int | None = None,
+                 min_events: int = 200) -> Verdict:
+    """challenger / champion: {bucket: {"auc": .., "n_events": .., "n_positive": ..}} on the same events (those
+    the champion never trained on; `compared_events` of them). The challenger may trail by the tolerance or by `z`
+    times the AUC's sampling noise on that window, whichever is larger: on a small window a worse AUC within the
+    noise is not evidence of a worse model. Fewer than `min_events` fresh events cannot judge either way: promotion
+    waits for a human."""
     v = Verdict("quality")
+    if compared_events is not None:
+        v.checks.append({"name": "events the champion never trained on", "passed": bool(compared_events >= min_events),
+                         "observed": float(compared_events),
+                         "expected": f">= {min_events} to compare challenger and champion "
+                                     "(else held for a human: `semalign promote`)"})
     for b in ("all",) + tuple(cold_buckets):
         if b not in challenger or b not in champion:
             continue

@@ -53,10 +53,15 @@ def print_refresh(res: dict) -> None:
               f" ({fs.get('online_store')}, current: {fs.get('current')})")
     t.add_row("ranker", f"model version {res.get('model_version')}" + (" (reused)" if res["ranker"].get("reused") else ""))
     ev = res.get("evaluation") or {}
-    for who in ("challenger", "champion"):
-        m = ev.get(who)
+    cmp = ev.get("compared") or {}
+    rows = [("challenger AUC", ev.get("challenger"))]
+    if ev.get("champion"):  # both on the events the champion never trained on
+        on = f" ({cmp.get('events')} of {cmp.get('test_events')} test events)" if cmp else ""
+        rows = [(f"challenger AUC{on}", cmp.get("challenger") or ev.get("challenger")),
+                (f"champion AUC{on}", ev["champion"])]
+    for label, m in rows:
         if m:
-            t.add_row(f"{who} AUC", "  ".join(f"{b} {v['auc']:.4f}" for b, v in m.items()))
+            t.add_row(label, "  ".join(f"{b} {v['auc']:.4f}" for b, v in m.items()))
     v = res.get("verdict") or {}
     t.add_row("gates", v.get("summary") or ("passed" if v.get("passed") else "failed"))
     t.add_row("promoted", str(res.get("promoted")))

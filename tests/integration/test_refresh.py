@@ -135,6 +135,11 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     failed = [c["name"] for g in blocked["verdict"]["gates"] for c in g["checks"] if not c["passed"]]
     assert "label rate" in failed
     assert blocked["champion"] == first["model_version"]
+    # the champion is judged only on test events it never trained or validated on: the same events with other
+    # labels split the same way, so that is every test event here (the unit tests cover an overlapping window)
+    cmp = blocked["evaluation"]["compared"]
+    assert cmp["excludes_champion_training"] and cmp["events"] == cmp["test_events"] > 200
+    assert cmp["challenger"]["all"]["n_events"] == blocked["evaluation"]["champion"]["all"]["n_events"] == cmp["events"]
     store2 = SemanticIdStore(s)
     assert store2.current_version() == first["codebook"]["version"]
     pd.testing.assert_frame_equal(store2.semantic_ids([f"sku-{i}" for i in range(1, 40)]), sids_before)

@@ -61,3 +61,49 @@ def test_the_quality_gate_tells_noise_from_a_worse_model():
     big = {"all": {"auc": 0.70, "n_events": 200_000, "n_positive": 100_000}}  # the same drop on 200k: real
     assert not quality_gate(big, big_champ, tol=0.005).passed
     assert not quality_gate({"all": {"auc": 0.60, "n_events": 900, "n_positive": 450}}, champion).passed
+
+
+def test_too_few_fresh_events_hold_the_comparison_for_a_human():
+    from semalign.validation.suites import quality_gate
+
+    same = {"all": {"auc": 0.72, "n_events": 150, "n_positive": 75}}
+    v = quality_gate(same, same, compared_events=150, min_events=200)
+    assert not v.passed and v.checks[0]["name"] == "events the champion never trained on"
+    assert quality_gate(same, same, compared_events=5000, min_events=200).passed
+
+
+def test_replayed_days_raise_the_repeat_rate_while_marginals_stay():
+    from semalign.validation.suites import repeat_gate, window_profile
+
+    ref = _window(0).drop_duplicates(["user_idx", "item_idx"]).assign(ts=lambda d: np.arange(len(d)))
+    clean = _window(1).drop_duplicates(["user_idx", "item_idx"]).assign(ts=lambda d: np.arange(len(d)))
+    last = clean[clean["ts"] >= clean["ts"].quantile(0.9)]
+    replayed = pd.concat([clean, last.assign(ts=last["ts"] + 86_400)])       # the last tenth loaded twice
+    p_ref, p_clean, p_replay = (window_profile(w, 500) for w in (ref, clean, replayed))
+    assert abs(replayed["label"].mean() - clean["label"].mean()) < 0.01
+    assert p_clean["repeat_pair_rate"] == 0.0 and 0.08 < p_replay["repeat_pair_rate"] < 0.1
+    assert repeat_gate(p_ref, p_clean).passed
+    v = repeat_gate(p_ref, p_replay, tol=0.02)
+    assert not v.passed and v.checks[0]["name"] == "repeated user-item pairs"
+    assert repeat_gate({}, p_replay).passed   # a champion from before the profile kept the rate: nothing to judge
+
+
+def test_a_champion_is_judged_only_on_events_it_never_trained_on(tmp_path, movielens):
+    from semalign.data import event_keys, make_split
+    from semalign.flows.ranker_stages import TRAINED_EVENTS, fresh_events
+
+    ds = movielens
+    old = make_split(ds, seed=0)
+    new = make_split(ds, seed=1)           # another holdout over the same events: the champion learned many of them
+    champion = tmp_path / "champion"
+    champion.mkdir()
+    np.save(champion / TRAINED_EVENTS, np.unique(event_keys(old.events[old.events["part"] != "test"])))
+    mask = fresh_events(champion, new)
+    test_new = new.part("test")
+    learned = set(map(tuple, old.events[old.events["part"] != "test"][["user_id", "item_id", "ts"]].to_numpy()))
+    expect = np.array([tuple(r) not in learned for r in test_new[["user_id", "item_id", "ts"]].to_numpy()])
+    assert mask.dtype == bool and len(mask) == len(test_new) and 0 < mask.sum() < len(mask)
+    assert (mask == expect).all()
+    assert fresh_events(tmp_path, new) is None     # a ranker from before the keys were kept
+    # the keys are the same in another copy of the data (ids and times, not row positions)
+    assert (event_keys(test_new.iloc[::-1]) == event_keys(test_new)[::-1]).all()

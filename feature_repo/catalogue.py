@@ -151,6 +151,20 @@ class CodebookCatalogue:
             conn.execute(t.insert(), new_rows)
         return codes, dedup, write, fresh
 
+    def slots(self, version: str, prefix: str | None = None, limit: int | None = None) -> list[dict]:
+        """Confirmed items of a version with their SIDs (item_id, sid_key, dedup, source), ordered by SID; with
+        `prefix` ("c0" or "c0-c1", codes without the dedup level) only the items whose SID starts with it."""
+        t = state.item_sids
+        q = sa.select(t.c.item_id, t.c.sid_key, t.c.dedup, t.c.source).where(
+            t.c.project == self.project, t.c.version == version, t.c.source != PENDING)
+        if prefix is not None:
+            q = q.where(sa.or_(t.c.sid_key == prefix, t.c.sid_key.like(prefix + "-%")))
+        q = q.order_by(t.c.sid_key, t.c.dedup, t.c.item_id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q)]
+
     # ------------------------------------------------------------------ the current pointer
     def current(self) -> str | None:
         return state.get_pointer(self.engine, self.project, CURRENT)

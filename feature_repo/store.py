@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -149,6 +150,8 @@ class SemanticIdStore:
         with self._online():                                     # 3. online
             online.write_rows(self.fs, frames, between=lambda: checkpoint("publish.online"))
         self.catalogue.finish_publish(version)                   # 4. readable from here on
+        if codebook.parent and self.catalogue.row(codebook.parent) is not None:
+            self.write_diff(codebook.parent, version)
         if make_current:
             self.set_current(version, reason="publish")
         return PublishResult(version, len(item_ids), True, self.current_version(), time.perf_counter() - t0)
@@ -213,6 +216,58 @@ class SemanticIdStore:
                 else pd.DataFrame(columns=["_row"] + feat_cols)
         # one output row per input row, in input order (the file store also drops rows that match nothing)
         return ent.merge(got[["_row"] + feat_cols], on="_row", how="left").drop(columns="_row")
+
+    # ------------------------------------------------------------------ SIDs as keys
+    def items_by_sid(self, sid: str, version: str | None = None, limit: int | None = 1000) -> pd.DataFrame:
+        """Reverse lookup: the items (published or onboarded) whose SID under a version starts with `sid`, a
+        prefix "c0", "c0-c1", ... up to the full SID with its dedup level. Columns item_id, codebook_version, sid,
+        source (batch | onboard)."""
+        row = self._published(version)
+        version, levels = row["version"], row["levels"]
+        parts = str(sid).strip().split("-")
+        if not 1 <= len(parts) <= levels + 1 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"'{sid}' is not a SID prefix of codebook {version}: expected 1 to {levels + 1} "
+                             "non-negative codes joined by '-', e.g. '12' or '12-5'")
+        codes = [str(int(p)) for p in parts]
+        rows = self.catalogue.slots(version, "-".join(codes[:levels]), None if len(codes) > levels else limit)
+        if len(codes) > levels:
+            rows = [r for r in rows if r["dedup"] == int(codes[-1])][:limit]
+        return pd.DataFrame({"item_id": [r["item_id"] for r in rows], "codebook_version": version,
+                             "sid": [f"{r['sid_key']}-{r['dedup']}" for r in rows],
+                             "source": [r["source"] for r in rows]},
+                            columns=["item_id", "codebook_version", "sid", "source"])
+
+    def diff(self, old: str, new: str) -> tuple[dict, pd.DataFrame]:
+        """SID translation between two published versions: (summary with churn per level, table item_id,
+        old_sid, new_sid for the items both hold, onboarded ones included)."""
+        from semalign.models.sids import sid_translation
+
+        sides = []
+        for v in (old, new):
+            self._published(v)
+            rows = self.catalogue.slots(v)
+            sides.append(([r["item_id"] for r in rows],
+                          np.array([[int(x) for x in r["sid_key"].split("-")] + [r["dedup"]] for r in rows],
+                                   np.int64).reshape(len(rows), -1)))
+        t = sid_translation(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
+        summary = {"old": old, "new": new, "shared_items": len(t["shared"]), "only_in_old": len(t["only_old"]),
+                   "only_in_new": len(t["only_new"]), "churn": t["churn"], "prefix_churn_per_level": t["per_level"]}
+        table = pd.DataFrame({"item_id": t["shared"], "old_sid": ["-".join(map(str, r)) for r in t["old"].tolist()],
+                              "new_sid": ["-".join(map(str, r)) for r in t["new"].tolist()]})
+        return summary, table
+
+    def write_diff(self, old: str, new: str) -> Path:
+        """The translation from `old` to `new` as files in `new`'s codebook folder (logged with a refresh's run):
+        diff-<old>.json (summary) and diff-<old>.parquet (item_id, old_sid, new_sid)."""
+        import json
+
+        summary, table = self.diff(old, new)
+        folder = codebook_folder(self.settings, new).path
+        tmp = atomic.temp_sibling(folder / f"diff-{old}.parquet")
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, folder / f"diff-{old}.parquet")
+        atomic.write_text(folder / f"diff-{old}.json", json.dumps(summary, indent=2))
+        return folder / f"diff-{old}.json"
 
     # ------------------------------------------------------------------ onboarding
     def onboard(self, items: pd.DataFrame, version: str | None = None, embeddings: np.ndarray | None = None,

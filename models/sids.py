@@ -57,3 +57,23 @@ def code_metrics(codes: np.ndarray, k: int, relative_recon_error: float) -> dict
     return {"utilisation": util, "perplexity": ent, "collision_rate": float(shared / len(codes)),
             "max_collision_group": int(counts.max()), "unique_sids": int(len(counts)),
             "relative_recon_error": relative_recon_error}
+
+
+def sid_translation(old_ids, old_codes: np.ndarray, new_ids, new_codes: np.ndarray) -> dict:
+    """What a rebuilt codebook changed: for the items both versions hold, the old and new full SIDs (codes with
+    the dedup level, [n, L+1] each) and the share that moved per level (a level counts as moved when it or any
+    level above it changed, so "level 1" is the share whose 2-level prefix moved). Returns {"shared": item ids,
+    "old": codes, "new": codes, "only_old": ids, "only_new": ids, "churn": share of shared items whose SID
+    changed, "per_level": [...]} ."""
+    old_pos = {i: k for k, i in enumerate(old_ids)}
+    new_pos = {i: k for k, i in enumerate(new_ids)}
+    shared = [i for i in new_ids if i in old_pos]
+    o = np.asarray(old_codes)[[old_pos[i] for i in shared]].reshape(len(shared), -1)
+    n = np.asarray(new_codes)[[new_pos[i] for i in shared]].reshape(len(shared), -1)
+    if o.shape != n.shape:
+        raise ValueError(f"the versions' SIDs have different depths: {o.shape[1]} vs {n.shape[1]} levels")
+    moved = np.cumsum(o != n, axis=1) > 0
+    return {"shared": shared, "old": o, "new": n, "only_old": [i for i in old_ids if i not in new_pos],
+            "only_new": [i for i in new_ids if i not in old_pos],
+            "churn": float(moved[:, -1].mean()) if len(shared) else 0.0,
+            "per_level": [float(m) for m in moved.mean(0)] if len(shared) else []}

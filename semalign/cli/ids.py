@@ -60,6 +60,50 @@ def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Opti
     emit({"items": rows}, as_json, _print_sids)
 
 
+def ids_items(sid: str = typer.Argument(..., help="A SID prefix: '12', '12-5', ... or a full SID with its dedup level."),
+              home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+              version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: current)."),
+              limit: int = typer.Option(1000, min=1, help="At most this many items.")):
+    """Reverse lookup: the items whose semantic ID starts with SID (published and onboarded ones)."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    s = load_settings(home, None)
+    df = SemanticIdStore(s).items_by_sid(sid, version=version, limit=limit)
+    emit({"sid": sid, "codebook_version": df["codebook_version"].iloc[0] if len(df) else version,
+          "count": len(df), "items": df.to_dict("records")}, as_json, _print_items)
+
+
+def _print_items(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("item_id", "semantic id", "source", title=f"{res['count']} item(s) under SID {res['sid']}")
+    for r in res["items"]:
+        t.add_row(r["item_id"], r["sid"], r["source"])
+    Console().print(t)
+
+
+def ids_diff(old: str = typer.Argument(..., help="The older codebook version."),
+             new: str = typer.Argument(..., help="The newer codebook version."),
+             home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+             out: Optional[Path] = typer.Option(None, "--out", help="Write the translation table (item_id, old_sid, "
+                                                "new_sid) to this .csv or .parquet file.")):
+    """SID translation between two published codebook versions: churn per level, and the table old SID -> new
+    SID for every item both hold (also written at every publish as diff-<parent>.* in the codebook folder)."""
+    from semalign.feature_repo.store import SemanticIdStore
+
+    if out is not None and out.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"--out {out}: expected a .csv or .parquet file")
+    s = load_settings(home, None)
+    summary, table = SemanticIdStore(s).diff(old, new)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False))
+        summary["table"] = str(out)
+    res = dict(summary, moved=table[table["old_sid"] != table["new_sid"]].head(20).to_dict("records"))
+    emit(res, as_json, lambda r: print_summary({"diff": {k: v for k, v in r.items() if k != "moved"}}))
+
+
 def _print_sids(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -189,3 +189,15 @@ def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop)
     assert bad.returncode == 1 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
     missing = _cli("ids", "get", "sku-1", "no-such-item", env=env, check=False)
     assert missing.returncode == 1 and "no-such-item" in missing.stderr
+
+    # reverse lookup: the onboarded twin is found under sku-1's SID prefix; a bad prefix is a clear error
+    prefix = "-".join(str(int(v)) for v in sids.loc["sku-1", cols[:2]])
+    under = json.loads(_cli("ids", "items", prefix, "--json", env=env).stdout)
+    assert {"sku-1", "twin-of-1"} <= {r["item_id"] for r in under["items"]} and under["count"] == len(under["items"])
+    assert all(r["sid"].startswith(prefix + "-") for r in under["items"])
+    bad_prefix = _cli("ids", "items", "one-two", env=env, check=False)
+    assert bad_prefix.returncode == 1 and "not a SID prefix" in bad_prefix.stderr and "Traceback" not in bad_prefix.stderr
+    # a version against itself: nothing moved; the translation table lands where asked
+    diff = json.loads(_cli("ids", "diff", version, version, "--out", str(tmp_path / "t.csv"), "--json", env=env).stdout)
+    assert diff["churn"] == 0.0 and diff["shared_items"] == 302 and diff["moved"] == []
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 302

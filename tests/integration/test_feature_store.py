@@ -496,3 +496,46 @@ def test_a_writer_that_dies_before_confirming_keeps_its_slot(env):
     assert store.semantic_ids(["dies-1"], version=cb.version)["sid_dedup"].iloc[0] == dedup[0]
     third = store.onboard(pd.DataFrame({"item_id": ["dies-1"]}), version=cb.version, embeddings=emb)
     assert not third["onboarded"].iloc[0]                    # confirmed now: nothing written a second time
+
+
+def test_reverse_lookup_and_diff_of_a_rebuilt_codebook(env):
+    """`ids items` finds every item under a SID prefix (onboarded ones too); `ids diff` translates the SIDs of a
+    rebuilt codebook, and each publish of a child version writes that translation beside its codebook."""
+    from semalign.artifacts import codebook_folder
+
+    store = env["store"]
+    cb1, ids, x = codebook_for(11, n=400)
+    store.publish(cb1, ids, x)
+    new_ids = ["new-11-a", "new-11-b"]
+    store.onboard(pd.DataFrame({"item_id": new_ids}), embeddings=x[:2] + 1e-4)
+    v1 = store.semantic_ids(ids + new_ids, version=cb1.version)
+    first = v1.iloc[-1]                                  # an onboarded item shares its codes with ids[1]
+    under = store.items_by_sid(str(first["sid_0"]), version=cb1.version)
+    assert set(under["item_id"]) == set(v1.loc[v1["sid_0"] == first["sid_0"], "item_id"])
+    assert "onboard" in set(under["source"]) and (under["sid"].str.split("-").str[0] == str(first["sid_0"])).all()
+    full = "-".join(str(int(first[c])) for c in SID_COLS)
+    assert store.items_by_sid(full, version=cb1.version)["item_id"].tolist() == [first["item_id"]]
+    assert len(store.items_by_sid(str(first["sid_0"]), version=cb1.version, limit=3)) == 3
+    for bad in ("x", "1--2", "1-2-3-4-5", "-1"):
+        with pytest.raises(ValueError, match="not a SID prefix"):
+            store.items_by_sid(bad, version=cb1.version)
+
+    moved = x + 0.4 * np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    from scipy.optimize import linear_sum_assignment
+
+    cb2 = build_codebook(moved, levels=3, codes=8, iters=5, seed=12, parent=cb1, solve_assignment=linear_sum_assignment,
+                         data_hash="child-" + uuid.uuid4().hex[:6])
+    assert cb2.parent == cb1.version
+    store.publish(cb2, ids, moved)
+    summary, table = store.diff(cb1.version, cb2.version)
+    v2 = store.semantic_ids(ids, version=cb2.version)
+    old, new = v1.iloc[: len(ids)][SID_COLS].to_numpy(), v2[SID_COLS].to_numpy()
+    assert summary["shared_items"] == len(ids) and summary["only_in_old"] == 2 and summary["only_in_new"] == 0
+    assert summary["churn"] == pytest.approx((old != new).any(1).mean())
+    assert summary["prefix_churn_per_level"][0] == pytest.approx((old[:, 0] != new[:, 0]).mean())
+    assert 0 < summary["prefix_churn_per_level"][0] <= summary["prefix_churn_per_level"][-1] == summary["churn"]
+    row = table.set_index("item_id").loc[ids[7]]
+    assert row["old_sid"] == "-".join(map(str, old[7])) and row["new_sid"] == "-".join(map(str, new[7]))
+    written = codebook_folder(env["settings"], cb2.version).path
+    assert json.loads((written / f"diff-{cb1.version}.json").read_text()) == summary
+    pd.testing.assert_frame_equal(pd.read_parquet(written / f"diff-{cb1.version}.parquet"), table)

@@ -16,6 +16,11 @@ _cfg = {"levels": 3, "offline": "file", "table_prefix": "semalign"}
 if (_here / "semalign_repo.json").exists():
     _cfg.update(json.loads((_here / "semalign_repo.json").read_text()))
 LEVELS = int(_cfg["levels"])
+# Rows never expire (a SID is valid for as long as its codebook version exists), but ttl 0 would make
+# `feast materialize-incremental` start one year back and skip rows stamped when an item became available
+# (1970 where the data does not say): a long ttl starts it before them and keeps point-in-time joins unbounded
+# in practice.
+FOREVER = timedelta(days=365 * 150)
 
 
 def _source(name: str):
@@ -45,7 +50,7 @@ item_embedding_push = PushSource(name="item_embedding_push", batch_source=_sourc
 item_semantic_id = FeatureView(
     name="item_semantic_id",
     entities=[item, codebook],
-    ttl=timedelta(0),
+    ttl=FOREVER,
     schema=[Field(name=f"sid_{lvl}", dtype=Int64) for lvl in range(LEVELS)] + [Field(name="sid_dedup", dtype=Int64)],
     source=item_sid_push,
     online=True,
@@ -56,7 +61,7 @@ item_semantic_id = FeatureView(
 item_embedding = FeatureView(
     name="item_embedding",
     entities=[item, codebook],
-    ttl=timedelta(0),
+    ttl=FOREVER,
     schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="content", dtype=Array(Float32))],
     source=item_embedding_push,
     online=True,
@@ -68,7 +73,7 @@ item_embedding = FeatureView(
 user_recent_items = FeatureView(
     name="user_recent_items",
     entities=[user, user_snapshot],
-    ttl=timedelta(0),
+    ttl=FOREVER,
     schema=[Field(name="recent_items", dtype=Array(String)), Field(name="n_events", dtype=Int64),
             Field(name="positive_rate", dtype=Float32)],
     source=_source("user_recent_items"),

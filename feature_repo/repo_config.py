@@ -117,16 +117,18 @@ def ensure_applied(fs, repo: Path, project: str, levels: int, before_apply: Call
     except Exception:
         have = {}
     sid, emb, users = have.get(SID_VIEW), have.get(EMB_VIEW), have.get(USER_VIEW)
-    # projects applied before the embedding view gained `content` or user features gained snapshots: re-applied
+    want = definitions(repo, project)
+    # projects applied before the embedding view gained `content`, user features gained snapshots or the views
+    # their ttl: re-applied
     current = emb is not None and "content" in {f.name for f in emb.features} and users is not None \
-        and "users_version" in {c.name for c in users.entity_columns}
+        and "users_version" in {c.name for c in users.entity_columns} \
+        and all(have[n].ttl == want[n].ttl for n in (SID_VIEW, EMB_VIEW, USER_VIEW) if n in have)
     if sid is not None and sid.tags.get("levels") == str(levels) and current:
         return
     if sid is not None and sid.tags.get("levels") != str(levels):
         raise FeatureStoreError(f"the feature view {SID_VIEW} in project '{project}' has "
                                 f"{sid.tags.get('levels')} levels, not {levels}; use another project "
                                 "(SEMALIGN_FEAST_PROJECT) for codebooks of a different depth")
-    objs = [o for o in definitions(repo, project).values()
-            if isinstance(o, (Entity, FeatureView, FeatureService, PushSource))]
+    objs = [o for o in want.values() if isinstance(o, (Entity, FeatureView, FeatureService, PushSource))]
     before_apply()
     fs.apply(objs)

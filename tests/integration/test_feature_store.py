@@ -539,3 +539,58 @@ def test_reverse_lookup_and_diff_of_a_rebuilt_codebook(env):
     written = codebook_folder(env["settings"], cb2.version).path
     assert json.loads((written / f"diff-{cb1.version}.json").read_text()) == summary
     pd.testing.assert_frame_equal(pd.read_parquet(written / f"diff-{cb1.version}.parquet"), table)
+
+
+def test_feast_cli_materializes_and_serves_the_rendered_repo(tmp_path):
+    """The rendered repo is a plain Feast repo: after its online store is lost, `feast materialize-incremental`
+    rebuilds it from the offline store (items stamped 1970, where the data gave no availability time, included),
+    and `feast serve` answers the SID views over HTTP."""
+    import socket
+    import urllib.request
+
+    from semalign.feature_repo.store import SemanticIdStore
+
+    settings = make_settings(tmp_path / "home", "sqlite", f"t{uuid.uuid4().hex[:10]}")
+    store = SemanticIdStore(settings)
+    cb, ids, x = codebook_for(21, n=80)
+    store.publish(cb, ids, x)                                   # no available_at: stamped 1970
+    store.publish_users(pd.DataFrame({"user_id": ["ua"], "recent_items": [ids[:2]], "n_events": [3],
+                                      "positive_rate": [0.5], "event_timestamp": pd.Timestamp("2024-01-01", tz="UTC")}),
+                        batch="cli")
+    repo = settings.feature_repo_dir
+    feast_bin = str(Path(sys.executable).with_name("feast"))
+    (repo / "data" / "online_store.db").unlink()                # the online store is gone
+    for cmd in ([feast_bin, "apply"], [feast_bin, "materialize-incremental", pd.Timestamp.now(tz="UTC").isoformat()]):
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    want = expected_sids(cb, ids, x)
+    cfg = {"repo": str(repo), "version": cb.version, "items": ids[:5], "service": "semantic_ids"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["direct"]["sid_0"] == want[:5, 0].tolist()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([feast_bin, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        body = json.dumps({"features": [f"item_semantic_id:{c}" for c in SID_COLS],
+                           "entities": {"item_id": ids[:4], "codebook_version": [cb.version] * 4}}).encode()
+        deadline, got = time.time() + 120, None
+        while time.time() < deadline and got is None:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/get-online-features", data=body,
+                                             headers={"Content-Type": "application/json"})
+                got = json.loads(urllib.request.urlopen(req, timeout=10).read())
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                time.sleep(0.5)
+        assert got is not None, "feast serve did not answer within 120 s"
+        names = got["metadata"]["feature_names"]
+        values = {n: r["values"] for n, r in zip(names, got["results"])}
+        assert values["sid_0"] == want[:4, 0].tolist() and values["sid_dedup"] == want[:4, 3].tolist()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -12,6 +12,7 @@ def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str 
              timezone: str = "UTC") -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.schedules import Cron
 
@@ -26,9 +27,13 @@ def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str 
     source = Path(__file__).resolve().parent
     deployable = refresh.from_source(source=str(source), entrypoint="refresh.py:refresh")
     with contextlib.redirect_stdout(sys.stderr):  # Prefect's advice text would spoil `--json` on stdout
+        # one run at a time: a run due while another runs is cancelled by the server, and a run that finds the
+        # lock taken by a refresh started elsewhere (`semalign run`) ends as Skipped (flows/refresh.py)
         dep_id = deployable.deploy(name=name, work_pool_name=pool, schedules=[Cron(cron, timezone=timezone)],
+                                   concurrency_limit=ConcurrencyLimitConfig(
+                                       limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
                                    parameters={"data": str(Path(data).resolve()), "home": str(Path(home).resolve())},
                                    build=False, push=False, print_next_steps=False)
     return {"deployment_id": str(dep_id), "deployment": f"refresh/{name}", "work_pool": pool, "cron": cron,
             "timezone": timezone, "api": str(api),
-            "worker": f"prefect worker start --pool {pool}"}
+            "concurrency_limit": 1, "worker": f"prefect worker start --pool {pool}"}

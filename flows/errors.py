@@ -16,6 +16,10 @@ class RefreshLockedError(RefreshError, ConflictError):
     http_status = 409
 
 
+class LockBusyError(RefreshLockedError):
+    """The lock was held when this run tried to take it: nothing was started (a scheduled run ends as skipped)."""
+
+
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else repr(err))[:500]

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from semalign import state
 from semalign.config import Settings
-from semalign.flows.errors import RefreshLockedError
+from semalign.flows.errors import LockBusyError, RefreshLockedError
 
 
 class RefreshLock:
@@ -77,7 +77,7 @@ class RefreshLock:
             if row is not None:
                 if _holder_alive(row, now, self.lease_s):
                     expires = row.expires_at or row.acquired_at + self.lease_s
-                    raise RefreshLockedError(
+                    raise LockBusyError(
                         f"another refresh of project '{self.settings.feast_project}' is running, or a command that "
                         f"must not overlap one ({row.owner}, since {time.ctime(row.acquired_at)}, lease until "
                         f"{time.ctime(expires)}); "
@@ -88,7 +88,7 @@ class RefreshLock:
                 c.execute(t.insert().values(name=self.name, owner=self.owner, acquired_at=now,
                                             expires_at=now + self.lease_s))
             except sa.exc.IntegrityError as e:
-                raise RefreshLockedError(f"project '{self.settings.feast_project}' was locked by another process "
+                raise LockBusyError(f"project '{self.settings.feast_project}' was locked by another process "
                                          f"a moment ago; the {self.purpose} was not started") from e
 
     def _heartbeat(self) -> None:
@@ -114,7 +114,7 @@ class RefreshLock:
         conn = self.engine.connect()
         if not conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar():
             conn.close()
-            raise RefreshLockedError(f"project '{self.settings.feast_project}' is locked by a live session on the "
+            raise LockBusyError(f"project '{self.settings.feast_project}' is locked by a live session on the "
                                      f"state database (Postgres advisory lock); the {self.purpose} was not started")
         conn.commit()
         self._advisory = (conn, key)

@@ -3,6 +3,8 @@
 and the resumption of a promotion an earlier run on the same input passed its gates for but never finished."""
 from __future__ import annotations
 
+import time
+
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
 from semalign.flows.errors import RefreshError, first_line
@@ -18,19 +20,37 @@ def champion_lineage(registry) -> dict:
             ("codebook_version", "encoder_version", "data_hash", "input_key")}}
 
 
+def stage_logger():
+    """Prefect's run logger inside a flow run (its lines reach the Prefect API and UI), else a plain logger."""
+    import logging
+
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # no run context: a direct call of refresh_job
+        return logging.getLogger("semalign.refresh")
+
+
 class StageTracker:
-    """Which stage a refresh is in, so a failure says where it stopped and whether anything moved. The end of
-    each stage is a checkpoint (a kill point for the fault-injection tests)."""
+    """Which stage a refresh is in, so a failure says where it stopped and whether anything moved; each stage's
+    start and end go to the run log. The end of each stage is a checkpoint (a kill point for the fault-injection
+    tests)."""
 
     def __init__(self):
         self.name, self.champion, self.lock = "take the refresh lock", None, None
+        self.log = stage_logger()
+        self._t0 = time.perf_counter()
 
     def __call__(self, name: str) -> None:
         if self.lock is not None:  # a holder whose lock was forced open stops before the next stage
             self.lock.check()
         self.name = name
+        self._t0 = time.perf_counter()
+        self.log.info("stage %s: started", name)
 
     def done(self, name: str) -> None:
+        self.log.info("stage %s: done in %.1f s", name, time.perf_counter() - self._t0)
         checkpoint(f"refresh.after_{name.replace(' ', '_')}")
 
     def run(self, name: str, fn, *args, **kwargs):
@@ -51,6 +71,7 @@ class StageTracker:
                      "codebook stand and re-running the refresh finishes it")
         else:
             after = f"nothing was promoted ({champ} and the semantic IDs it serves are unchanged)"
+        self.log.error("stage %s: failed: %s: %s", self.name, type(err).__name__, first_line(err))
         raise RefreshError(f"refresh failed at stage '{self.name}': {type(err).__name__}: "
                            f"{first_line(err)}; {after}") from err
 

@@ -9,6 +9,7 @@ is reused with its recorded verdict (flows/promotion.py). A refresh holds a lock
 once (flows/lock.py)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,16 +19,19 @@ from prefect.cache_policies import NO_CACHE
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
 from semalign.flows import prefect_env, ranker_stages, semantic_ids
-from semalign.flows.errors import InputValidationError, RefreshError, RefreshLockedError, first_line
+from semalign.flows.errors import InputValidationError, LockBusyError, RefreshError, RefreshLockedError, first_line
 from semalign.flows.gates import check_codebook, run_gates
 from semalign.flows.lock import refresh_lock, remove_dead_temporaries
 from semalign.flows.mlflow_payload import refresh_payload
 from semalign.flows.plots import drift_plot, prefect_artifacts, refresh_plots
-from semalign.flows.promotion import StageTracker, champion_lineage, finish_unchanged_input, promote
+from semalign.flows.promotion import StageTracker, champion_lineage, finish_unchanged_input, promote, stage_logger
 from semalign.progress import Reporter
 
 __all__ = ["refresh", "run_refresh", "refresh_job", "RefreshError", "InputValidationError", "RefreshLockedError"]
-STAGE = dict(cache_policy=NO_CACHE, retry_delay_seconds=2)
+# a hung stage ends the run instead of holding the lock (its lease would keep being renewed) forever
+STAGE_TIMEOUT_S = float(os.environ.get("SEMALIGN_STAGE_TIMEOUT_S", 6 * 3600))
+STAGE = dict(cache_policy=NO_CACHE, retry_delay_seconds=2, timeout_seconds=STAGE_TIMEOUT_S)
+SKIPPED = "Skipped"
 
 
 # ---------------------------------------------------------------- tasks (bodies live with their stage)
@@ -65,12 +69,23 @@ class _Run:
 _IN_PROCESS: dict[str, _Run] = {}
 
 
-@flow(name="refresh", description="Refresh encoder, codebook, semantic IDs and ranker; promote behind gates.")
-def refresh(data: str | None = None, home: str | None = None) -> dict:
+@flow(name="refresh", description="Refresh encoder, codebook, semantic IDs and ranker; promote behind gates.",
+      timeout_seconds=4 * STAGE_TIMEOUT_S)
+def refresh(data: str | None = None, home: str | None = None):
     """Parameters carry only the data path and SEMALIGN_HOME; everything else (credentials included) comes from
-    the process environment, so no secret is stored in Prefect."""
-    run = _IN_PROCESS.get(str(home)) or _Run(Settings(home=home) if home else Settings(), Reporter(quiet=True))
-    return refresh_job(run.settings, data, run.rep)
+    the process environment, so no secret is stored in Prefect. A scheduled run that finds another refresh
+    holding the lock ends as Skipped (a completed state, not a failure); `semalign run` reports it as an error."""
+    run = _IN_PROCESS.get(str(home))
+    if run is not None:
+        return refresh_job(run.settings, data, run.rep)
+    try:
+        return refresh_job(Settings(home=home) if home else Settings(), data, Reporter(quiet=True))
+    except LockBusyError as e:
+        from prefect.states import Completed
+
+        message = f"skipped: another refresh is running ({first_line(e)})"
+        stage_logger().warning(message)
+        return Completed(name=SKIPPED, message=message)
 
 
 def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> dict:
@@ -142,6 +157,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
                                                ranker_dir=rk.folder, artifacts=payload.artifacts,
                                                json_artifacts=payload.json_artifacts, input_key=rk.input_key)
     registry.record_gate(version, gates.verdict())
+    at.log.info("gates %s: %s", "passed" if gates.passed else "blocked the promotion", gates.summary)
     checkpoint("refresh.before_promote")
     promoted = False
     if gates.passed:

@@ -54,23 +54,50 @@ def test_a_scheduled_deployment_runs_once_through_server_and_worker(tmp_path, mo
     assert sched["cron"] == "0 3 * * *" and sched["deployment"] == "refresh/semalign-refresh"
 
     prefect = str(Path(sys.executable).with_name("prefect"))
-    run = subprocess.run([prefect, "deployment", "run", "refresh/semalign-refresh"], capture_output=True, text=True,
-                         env=env, timeout=120)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    worker = subprocess.run([prefect, "worker", "start", "--pool", "semalign", "--run-once"], capture_output=True,
-                            text=True, env=env, timeout=900)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    worker_env = {**env, "PREFECT_LOGGING_LEVEL": "INFO"}   # a worker's default: its runs' logs reach the API
+
+    def run_once():
+        run = subprocess.run([prefect, "deployment", "run", "refresh/semalign-refresh"], capture_output=True,
+                             text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        worker = subprocess.run([prefect, "worker", "start", "--pool", "semalign", "--run-once"],
+                                capture_output=True, text=True, env=worker_env, timeout=900)
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        with get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name("refresh/semalign-refresh")
-            assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-            assert runs and any(r.state.is_completed() for r in runs), [r.state for r in runs]
+    from semalign.config import Settings
+    from semalign.flows.lock import refresh_lock
+
+    def latest_run():
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                dep = client.read_deployment_by_name("refresh/semalign-refresh")
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                ran = max((r for r in runs if r.start_time is not None), key=lambda r: r.start_time)  # not the cron's
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ran.id])))
+                return dep, ran, [entry.message for entry in logs]
+
+    # a refresh started elsewhere holds the lock: the scheduled run is skipped, not failed, and says why
+    with refresh_lock(Settings(home=home)):
+        run_once()
+    dep, skipped, logs = latest_run()
+    assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
+    assert dep.global_concurrency_limit.limit == 1
+    assert dep.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert skipped.state.is_completed() and skipped.state.name == "Skipped", skipped.state
+    assert "skipped: another refresh is running" in skipped.state.message
+    assert any("skipped: another refresh is running" in m for m in logs), logs
+
+    run_once()
+    _, done, logs = latest_run()
+    assert done.state.is_completed() and done.state.name == "Completed", done.state
+    # the stages' logs are in Prefect, where the UI shows them
+    for stage in ("ingest", "towers", "encoder", "codebook", "publish", "ranker", "evaluate"):
+        assert any(m.startswith(f"stage {stage}: done in") for m in logs), (stage, logs)
+    assert any(m.startswith("stage gates: started") for m in logs) and any(m.startswith("gates ") for m in logs), logs
     status = subprocess.run(cli + ["status", "--home", str(home), "--json"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert status.returncode == 0, status.stderr[-2000:]

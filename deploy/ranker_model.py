@@ -1,7 +1,9 @@
 """MLflow pyfunc (models-from-code, no pickled objects): the champion ranker scores a pandas frame of
 (user_id, item_id) rows by fetching its features from the feature store, pinned to its codebook version.
-The loading process finds the store through SEMALIGN_* settings (SEMALIGN_HOME by default)."""
+The loading process finds the store through SEMALIGN_* settings (SEMALIGN_HOME by default); the model's
+metadata (`semalign` in MLmodel) names the codebook version, user-feature snapshot and Feast project it needs."""
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -11,9 +13,8 @@ class SemalignRanker(PythonModel):
 
         self.scorer = RankerScorer(context.artifacts["ranker"])
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.Series:
+        """model_input: user_id, item_id (strings) per row; returns the pCTR per row."""
         return pd.Series(self.scorer.score_frame(model_input), name="score")
 
 

@@ -22,6 +22,17 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
 
 
+def ranker_requirements(ranker_dir: Path) -> dict:
+    """What a logged ranker needs from the feature store, for its MLmodel metadata: the codebook version and the
+    user-feature snapshot it reads, the Feast project, and how a loading process is pointed at the store."""
+    meta = json.loads((Path(ranker_dir) / "ranker.json").read_text())
+    return {"codebook_version": meta.get("codebook_version"), "users_version": meta.get("users_version"),
+            "encoder_version": meta.get("encoder_version"), "feast_project": meta.get("feast_project"),
+            "variant": (meta.get("config") or {}).get("variant"),
+            "feature_store": "SEMALIGN_HOME (embedded stores) or SEMALIGN_FEAST_ONLINE / _OFFLINE / _REGISTRY with "
+                             "SEMALIGN_REDIS_URL / SEMALIGN_POSTGRES_URL, in the loading process's environment"}
+
+
 class RegistryError(SemalignError, RuntimeError):
     """A registry operation that cannot be done as asked (no champion, MLflow unreachable)."""
 
@@ -146,13 +157,10 @@ class Registry:
                 mlflow.log_dict(body, name)
             sig = infer_signature(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}),
                                   pd.Series([0.5], name="score"))
-            import warnings
-
-            with warnings.catch_warnings():  # MLflow's advice on type hints / input examples, once per refresh
-                warnings.simplefilter("ignore", UserWarning)
-                info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
-                                               artifacts={"ranker": str(ranker_dir)}, signature=sig,
-                                               pip_requirements=["semalign"], registered_model_name=self.name)
+            info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
+                                           artifacts={"ranker": str(ranker_dir)}, signature=sig,
+                                           metadata={"semalign": ranker_requirements(ranker_dir)},
+                                           pip_requirements=["semalign"], registered_model_name=self.name)
             run_id = run.info.run_id
         mv = self._version_of_run(run_id, info)
         for k, v in {**tags, "input_key": input_key}.items():

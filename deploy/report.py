@@ -48,6 +48,9 @@ def build_report(settings: Settings, out: Path, run_id: str | None = None) -> Pa
                          ["current codebook", status.get("current_codebook")]], ["", ""]))
     verdict = "passed" if val.get("passed") else "FAILED"
     parts.append(f"<h2>Gates: {verdict}</h2><p>{html.escape(val.get('summary', ''))}</p>")
+    if t.get("data_docs"):  # the Great Expectations Data Docs of the suites behind these gates
+        docs = html.escape(t["data_docs"], quote=True)
+        parts.append(f"<p>Great Expectations Data Docs: <a href='{docs}'>{docs}</a></p>")
     rows = []
     for g in [val.get("input", {})] + val.get("gates", []):
         for c in g.get("checks", []):

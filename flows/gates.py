@@ -41,7 +41,7 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
     if champ:
         reference = registry.run_artifact_json(champ["run_id"], "reference_profile.json")
         if reference is not None:
-            verdicts.append(drift_suite(reference, train, ds.n_items, cb.sids, emb,
+            verdicts.append(drift_suite(reference, train, ds.n_items, cb.sids, emb, ge_root=ge_root(settings),
                                         label_rate_tol=settings.drift_label_rate_tolerance,
                                         volume_ratio=(settings.drift_volume_min_ratio, settings.drift_volume_max_ratio),
                                         kl_max=settings.drift_popularity_kl, sid_kl_max=settings.drift_sid_kl))
@@ -59,6 +59,11 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
         verdicts.append(Verdict("first model"))  # nothing to compare against: the first ranker is promoted
     return GateOutcome(passed=all(v.passed for v in verdicts), gates=[v.as_dict() for v in verdicts],
                        summary="; ".join(v.summary() for v in verdicts), profile=profile, reference=reference)
+
+
+def ge_root(settings: Settings):
+    """The persistent Great Expectations context of this home: suites, results, Data Docs."""
+    return settings.home / "gx"
 
 
 def check_codebook(settings: Settings, cb) -> dict:

@@ -44,7 +44,8 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
             metrics[f"codebook_{k}"] = cb.metrics[k]
     tags = {"codebook_version": cb.version, "encoder_version": enc.version, "data_hash": ds.content_hash(),
             "gate": "passed" if gates.passed else "failed", "dataset": ds.name,
-            "feature_service": f"{settings.model_name.replace('-', '_')}_{rk.input_key}"}
+            "feature_service": f"{settings.model_name.replace('-', '_')}_{rk.input_key}",
+            **({"data_docs": gates.extra["data_docs"]} if gates.extra.get("data_docs") else {})}
     params = {"split": settings.split, "seed": settings.seed, "cold_item_share": settings.cold_item_share,
               "ranker_epochs": settings.ranker_epochs, "hist_len": settings.hist_len,
               "codebook_method": settings.codebook_method, "codebook_levels": settings.codebook_levels,

@@ -146,16 +146,23 @@ def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing:
     return test_metrics(split, score_test(settings, ds, split, ranker_folder, encode_missing))
 
 
-def fresh_events(ranker_folder: Path, split) -> np.ndarray | None:
-    """Which test events a ranker never trained or validated on (None: it kept no keys, from before they were
-    kept). A champion judged on events it learned from looks better than it is: a resampled or overlapping
-    window would then block every honest challenger."""
+def fresh_events(ranker_folder: Path, split, item_ids: np.ndarray) -> np.ndarray | None:
+    """Which test events a fair comparison with this ranker (the champion) can use (None: it kept no event keys,
+    from before they were kept): events it never trained or validated on, whose item is not one it trained on
+    while the challenger holds it out as cold. A champion judged on events it learned from, or on "unseen" items
+    it learned from other events of, looks better than it is: a resampled or overlapping window would then block
+    every honest challenger."""
     from semalign.data import event_keys
 
-    f = Path(ranker_folder) / TRAINED_EVENTS
-    if not f.exists():
+    folder = Path(ranker_folder)
+    if not (folder / TRAINED_EVENTS).exists():
         return None
-    return ~np.isin(event_keys(split.part("test")), np.load(f))
+    test = split.part("test")
+    fresh = ~np.isin(event_keys(test), np.load(folder / TRAINED_EVENTS))
+    known = set(json.loads((folder / "vocab.json").read_text()))     # the items the champion has ID rows for
+    idx = test["item_idx"].to_numpy()
+    only_champion_knows = np.fromiter((i in known for i in item_ids[idx]), bool, len(idx)) & (split.train_counts[idx] == 0)
+    return fresh & ~only_champion_knows
 
 
 def judge_window(settings: Settings, ds, split, challenger_folder: Path, champion_folder: Path | None) -> dict:
@@ -166,7 +173,7 @@ def judge_window(settings: Settings, ds, split, challenger_folder: Path, champio
     if champion_folder is None:
         return out
     p_old = score_test(settings, ds, split, champion_folder, encode_missing=True)
-    mask = fresh_events(champion_folder, split)
+    mask = fresh_events(champion_folder, split, ds.items["item_id"].to_numpy())
     n_test = len(p_new)
     out["champion"] = test_metrics(split, p_old, mask)
     out["compared"] = {"challenger": test_metrics(split, p_new, mask) if mask is not None else out["challenger"],

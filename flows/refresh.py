@@ -20,7 +20,7 @@ from semalign.checkpoints import checkpoint
 from semalign.config import Settings
 from semalign.flows import prefect_env, ranker_stages, semantic_ids
 from semalign.flows.errors import InputValidationError, LockBusyError, RefreshError, RefreshLockedError, first_line
-from semalign.flows.gates import check_codebook, run_gates
+from semalign.flows.gates import check_codebook, ge_root, run_gates
 from semalign.flows.lock import refresh_lock, remove_dead_temporaries
 from semalign.flows.mlflow_payload import refresh_payload
 from semalign.flows.plots import drift_plot, prefect_artifacts, refresh_plots
@@ -41,7 +41,7 @@ def ingest_and_validate(settings: Settings, data):
     from semalign.validation.suites import input_suite
 
     ds = semantic_ids.ingest(settings, data)
-    verdict = input_suite(ds.items, ds.interactions)
+    verdict = input_suite(ds.items, ds.interactions, ge_root=ge_root(settings))
     if not verdict.passed:
         raise InputValidationError(f"input validation failed, nothing was published: {verdict.summary()}")
     return ds, verdict
@@ -146,6 +146,9 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
     at("gates")
     compared = (evaluation.get("compared") or {}).get("challenger", challenger)  # on the champion's fresh events
     gates = run_gates(settings, registry, champ, ds, split, cb, evaluation)
+    from semalign.validation.suites import data_docs
+
+    gates.extra["data_docs"] = data_docs(ge_root(settings))  # this refresh's suites and results, browsable
     plots_dir = settings.home / "runs" / rk.input_key / "plots"
     refresh_plots(plots_dir, compared, champion_metrics, cb.metrics)
     if gates.reference is not None:
@@ -165,6 +168,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
         promoted = promote(settings, registry, registry.get_version(version),
                            "first model" if not champ else f"refresh passed gates: {gates.summary}")
     return dict(model_version=version, run_id=run_id, verdict=gates.verdict(), promoted=promoted,
+                data_docs=gates.extra.get("data_docs"),
                 evaluation=evaluation,
                 champion=champion_lineage(registry).get("version"))
 

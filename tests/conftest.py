@@ -146,8 +146,9 @@ def refreshed(tmp_path_factory, movielens):
     home = root / "home"
     env = {"SEMALIGN_HOME": str(home)}
     # the embedded default, as `make run` runs it: an ephemeral Prefect server in the process
-    first = json.loads(run_cli("run", "--data", str(shop), "--json", env={**env, "PREFECT_API_URL": ""}).stdout)
-    return {"root": root, "shop": shop, "home": home, "env": env, "first": first}
+    proc = run_cli("run", "--data", str(shop), "--json", env={**env, "PREFECT_API_URL": ""})
+    return {"root": root, "shop": shop, "home": home, "env": env, "first": json.loads(proc.stdout),
+            "stderr": proc.stderr}
 
 
 def free_port() -> int:

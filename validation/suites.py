@@ -6,11 +6,14 @@
 - quality gate: challenger vs champion on the same window, overall and on cold buckets, with tolerances;
 - churn gate: how many items changed their first-level code against the champion's codebook.
 Every check comes back as {name, passed, observed, expected}: a failed gate says which check and the numbers.
+Given a `ge_root` (a refresh passes SEMALIGN_HOME/gx) the suites live in a persistent GE file context: suites,
+validation definitions and results are saved there and `data_docs(root)` builds the Data Docs site.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -180,32 +183,52 @@ def codebook_health(metrics: dict, codes: int, min_utilisation: float = 0.5, min
 # ---------------------------------------------------------------- GE plumbing
 
 class _GE:
-    def __init__(self):
+    """A GE data context: persistent (a file context under `root`: suites, validation definitions and results
+    saved, Data Docs built from them) or, without a root, ephemeral."""
+
+    def __init__(self, root: Path | None = None):
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import logging
 
         import great_expectations as gx
 
-        logging.getLogger("great_expectations").setLevel(logging.WARNING)  # after import: GE sets its own
-
         self.gx = gx
-        self.ctx = gx.get_context(mode="ephemeral")
+        self.persistent = root is not None
+        if root is not None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            self.ctx = gx.get_context(mode="file", project_root_dir=str(root))
+        else:
+            self.ctx = gx.get_context(mode="ephemeral")
+        for name in ("great_expectations", "great_expectations.data_context.types.base"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # after the context: GE sets its own
         try:
             self.ctx.variables.progress_bars = {"globally": False, "metric_calculations": False}
         except Exception:
             pass
-        self.source = self.ctx.data_sources.add_pandas("semalign")
+        self.source = self.ctx.data_sources.add_or_update_pandas("semalign")
+
+    def _batch_definition(self, name: str):
+        try:
+            asset = self.source.get_asset(name)
+        except LookupError:
+            asset = self.source.add_dataframe_asset(name)
+        try:
+            return asset.get_batch_definition("all")
+        except KeyError:
+            return asset.add_batch_definition_whole_dataframe("all")
 
     def validate(self, name: str, df: pd.DataFrame, expectations: list) -> list[dict]:
         gx = self.gx
-        asset = self.source.add_dataframe_asset(name)
-        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
-        suite = self.ctx.suites.add(gx.ExpectationSuite(name=name))
-        labels = []
-        for label, exp in expectations:
-            suite.add_expectation(exp)
-            labels.append(label)
-        res = batch.validate(suite)
+        bd = self._batch_definition(name)
+        suite = self.ctx.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=[e for _, e in expectations]))
+        labels = [label for label, _ in expectations]
+        if self.persistent:  # saved with its results, which the Data Docs show
+            vd = self.ctx.validation_definitions.add_or_update(gx.ValidationDefinition(name=name, data=bd, suite=suite))
+            res = vd.run(batch_parameters={"dataframe": df})
+        else:
+            res = bd.get_batch(batch_parameters={"dataframe": df}).validate(suite)
+        if len(res.results) != len(labels):
+            raise RuntimeError(f"GE suite {name}: {len(res.results)} results for {len(labels)} expectations")
         out = []
         for label, r in zip(labels, res.results):
             cfg = r.expectation_config
@@ -219,11 +242,25 @@ class _GE:
                         "expected": f"{cfg.type} {kw}", "suite": name})
         return out
 
+    def data_docs(self) -> str | None:
+        """Builds the Data Docs site from every saved validation; returns its index URL."""
+        if not self.persistent:
+            return None
+        self.ctx.build_data_docs()
+        urls = self.ctx.get_docs_sites_urls()
+        return urls[0]["site_url"] if urls else None
+
+
+def data_docs(root: Path) -> str | None:
+    """The Data Docs of the GE context under `root`, rebuilt (a refresh calls this after its suites ran)."""
+    return _GE(root).data_docs()
+
 
 # ---------------------------------------------------------------- suites
 
-def input_suite(items: pd.DataFrame, interactions: pd.DataFrame, min_events: int = 100) -> Verdict:
-    ge = _GE()
+def input_suite(items: pd.DataFrame, interactions: pd.DataFrame, min_events: int = 100,
+                ge_root: Path | None = None) -> Verdict:
+    ge = _GE(ge_root)
     E = ge.gx.expectations
     v = Verdict("input")
     v.checks += ge.validate("input_items", items[["item_id", "text"]].assign(text_len=items["text"].str.len()), [
@@ -232,7 +269,9 @@ def input_suite(items: pd.DataFrame, interactions: pd.DataFrame, min_events: int
         ("items: text present", E.ExpectColumnValuesToNotBeNull(column="text")),
         ("items: text length", E.ExpectColumnValuesToBeBetween(column="text_len", min_value=1, max_value=100_000)),
     ])
-    ev = interactions[["user_id", "item_id", "ts", "label"]]
+    # catalogue membership as a join (a value set of the whole catalogue would not scale)
+    ev = interactions[["user_id", "item_id", "ts", "label"]].merge(
+        items[["item_id"]].drop_duplicates().assign(catalogue_item_id=lambda d: d["item_id"]), on="item_id", how="left")
     v.checks += ge.validate("input_interactions", ev, [
         ("interactions: volume", E.ExpectTableRowCountToBeBetween(min_value=min_events)),
         ("interactions: user_id present", E.ExpectColumnValuesToNotBeNull(column="user_id")),
@@ -240,16 +279,16 @@ def input_suite(items: pd.DataFrame, interactions: pd.DataFrame, min_events: int
         ("interactions: label is 0/1", E.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1])),
         ("interactions: timestamp not in the future",
          E.ExpectColumnValuesToBeBetween(column="ts", min_value=0, max_value=int(pd.Timestamp.now(tz="UTC").timestamp()) + 86400)),
-        ("interactions: item_id in the catalogue",
-         E.ExpectColumnValuesToBeInSet(column="item_id", value_set=items["item_id"].tolist())),
+        ("interactions: item_id in the catalogue", E.ExpectColumnValuesToNotBeNull(column="catalogue_item_id")),
     ])
     return v
 
 
 def drift_suite(reference: dict, interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame,
                 embeddings: np.ndarray, label_rate_tol: float = 0.03, volume_ratio: tuple = (0.5, 2.0),
-                kl_max: float = 0.25, sid_kl_max: float = 1.0, norm_tol: float = 0.15) -> Verdict:
-    ge = _GE()
+                kl_max: float = 0.25, sid_kl_max: float = 1.0, norm_tol: float = 0.15,
+                ge_root: Path | None = None) -> Verdict:
+    ge = _GE(ge_root)
     E = ge.gx.expectations
     v = Verdict("drift")
     ref_rate, ref_n = reference["label_rate"], reference["n_events"]

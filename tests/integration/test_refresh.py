@@ -96,6 +96,18 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     finally:
         del os.environ["SEMALIGN_HOME"]
     assert len(scores) == 3 and ((scores > 0) & (scores < 1)).all()
+    # the suites behind the gates are in a persistent GE context with Data Docs, linked from the run and report
+    from semalign.deploy.report import build_report
+
+    docs = first["data_docs"]
+    assert docs.startswith("file://") and Path(docs[len("file://"):]).is_file()
+    assert reg.client.get_run(first["run_id"]).data.tags["data_docs"] == docs
+    assert docs in build_report(s, tmp_path / "report.html").read_text()
+    assert (home / "gx" / "gx" / "expectations" / "input_interactions.json").exists()
+    # the model says what it needs from the feature store
+    needs = model.metadata.metadata["semalign"]
+    assert needs["codebook_version"] == first["codebook"]["version"] and needs["users_version"].startswith("users-")
+    assert needs["feast_project"] == s.feast_project and "SEMALIGN_HOME" in needs["feature_store"]
 
     def champion_scores():
         """What the champion serves a fixed set of requests (its codebook version, its user-feature snapshot)."""
@@ -236,3 +248,12 @@ def test_artifacts_go_to_an_s3_compatible_server(tmp_path, shop, moto_s3):
         if f.is_file() and f.stat().st_size < 5_000_000:
             data = f.read_bytes()
             assert creds["AWS_SECRET_ACCESS_KEY"].encode() not in data, f
+
+
+def test_a_normal_run_prints_no_library_log_lines_or_warnings(refreshed):
+    """`semalign run` shows its own progress and result; no INFO / WARNING lines or warnings from the libraries
+    it drives (Feast, MLflow, Prefect, transformers, GE)."""
+    noise = [line for line in refreshed["stderr"].splitlines()
+             if any(k in line for k in (" INFO ", "INFO:", "WARNING", "Warning:", "warnings.warn", "UserWarning",
+                                        "FutureWarning", "DeprecationWarning"))]
+    assert not noise, "\n".join(noise[:20])

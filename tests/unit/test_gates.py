@@ -89,21 +89,31 @@ def test_replayed_days_raise_the_repeat_rate_while_marginals_stay():
 
 
 def test_a_champion_is_judged_only_on_events_it_never_trained_on(tmp_path, movielens):
+    import json
+
     from semalign.data import event_keys, make_split
     from semalign.flows.ranker_stages import TRAINED_EVENTS, fresh_events
 
     ds = movielens
+    item_ids = ds.items["item_id"].to_numpy()
     old = make_split(ds, seed=0)
     new = make_split(ds, seed=1)           # another holdout over the same events: the champion learned many of them
     champion = tmp_path / "champion"
     champion.mkdir()
     np.save(champion / TRAINED_EVENTS, np.unique(event_keys(old.events[old.events["part"] != "test"])))
-    mask = fresh_events(champion, new)
+    (champion / "vocab.json").write_text(json.dumps(item_ids[old.train_items].tolist()))
+    mask = fresh_events(champion, new, item_ids)
     test_new = new.part("test")
     learned = set(map(tuple, old.events[old.events["part"] != "test"][["user_id", "item_id", "ts"]].to_numpy()))
-    expect = np.array([tuple(r) not in learned for r in test_new[["user_id", "item_id", "ts"]].to_numpy()])
+    champion_items = set(item_ids[old.train_items])
+    challenger_items = set(item_ids[new.train_items])
+    expect = np.array([tuple(r) not in learned and not (r[1] in champion_items and r[1] not in challenger_items)
+                       for r in test_new[["user_id", "item_id", "ts"]].to_numpy()])
     assert mask.dtype == bool and len(mask) == len(test_new) and 0 < mask.sum() < len(mask)
     assert (mask == expect).all()
-    assert fresh_events(tmp_path, new) is None     # a ranker from before the keys were kept
+    # an item the challenger holds out as cold but the champion trained on is never compared on
+    cold_for_challenger = ~np.isin(test_new["item_idx"].to_numpy(), new.train_items)
+    assert not (mask & cold_for_challenger & np.isin(test_new["item_id"].to_numpy(), list(champion_items))).any()
+    assert fresh_events(tmp_path, new, item_ids) is None     # a ranker from before the keys were kept
     # the keys are the same in another copy of the data (ids and times, not row positions)
     assert (event_keys(test_new.iloc[::-1]) == event_keys(test_new)[::-1]).all()

@@ -104,6 +104,17 @@ def ids_diff(old: str = typer.Argument(..., help="The older codebook version."),
     emit(res, as_json, lambda r: print_summary({"diff": {k: v for k, v in r.items() if k != "moved"}}))
 
 
+def ids_bundle(out: Path = typer.Option(..., "--out", help="Folder to write the bundle to (replaced if it exists)."),
+               home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+               version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: current).")):
+    """Export the SID tokenizer bundle of a codebook version: encoder (TorchScript), codebook and item -> SID
+    table in one folder that a Python with only torch and numpy loads (sid_tokenizer.py inside it)."""
+    from semalign.flows.sid_bundle import export_sid_bundle
+
+    s = load_settings(home, None)
+    emit(export_sid_bundle(s, version, out), as_json, lambda r: print_summary({"bundle": r}))
+
+
 def _print_sids(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table

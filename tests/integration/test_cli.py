@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -201,3 +202,41 @@ def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop)
     diff = json.loads(_cli("ids", "diff", version, version, "--out", str(tmp_path / "t.csv"), "--json", env=env).stdout)
     assert diff["churn"] == 0.0 and diff["shared_items"] == 302 and diff["moved"] == []
     assert len(pd.read_csv(tmp_path / "t.csv")) == 302
+
+    # the SID tokenizer bundle: a Python with only torch and numpy reads the table and assigns the store's SIDs
+    from semalign.config import Settings
+    from semalign.feature_repo.store import SemanticIdStore
+
+    bundle = tmp_path / "bundle"
+    meta = json.loads(_cli("ids", "bundle", "--out", str(bundle), "--json", env=env).stdout)
+    assert meta["codebook_version"] == version and meta["items"] == 302
+    store = SemanticIdStore(Settings(home=tmp_path / "home"))
+    ids = sids.index.tolist()
+    _, found, _, content = store.read_online(ids, version, 3, with_content=True)
+    assert found.all()
+    np.save(tmp_path / "text.npy", np.stack(content).astype(np.float32))
+    bare = subprocess.run([sys.executable, "-I", "-c", BARE_TOKENIZER, str(bundle), str(tmp_path / "text.npy"),
+                           json.dumps(ids[:3] + ["twin-of-1"])], capture_output=True, text=True, timeout=300)
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    got = json.loads(bare.stdout)
+    assert got["foreign_modules"] == []
+    assert got["sids"][:3] == sids.loc[ids[:3], cols].to_numpy().tolist()
+    assert got["sids"][3] == [twin[c] for c in cols]
+    assert got["assigned"] == sids.loc[ids, cols[:3]].to_numpy().tolist()      # new-item path == the store's
+    assert set(got["under_prefix"]) >= {ids[0]}
+
+
+BARE_TOKENIZER = """
+import json, sys
+bundle, text, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, bundle)
+import numpy as np
+from sid_tokenizer import SidTokenizer
+tok = SidTokenizer.load(bundle)
+sids = tok.sids(ids).tolist()
+assigned = tok.assign(np.load(text)).tolist()
+under = tok.items("-".join(map(str, sids[0][:2])))
+foreign = sorted({m.split(".")[0] for m in sys.modules} & {"semalign", "feast", "mlflow", "pandas", "transformers",
+                                                           "prefect", "great_expectations", "safetensors"})
+print(json.dumps({"sids": sids, "assigned": assigned, "under_prefix": under, "foreign_modules": foreign}))
+"""

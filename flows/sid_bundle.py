@@ -1,0 +1,40 @@
+"""The SID tokenizer bundle of a published codebook version: its encoder, codebook and item -> SID table (published
+and onboarded items) in one folder that a bare torch + numpy Python loads (models/sid_tokenizer.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from semalign.config import Settings
+
+
+def export_sid_bundle(settings: Settings, version: str | None, dest: Path) -> dict:
+    """Writes the bundle of `version` (default: the current one) to `dest`, whole or not at all."""
+    from semalign import atomic
+    from semalign.artifacts import codebook_folder
+    from semalign.feature_repo.store import SemanticIdStore
+    from semalign.models.encoder import load_encoder
+    from semalign.models.sid_tokenizer import write_bundle
+    from semalign.models.towers import text_fingerprint
+
+    store = SemanticIdStore(settings)
+    row = store.catalogue.published(version)
+    version = row["version"]
+    folder = codebook_folder(settings, version)
+    cb = folder.load_codebook()
+    enc_version = folder.encoder_version()
+    if enc_version is None:
+        raise ValueError(f"codebook {version} does not record its encoder: it has no tokenizer bundle")
+    encoder, _ = load_encoder(settings.encoders_dir / enc_version, "cpu")
+    rows = store.catalogue.slots(version)
+    codes = np.array([[int(x) for x in r["sid_key"].split("-")] + [r["dedup"]] for r in rows], np.int64)
+    meta = {"codebook_version": version, "encoder_version": enc_version, "method": cb.method, "levels": cb.levels,
+            "codes": cb.codes, "dim": cb.dim, "text_model": text_fingerprint(settings.resolved_text_model()),
+            "items": len(rows), "feast_project": settings.feast_project}
+    with atomic.building(Path(dest)) as tmp:
+        write_bundle(tmp, encoder, encoder.cfg.text_dim, encoder.cfg.image_dim,
+                     [c.detach().float().numpy() for c in cb.centroids], folder.rotation(),
+                     cb.vae.enc if cb.vae is not None else None, [r["item_id"] for r in rows],
+                     codes.reshape(len(rows), cb.levels + 1), meta)
+    return {"bundle": str(Path(dest).resolve()), **meta}

@@ -20,6 +20,7 @@ from semalign.feature_repo.catalogue import CodebookCatalogue
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
+TOKENIZER_CODE = Path(__file__).resolve().parent / "sid_tokenizer_model.py"
 
 
 def ranker_requirements(ranker_dir: Path) -> dict:
@@ -136,7 +137,7 @@ class Registry:
 
     # ------------------------------------------------------------------ logging
     def log_refresh(self, *, params: dict, metrics: dict, tags: dict, ranker_dir: Path, artifacts: dict[str, Path],
-                    json_artifacts: dict[str, dict], input_key: str) -> tuple[str, str]:
+                    json_artifacts: dict[str, dict], input_key: str, sid_bundle: Path | None = None) -> tuple[str, str]:
         """One MLflow run for a refresh: params, metrics, artifacts, the pyfunc ranker registered as a new model
         version tagged with its lineage and aliased `challenger`. Returns (run_id, version)."""
         import pandas as pd
@@ -161,12 +162,35 @@ class Registry:
                                            artifacts={"ranker": str(ranker_dir)}, signature=sig,
                                            metadata={"semalign": ranker_requirements(ranker_dir)},
                                            pip_requirements=["semalign"], registered_model_name=self.name)
+            if sid_bundle is not None:  # the second registered model: the run's codebook version as a tokenizer
+                self._log_sid_bundle(sid_bundle, tags.get("codebook_version"))
             run_id = run.info.run_id
         mv = self._version_of_run(run_id, info)
         for k, v in {**tags, "input_key": input_key}.items():
             self.client.set_model_version_tag(self.name, mv, k, str(v))
         self.client.set_registered_model_alias(self.name, CHALLENGER, mv)
         return run_id, mv
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"{self.name}-sid-tokenizer"
+
+    def _log_sid_bundle(self, bundle: Path, codebook_version: str | None) -> None:
+        import numpy as np
+        import pandas as pd
+        import torch
+        from mlflow.models import infer_signature
+
+        sig = infer_signature(pd.DataFrame({"item_id": ["i1"]}), pd.Series(["0-0-0-0"], name="sid"))
+        info = self.mlflow.pyfunc.log_model(
+            name="sid_tokenizer", python_model=str(TOKENIZER_CODE), artifacts={"bundle": str(bundle)}, signature=sig,
+            metadata={"semalign": {"codebook_version": codebook_version}},
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+                              f"pandas=={pd.__version__}", f"mlflow=={self.mlflow.__version__}"],
+            registered_model_name=self.tokenizer_name)
+        version = getattr(info, "registered_model_version", None)
+        if version and codebook_version:
+            self.client.set_model_version_tag(self.tokenizer_name, str(version), "codebook_version", codebook_version)
 
     def _version_of_run(self, run_id: str, info) -> str:
         v = getattr(info, "registered_model_version", None)

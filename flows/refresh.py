@@ -156,9 +156,14 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
     payload = refresh_payload(settings, ds, feats, enc, cb, rk, champ, input_verdict, gates, evaluation, plots_dir)
     at("log to MLflow")
     with rep.stage("log to MLflow", None):
+        from semalign.flows.sid_bundle import export_sid_bundle
+
+        bundle = settings.home / "runs" / rk.input_key / "sid_bundle"
+        export_sid_bundle(settings, cb.version, bundle)  # registered beside the ranker: SIDs beyond the ranker
         run_id, version = registry.log_refresh(params=payload.params, metrics=payload.metrics, tags=payload.tags,
                                                ranker_dir=rk.folder, artifacts=payload.artifacts,
-                                               json_artifacts=payload.json_artifacts, input_key=rk.input_key)
+                                               json_artifacts=payload.json_artifacts, input_key=rk.input_key,
+                                               sid_bundle=bundle)
     registry.record_gate(version, gates.verdict())
     at.log.info("gates %s: %s", "passed" if gates.passed else "blocked the promotion", gates.summary)
     checkpoint("refresh.before_promote")

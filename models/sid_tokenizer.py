@@ -1,4 +1,4 @@
-"""The SID tokenizer bundle's loader: one folder with the behavior-aware encoder (TorchScript), the codebook
+"""The SID tokenizer bundle's loader: one folder with the behavior-aware encoder (torch.export), the codebook
 (centroids, the rotation onto the codebook's space) and the item -> SID table of one codebook version. Needs only
 torch and numpy: this file is copied into every bundle, so a bare Python can use it without semalign.
 
@@ -37,10 +37,9 @@ class SidTokenizer:
         meta = json.loads((folder / "bundle.json").read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{folder}: unsupported SID bundle format {meta.get('format')!r} (expected {FORMAT})")
-        encoder = torch.jit.load(str(folder / "encoder.pt"), map_location="cpu").eval()
+        encoder = torch.export.load(str(folder / "encoder.pt2")).module()
         cb = np.load(folder / "codebook.npz")
-        latent = torch.jit.load(str(folder / "latent.pt"), map_location="cpu").eval() \
-            if (folder / "latent.pt").exists() else None
+        latent = torch.export.load(str(folder / "latent.pt2")).module() if (folder / "latent.pt2").exists() else None
         table = np.load(folder / "items.npz", allow_pickle=False)
         return cls(folder, meta, encoder, cb["centroids"], cb["rotation"] if "rotation" in cb else None, latent,
                    table["item_ids"], table["codes"])
@@ -114,20 +113,21 @@ class SidTokenizer:
 def write_bundle(folder, encoder: torch.nn.Module, text_dim: int, image_dim: int, centroids: list,
                  rotation: np.ndarray | None, latent: torch.nn.Module | None, item_ids: list[str],
                  codes: np.ndarray, meta: dict) -> Path:
-    """Writes a bundle `SidTokenizer.load` reads: the encoder traced to TorchScript (no Python class needed to
+    """Writes a bundle `SidTokenizer.load` reads: the encoder exported with torch.export (no Python class needed to
     load it), the codebook as arrays, the item -> SID table and this loader file. `codes`: [n, levels + 1]."""
     import shutil
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    encoder = encoder.eval()
-    example = (torch.zeros(2, text_dim),) + ((torch.zeros(2, image_dim), torch.zeros(2, dtype=torch.bool))
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.zeros(4, text_dim),) + ((torch.zeros(4, image_dim), torch.zeros(4, dtype=torch.bool))
                                              if image_dim else ())
     with torch.no_grad():
-        torch.jit.trace(encoder, example, check_trace=False).save(str(folder / "encoder.pt"))
+        torch.export.save(torch.export.export(encoder.eval(), example, dynamic_shapes=tuple({0: batch} for _ in example)),
+                          str(folder / "encoder.pt2"))
         if latent is not None:  # RQ-VAE codebooks quantize in a latent space: its encoder travels too
-            torch.jit.trace(latent.eval(), (torch.zeros(2, int(meta["dim"])),), check_trace=False).save(
-                str(folder / "latent.pt"))
+            torch.export.save(torch.export.export(latent.eval(), (torch.zeros(4, int(meta["dim"])),),
+                                                  dynamic_shapes=({0: batch},)), str(folder / "latent.pt2"))
     arrays = {"centroids": np.stack([np.asarray(c, np.float32) for c in centroids])}
     if rotation is not None:
         arrays["rotation"] = np.asarray(rotation, np.float32)

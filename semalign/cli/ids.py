@@ -107,7 +107,7 @@ def ids_diff(old: str = typer.Argument(..., help="The older codebook version."),
 def ids_bundle(out: Path = typer.Option(..., "--out", help="Folder to write the bundle to (replaced if it exists)."),
                home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
                version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: current).")):
-    """Export the SID tokenizer bundle of a codebook version: encoder (TorchScript), codebook and item -> SID
+    """Export the SID tokenizer bundle of a codebook version: encoder (torch.export), codebook and item -> SID
     table in one folder that a Python with only torch and numpy loads (sid_tokenizer.py inside it)."""
     from semalign.flows.sid_bundle import export_sid_bundle
 

@@ -104,6 +104,17 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     assert reg.client.get_run(first["run_id"]).data.tags["data_docs"] == docs
     assert docs in build_report(s, tmp_path / "report.html").read_text()
     assert (home / "gx" / "gx" / "expectations" / "input_interactions.json").exists()
+    # the second registered model: the SID tokenizer of the champion's codebook version
+    os.environ["SEMALIGN_HOME"] = str(home)
+    try:
+        tok = mlflow.pyfunc.load_model(f"models:/{reg.tokenizer_name}/1")
+    finally:
+        del os.environ["SEMALIGN_HOME"]
+    got = tok.predict(pd.DataFrame({"item_id": ["sku-1", "sku-2"]}))
+    want = SemanticIdStore(s).semantic_ids(["sku-1", "sku-2"])
+    assert got.tolist() == ["-".join(str(int(v)) for v in r) for r in
+                            want[["sid_0", "sid_1", "sid_2", "sid_dedup"]].to_numpy()]
+    assert tok.metadata.metadata["semalign"]["codebook_version"] == first["codebook"]["version"]
     # the model says what it needs from the feature store
     needs = model.metadata.metadata["semalign"]
     assert needs["codebook_version"] == first["codebook"]["version"] and needs["users_version"].startswith("users-")

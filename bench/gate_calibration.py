@@ -97,8 +97,15 @@ def main():
     ap.add_argument("--items", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--conditions", nargs="+", default=CONDITIONS)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other conditions' rows of the existing results (rerun only some)")
     args = ap.parse_args()
     rows, t0 = [], time.perf_counter()
+    kept, commands = [], []
+    if args.merge and (OUT / "gate_calibration.json").exists():
+        old = json.loads((OUT / "gate_calibration.json").read_text())
+        kept = [r for r in old["rows"] if not (r["condition"] in args.conditions and r["seed"] in args.seeds)]
+        commands = [old["command"]] + old.get("merged", [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clean = shop(args.data, tmp / "clean", args.items)
@@ -120,9 +127,12 @@ def main():
                              "by": [f"{c['gate']}: {c['name']}" for c in checks if not c["passed"]],
                              "checks": checks})
                 print(json.dumps({k: rows[-1][k] for k in ("seed", "condition", "blocked", "by")}), flush=True)
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    rows = sorted(kept + rows, key=lambda r: (r["seed"], order.get(r["condition"], -1)))
+    this = "python bench/gate_calibration.py " + " ".join(sys.argv[1:])
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-           "command": "python bench/gate_calibration.py " + " ".join(sys.argv[1:]), "wall_s": time.perf_counter() - t0,
-           "rows": rows}
+           "command": commands[0] if commands else this, "merged": commands[1:] + [this] if commands else [],
+           "wall_s": time.perf_counter() - t0, "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "gate_calibration.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
     md = ["# Gate calibration: clean vs corrupted refreshes", "",
@@ -130,7 +140,10 @@ def main():
           f"catalogue, champion trained on the clean copy with the same seed; wall {res['wall_s'] / 60:.0f} min.", "",
           "| condition | seed | blocked | by | closest observed values (check: observed vs expected) |",
           "|---|---|---|---|---|"]
-    watch = ("label rate", "label rate by item quartile", "label rate by user quartile",
+    if res["merged"]:
+        md.insert(3, "Rerun and merged in: " + "; ".join(f"`{c}`" for c in res["merged"]) + ".\n")
+    watch = ("label rate", "label rate by item quartile", "label rate by user quartile", "repeated user-item pairs",
+             "events the champion never trained on",
              "champion AUC all on the new window", "AUC all", "AUC unseen", "item popularity (KL)", "volume")
     for r in rows:
         obs = "; ".join(f"{c['name']}: {c['observed']:.3f} ({c['expected']})" for c in r.get("checks", [])

@@ -30,10 +30,19 @@ def drift_plot(path: Path, reference: dict, profile: dict) -> None:
     plt.close(fig)
 
 
-def prefect_artifacts(summary: dict) -> None:
-    """The refresh's verdict and AUC table as Prefect artifacts (shown in the Prefect UI); best effort."""
+def prefect_artifacts(summary: dict, plots_dir: Path | None = None) -> None:
+    """The refresh's verdict, AUC table and plots (PNG embedded in markdown, which the UI renders) as Prefect
+    artifacts; best effort."""
     try:
+        import base64
+
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        pngs = sorted(Path(plots_dir).glob("*.png")) if plots_dir is not None else []
+        if pngs:
+            create_markdown_artifact(key="refresh-plots", description="semalign refresh plots", markdown="\n\n".join(
+                f"**{p.stem.replace('_', ' ')}**\n\n![{p.stem}](data:image/png;base64,"
+                f"{base64.b64encode(p.read_bytes()).decode()})" for p in pngs))
 
         v = summary.get("verdict") or {}
         create_markdown_artifact(key="refresh-verdict", description="semalign refresh verdict", markdown=(

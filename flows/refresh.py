@@ -128,7 +128,7 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
         summary["wall_s"] = round(time.perf_counter() - t0, 2)
         at("done")
         if rk.registered is None:
-            prefect_artifacts(summary)
+            prefect_artifacts(summary, settings.home / "runs" / rk.input_key / "plots")
         return summary
 
 

@@ -98,6 +98,15 @@ def test_a_scheduled_deployment_runs_once_through_server_and_worker(tmp_path, mo
     for stage in ("ingest", "towers", "encoder", "codebook", "publish", "ranker", "evaluate"):
         assert any(m.startswith(f"stage {stage}: done in") for m in logs), (stage, logs)
     assert any(m.startswith("stage gates: started") for m in logs) and any(m.startswith("gates ") for m in logs), logs
+    # the verdict, the AUC table and the plots are artifacts of the run, which the UI shows
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            arts = {a.key: a for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done.id])))}
+    assert {"refresh-verdict", "refresh-auc", "refresh-plots"} <= set(arts), sorted(arts)
+    assert "![auc" in arts["refresh-plots"].data and "data:image/png;base64," in arts["refresh-plots"].data
     status = subprocess.run(cli + ["status", "--home", str(home), "--json"], capture_output=True, text=True,
                             env=env, timeout=300)
     assert status.returncode == 0, status.stderr[-2000:]

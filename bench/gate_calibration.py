@@ -10,6 +10,8 @@ Conditions (each derived from the same clean copy, so only the corruption differ
   broken-join         each event joined to the next item id (an off-by-one key): marginals nearly unchanged
   duplicated-days     the last 10% of days replayed one day later (an ETL that ran twice)
   flipped-30%         30% of labels flipped (the label rate moves)
+  next-window         a real rolling refresh: its own champion trained on the first 90% of the days, the
+                      challenger on all of them (legitimate: must pass)
 
   python bench/gate_calibration.py --data ../shared/data/movielens-100k --items 600 --seeds 0 1
 """
@@ -78,6 +80,15 @@ def corrupt(src: Path, dest: Path, kind: str, seed: int) -> Path:
     return dest
 
 
+def earlier_days(src: Path, dest: Path, share: float) -> Path:
+    """The catalogue as it was before its last days: events up to the `share` quantile of time."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "items.csv").write_bytes((src / "items.csv").read_bytes())
+    ev = pd.read_csv(src / "interactions.csv", dtype={"user_id": str, "item_id": str})
+    ev[ev["timestamp"] <= ev["timestamp"].quantile(share)].to_csv(dest / "interactions.csv", index=False)
+    return dest
+
+
 def refresh(data: Path, home: Path, seed: int) -> dict:
     env = {**os.environ, **FAST, "SEMALIGN_HOME": str(home), "SEMALIGN_SEED": str(seed)}
     p = subprocess.run([sys.executable, "-m", "semalign.cli", "run", "--data", str(data), "--json"], env=env,
@@ -88,7 +99,7 @@ def refresh(data: Path, home: Path, seed: int) -> dict:
 
 
 CONDITIONS = ["clean-4%-flips", "clean-resample", "label-shuffle", "swapped-item-ids", "broken-join",
-              "duplicated-days", "flipped-30%"]
+              "duplicated-days", "flipped-30%", "next-window"]
 
 
 def main():
@@ -117,8 +128,15 @@ def main():
                 continue
             for kind in args.conditions:
                 home = tmp / f"home-{seed}-{kind}"
-                shutil.copytree(base, home)
-                res = refresh(corrupt(clean, tmp / f"{kind}-{seed}", kind, seed + 100), home, seed)
+                if kind == "next-window":  # its own champion, on the earlier days only
+                    own = refresh(earlier_days(clean, tmp / f"earlier-{seed}", 0.9), home, seed)
+                    if "error" in own or not own.get("promoted"):
+                        rows.append({"seed": seed, "condition": kind, "error": f"champion: {own.get('error')}"})
+                        continue
+                    res = refresh(clean, home, seed)
+                else:
+                    shutil.copytree(base, home)
+                    res = refresh(corrupt(clean, tmp / f"{kind}-{seed}", kind, seed + 100), home, seed)
                 if "error" in res:
                     rows.append({"seed": seed, "condition": kind, "blocked": True, "by": ["error: " + res["error"]]})
                     continue

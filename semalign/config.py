@@ -91,8 +91,11 @@ class Settings(BaseSettings):
     refresh_lock_lease_s: float = 120.0
 
     # refresh: the gates that guard promotion
-    gate_auc_tolerance: float = 0.005
-    gate_cold_auc_tolerance: float = 0.01
+    # challenger AUC may trail the champion's by this much (or by twice the AUC's sampling noise, if larger):
+    # calibrated on legitimate refreshes (bench/results/gate_calibration.md), where a model trained on other data
+    # of the same catalogue trailed by up to 0.017 overall and 0.019 on unseen items from training variance alone
+    gate_auc_tolerance: float = 0.02
+    gate_cold_auc_tolerance: float = 0.025
     gate_max_level0_churn: float = 0.6
     gate_label_relation_tolerance: float = 0.10   # positive rate per popularity / activity quartile vs champion's
     gate_performance_drift: float = 0.05          # champion's AUC on the new window vs its own reference AUC

@@ -20,9 +20,8 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/semalign run --data $(DATA)
 
-# two workers, one test file each at a time: tests within a file share module fixtures and run in order
 test: install
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q
 
 bench: install
 	$(VENV)/bin/python bench/bench_encoder_quantizer.py

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Behavior-ali
                   epilog=EXIT_CODES)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate a dataset.")
 codebook_app = typer.Typer(no_args_is_help=True, help="Build and inspect semantic-ID codebooks.")
-ids_app = typer.Typer(no_args_is_help=True, help="Semantic IDs in the feature store: publish, read, reverse lookup, diff.")
+ids_app = typer.Typer(no_args_is_help=True, help="Semantic IDs in the feature store: publish, read, reverse lookup, diff, tokenizer bundle.")
 items_app = typer.Typer(no_args_is_help=True, help="Catalogue changes: onboard new items.")
 app.add_typer(data_app, name="data")
 app.add_typer(codebook_app, name="codebook")

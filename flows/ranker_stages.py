@@ -121,7 +121,7 @@ def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missin
     return scorer.score_rows(ufeat, cands, histories, extra=extra)
 
 
-def test_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
+def window_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
     """AUC / GAUC per item bucket of the test window's events (those in `mask`, when given)."""
     from semalign.data import ALL_BUCKETS, item_buckets
     from semalign.models.metrics import metric_set
@@ -139,11 +139,6 @@ def test_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
             out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum()),
                       "n_positive": int(y[sel].sum())}
     return out
-
-
-def evaluate(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> dict:
-    """AUC / GAUC per item bucket on the test window, scored through the serving path (`score_test`)."""
-    return test_metrics(split, score_test(settings, ds, split, ranker_folder, encode_missing))
 
 
 def fresh_events(ranker_folder: Path, split, item_ids: np.ndarray) -> np.ndarray | None:
@@ -169,14 +164,14 @@ def judge_window(settings: Settings, ds, split, challenger_folder: Path, champio
     """The challenger on its whole test window (its reference for the next refresh's drift gate) and, with a
     champion, both on the same events: those the champion never trained or validated on."""
     p_new = score_test(settings, ds, split, challenger_folder)
-    out = {"challenger": test_metrics(split, p_new), "champion": None}
+    out = {"challenger": window_metrics(split, p_new), "champion": None}
     if champion_folder is None:
         return out
     p_old = score_test(settings, ds, split, champion_folder, encode_missing=True)
     mask = fresh_events(champion_folder, split, ds.items["item_id"].to_numpy())
     n_test = len(p_new)
-    out["champion"] = test_metrics(split, p_old, mask)
-    out["compared"] = {"challenger": test_metrics(split, p_new, mask) if mask is not None else out["challenger"],
+    out["champion"] = window_metrics(split, p_old, mask)
+    out["compared"] = {"challenger": window_metrics(split, p_new, mask) if mask is not None else out["challenger"],
                        "events": int(mask.sum()) if mask is not None else n_test, "test_events": n_test,
                        "excludes_champion_training": mask is not None}
     return out

@@ -158,12 +158,12 @@ class Registry:
                 mlflow.log_dict(body, name)
             sig = infer_signature(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}),
                                   pd.Series([0.5], name="score"))
+            if sid_bundle is not None:  # the second registered model, first: a failure leaves no ranker version
+                self._log_sid_bundle(sid_bundle, tags.get("codebook_version"))
             info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
                                            artifacts={"ranker": str(ranker_dir)}, signature=sig,
                                            metadata={"semalign": ranker_requirements(ranker_dir)},
                                            pip_requirements=["semalign"], registered_model_name=self.name)
-            if sid_bundle is not None:  # the second registered model: the run's codebook version as a tokenizer
-                self._log_sid_bundle(sid_bundle, tags.get("codebook_version"))
             run_id = run.info.run_id
         mv = self._version_of_run(run_id, info)
         for k, v in {**tags, "input_key": input_key}.items():

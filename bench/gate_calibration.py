@@ -147,7 +147,9 @@ def main():
                 print(json.dumps({k: rows[-1][k] for k in ("seed", "condition", "blocked", "by")}), flush=True)
     order = {c: i for i, c in enumerate(CONDITIONS)}
     rows = sorted(kept + rows, key=lambda r: (r["seed"], order.get(r["condition"], -1)))
-    this = "python bench/gate_calibration.py " + " ".join(sys.argv[1:])
+    # the command as anyone can rerun it: paths relative to the repository, not this machine's
+    argv = [os.path.relpath(a, ROOT) if os.path.isabs(a) and os.path.exists(a) else a for a in sys.argv[1:]]
+    this = "python bench/gate_calibration.py " + " ".join(argv)
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
            "command": commands[0] if commands else this, "merged": commands[1:] + [this] if commands else [],
            "wall_s": time.perf_counter() - t0, "rows": rows}

@@ -21,6 +21,11 @@ def sid_keys(codes: np.ndarray) -> list[str]:
     return ["-".join(map(str, r)) for r in np.asarray(codes).tolist()]
 
 
+def key_codes(sid_key: str) -> list[int]:
+    """The codes of a `sid_keys` string."""
+    return [int(x) for x in sid_key.split("-")]
+
+
 class CodebookCatalogue:
     def __init__(self, engine: sa.Engine, project: str):
         self.engine, self.project = engine, project
@@ -136,7 +141,7 @@ class CodebookCatalogue:
             if iid in existing:
                 old = existing[iid]
                 fresh[j], write[j] = False, old.source == PENDING
-                codes[j] = [int(x) for x in old.sid_key.split("-")]
+                codes[j] = key_codes(old.sid_key)
                 dedup[j] = old.dedup
                 continue
             used = taken.setdefault(k, set())
@@ -164,6 +169,12 @@ class CodebookCatalogue:
             q = q.limit(limit)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q)]
+
+    def sid_table(self, version: str, levels: int) -> tuple[list[str], np.ndarray]:
+        """Every confirmed item of a version and its full SID: (item ids, codes [n, levels + 1], dedup last)."""
+        rows = self.slots(version)
+        codes = np.array([key_codes(r["sid_key"]) + [r["dedup"]] for r in rows], np.int64)
+        return [r["item_id"] for r in rows], codes.reshape(len(rows), levels + 1)
 
     # ------------------------------------------------------------------ the current pointer
     def current(self) -> str | None:

@@ -242,13 +242,7 @@ class SemanticIdStore:
         old_sid, new_sid for the items both hold, onboarded ones included)."""
         from semalign.models.sids import sid_translation
 
-        sides = []
-        for v in (old, new):
-            self._published(v)
-            rows = self.catalogue.slots(v)
-            sides.append(([r["item_id"] for r in rows],
-                          np.array([[int(x) for x in r["sid_key"].split("-")] + [r["dedup"]] for r in rows],
-                                   np.int64).reshape(len(rows), -1)))
+        sides = [self.catalogue.sid_table(v, self._published(v)["levels"]) for v in (old, new)]
         t = sid_translation(sides[0][0], sides[0][1], sides[1][0], sides[1][1])
         summary = {"old": old, "new": new, "shared_items": len(t["shared"]), "only_in_old": len(t["only_old"]),
                    "only_in_new": len(t["only_new"]), "churn": t["churn"], "prefix_churn_per_level": t["per_level"]}

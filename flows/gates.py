@@ -29,16 +29,14 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
     """`evaluation` is `ranker_stages.judge_window`'s: the champion is judged only on test events it never trained
     or validated on, and the challenger on the same events."""
     from semalign.validation.suites import (Verdict, churn_gate, drift_suite, performance_drift_gate, quality_gate,
-                                            relation_gate, repeat_gate, repeat_pair_rate, window_profile)
+                                            relation_gate, repeat_gate, window_profile)
 
     champion_metrics = evaluation.get("champion")
     compared = evaluation.get("compared") or {}
 
     train = split.part("train")
     emb = np.stack(cb.sids["embedding"].to_numpy())
-    profile = window_profile(train, ds.n_items, cb.sids, emb)
-    # repeats over the whole new window: replayed days are the latest, so they land in validation and test
-    profile["repeat_pair_rate"] = repeat_pair_rate(split.events)
+    profile = window_profile(train, ds.n_items, cb.sids, emb, all_events=split.events)
     verdicts, reference = [], None
     if champ:
         reference = registry.run_artifact_json(champ["run_id"], "reference_profile.json")

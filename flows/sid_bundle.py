@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from semalign.config import Settings
 
 
@@ -27,14 +25,12 @@ def export_sid_bundle(settings: Settings, version: str | None, dest: Path) -> di
     if enc_version is None:
         raise ValueError(f"codebook {version} does not record its encoder: it has no tokenizer bundle")
     encoder, _ = load_encoder(settings.encoders_dir / enc_version, "cpu")
-    rows = store.catalogue.slots(version)
-    codes = np.array([[int(x) for x in r["sid_key"].split("-")] + [r["dedup"]] for r in rows], np.int64)
+    item_ids, codes = store.catalogue.sid_table(version, cb.levels)
     meta = {"codebook_version": version, "encoder_version": enc_version, "method": cb.method, "levels": cb.levels,
             "codes": cb.codes, "dim": cb.dim, "text_model": text_fingerprint(settings.resolved_text_model()),
-            "items": len(rows), "feast_project": settings.feast_project}
+            "items": len(item_ids), "feast_project": settings.feast_project}
     with atomic.building(Path(dest)) as tmp:
         write_bundle(tmp, encoder, encoder.cfg.text_dim, encoder.cfg.image_dim,
                      [c.detach().float().numpy() for c in cb.centroids], folder.rotation(),
-                     cb.vae.enc if cb.vae is not None else None, [r["item_id"] for r in rows],
-                     codes.reshape(len(rows), cb.levels + 1), meta)
+                     cb.vae.enc if cb.vae is not None else None, item_ids, codes, meta)
     return {"bundle": str(Path(dest).resolve()), **meta}

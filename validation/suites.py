@@ -61,12 +61,15 @@ def pop_bins(counts: np.ndarray) -> np.ndarray:
 
 
 def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame | None = None,
-                   embeddings: np.ndarray | None = None) -> dict:
-    """What the drift suite compares: computed on the champion's window at promotion, kept with its run."""
+                   embeddings: np.ndarray | None = None, all_events: pd.DataFrame | None = None) -> dict:
+    """What the drift suite compares: computed on the champion's window at promotion, kept with its run. Repeats
+    are counted over `all_events` when given (the whole window: replayed days are the latest, so they land in
+    validation and test, not in the training part)."""
     counts = np.bincount(interactions["item_idx"].to_numpy(), minlength=n_items)
     prof = {"n_events": int(len(interactions)), "label_rate": float(interactions["label"].mean()),
             "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS)),
-            "repeat_pair_rate": repeat_pair_rate(interactions), **label_relations(interactions, n_items)}
+            "repeat_pair_rate": repeat_pair_rate(interactions if all_events is None else all_events),
+            **label_relations(interactions, n_items)}
     if sids is not None:
         levels = sorted(c for c in sids.columns if c.startswith("sid_") and c != "sid_dedup")
         k = int(max(sids[c].max() for c in levels)) + 1

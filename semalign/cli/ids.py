@@ -98,7 +98,10 @@ def ids_diff(old: str = typer.Argument(..., help="The older codebook version."),
     summary, table = SemanticIdStore(s).diff(old, new)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        (table.to_csv(out, index=False) if out.suffix.lower() == ".csv" else table.to_parquet(out, index=False))
+        if out.suffix.lower() == ".csv":
+            table.to_csv(out, index=False)
+        else:
+            table.to_parquet(out, index=False)
         summary["table"] = str(out)
     res = dict(summary, moved=table[table["old_sid"] != table["new_sid"]].head(20).to_dict("records"))
     emit(res, as_json, lambda r: print_summary({"diff": {k: v for k, v in r.items() if k != "moved"}}))

@@ -6,10 +6,12 @@ set to s3://bucket/prefix, artifacts go to any S3-compatible endpoint through bo
 and the standard AWS credential chain; nothing of that is logged)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -18,9 +20,74 @@ from semalign.config import Settings
 from semalign.errors import NotFoundError, SemalignError
 from semalign.feature_repo.catalogue import CodebookCatalogue
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
 TOKENIZER_CODE = Path(__file__).resolve().parent / "sid_tokenizer_model.py"
+# the import packages of semalign (pyproject's `packages`): what a logged ranker carries as its code
+PACKAGES = ("semalign", "semalign.cli", "semalign.models", "semalign.flows", "semalign.feature_repo",
+            "semalign.validation", "semalign.deploy")
+PACKAGE_DATA = {"semalign.feature_repo": ("feature_store.yaml", ".feastignore")}
+# what the scoring path imports (a ranker reads its features from the feature store), pinned to this process's
+# versions so that `mlflow models serve/predict` builds the environment the model was logged and tested in
+SCORING_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pyarrow", "safetensors", "pydantic-settings",
+                         "feast[redis,postgres]", "sqlalchemy", "mlflow")
+
+
+def scoring_requirements() -> list[str]:
+    """`name==version` of every distribution the logged ranker needs to score, as installed here (a local build
+    label such as torch's `+cpu` is dropped: the installing machine's index decides the build)."""
+    from importlib.metadata import version
+
+    reqs = []
+    for dist in SCORING_DISTRIBUTIONS:
+        name = dist.split("[", 1)[0]
+        reqs.append(f"{dist}=={version(name).split('+', 1)[0]}")
+    return reqs
+
+
+# the settings that point a loading process at a feature store (as SEMALIGN_* variables; README "Serving")
+STORE_SETTINGS = ("home", "state_url", "feast_project", "feast_online", "feast_offline", "feast_registry",
+                  "redis_url", "postgres_url")
+
+
+def store_environment(settings: Settings) -> dict[str, str]:
+    """SEMALIGN_* variables under which a process that loads a logged ranker reads this feature store."""
+    return {f"SEMALIGN_{name.upper()}": str(getattr(settings, name)) for name in STORE_SETTINGS
+            if getattr(settings, name) is not None}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def package_code(dest: Path) -> Path:
+    """A copy of the semalign package in its import layout (models/ as semalign/models, ...), from wherever this
+    process imports it (an editable checkout or an installed wheel), for a logged model's `code_paths`: a fresh
+    environment then needs no semalign distribution, which no package index serves. Returns dest/semalign."""
+    import importlib.util
+    import shutil
+
+    root = Path(dest) / "semalign"
+    for pkg in PACKAGES:
+        src = Path(importlib.util.find_spec(pkg).submodule_search_locations[0])
+        out = root.joinpath(*pkg.split(".")[1:])
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.glob("*.py")) + [src / n for n in PACKAGE_DATA.get(pkg, ())]:
+            shutil.copy2(f, out / f.name)
+    return root
 
 
 def ranker_requirements(ranker_dir: Path) -> dict:
@@ -137,9 +204,15 @@ class Registry:
 
     # ------------------------------------------------------------------ logging
     def log_refresh(self, *, params: dict, metrics: dict, tags: dict, ranker_dir: Path, artifacts: dict[str, Path],
-                    json_artifacts: dict[str, dict], input_key: str, sid_bundle: Path | None = None) -> tuple[str, str]:
+                    json_artifacts: dict[str, dict], input_key: str, sid_bundle: Path | None = None,
+                    input_example: pd.DataFrame | None = None) -> tuple[str, str]:
         """One MLflow run for a refresh: params, metrics, artifacts, the pyfunc ranker registered as a new model
-        version tagged with its lineage and aliased `challenger`. Returns (run_id, version)."""
+        version tagged with its lineage and aliased `challenger`. The ranker carries semalign's code and pinned
+        requirements, so `mlflow models serve/predict` can build its environment from MLflow alone;
+        `input_example` (user_id, item_id rows it can score) is saved with it and scored once at logging time,
+        which checks the model loads and reads its features. Returns (run_id, version)."""
+        import tempfile
+
         import pandas as pd
         from mlflow.models import infer_signature
 
@@ -160,10 +233,13 @@ class Registry:
                                   pd.Series([0.5], name="score"))
             if sid_bundle is not None:  # the second registered model, first: a failure leaves no ranker version
                 self._log_sid_bundle(sid_bundle, tags.get("codebook_version"))
-            info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
-                                           artifacts={"ranker": str(ranker_dir)}, signature=sig,
-                                           metadata={"semalign": ranker_requirements(ranker_dir)},
-                                           pip_requirements=["semalign"], registered_model_name=self.name)
+            # MLflow scores the input example in this process once logged: against this refresh's store
+            with tempfile.TemporaryDirectory() as code, environment(store_environment(self.settings)):
+                info = mlflow.pyfunc.log_model(name="ranker", python_model=str(PYFUNC_CODE),
+                                               artifacts={"ranker": str(ranker_dir)}, signature=sig,
+                                               input_example=input_example, code_paths=[str(package_code(code))],
+                                               metadata={"semalign": ranker_requirements(ranker_dir)},
+                                               pip_requirements=scoring_requirements(), registered_model_name=self.name)
             run_id = run.info.run_id
         mv = self._version_of_run(run_id, info)
         for k, v in {**tags, "input_key": input_key}.items():

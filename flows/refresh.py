@@ -163,7 +163,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
         run_id, version = registry.log_refresh(params=payload.params, metrics=payload.metrics, tags=payload.tags,
                                                ranker_dir=rk.folder, artifacts=payload.artifacts,
                                                json_artifacts=payload.json_artifacts, input_key=rk.input_key,
-                                               sid_bundle=bundle)
+                                               sid_bundle=bundle, input_example=_scoreable_rows(split))
     registry.record_gate(version, gates.verdict())
     at.log.info("gates %s: %s", "passed" if gates.passed else "blocked the promotion", gates.summary)
     checkpoint("refresh.before_promote")
@@ -176,6 +176,12 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
                 data_docs=gates.extra.get("data_docs"),
                 evaluation=evaluation,
                 champion=champion_lineage(registry).get("version"))
+
+
+def _scoreable_rows(split, n: int = 3):
+    """(user_id, item_id) rows of the training window: users and items the new ranker's store version holds."""
+    train = split.part("train")
+    return train[["user_id", "item_id"]].drop_duplicates().head(n).reset_index(drop=True)
 
 
 def run_refresh(settings: Settings, data=None, rep: Reporter | None = None) -> dict:

@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -123,6 +124,62 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         documented = spec["paths"][path]["post"]["responses"]
         assert {"200", "404", "409", "413", "422", "503"} <= set(documented), (path, sorted(documented))
         assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+def _uv_index_env() -> dict:
+    """uv reads none of pip's configuration: hand it pip's wheel folders (where a machine keeps its torch build)
+    and CA bundle, and the proxy settings of this environment."""
+    import re
+
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    conf = dict(re.findall(r"^\S*?\.?([a-z-]+)='([^']*)'$", out, re.M))
+    env = {k: v for k, v in os.environ.items() if k.upper() in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "SSL_CERT_FILE")}
+    links = [d for d in (os.environ.get("PIP_FIND_LINKS") or conf.get("find-links", "")).split() if os.path.isdir(d)]
+    if links:
+        env["UV_FIND_LINKS"] = ",".join(links)
+    cert = os.environ.get("PIP_CERT") or conf.get("cert")
+    if cert and os.path.isfile(cert):
+        env.setdefault("SSL_CERT_FILE", cert)
+    return env
+
+
+def test_mlflow_models_predict_in_a_fresh_mlflow_only_environment_scores_like_serve(served, tmp_path):
+    """The registered champion as MLflow users run it: a virtualenv with nothing but MLflow (the project's pin),
+    `mlflow models predict -m models:/...@champion --env-manager uv`, which builds the model's own environment
+    from its pinned requirements and carried code. Its scores equal `semalign serve`'s for the same rows."""
+    import shutil
+    from importlib.metadata import version
+
+    base, home = served["base"], served["home"]
+    items = pd.read_csv(served["shop"] / "items.csv")["item_id"].astype(str).tolist()[:25]
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": i} for i in items]})
+    assert status == 200, body
+    want = {r["item_id"]: r["score"] for r in body["items"]}
+
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    venv, tools = tmp_path / "mlflow-only", tmp_path / "tools"
+    subprocess.run([uv, "venv", "-q", str(venv), "--python", sys.executable], check=True)
+    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                    f"mlflow=={version('mlflow')}"], check=True, env={**os.environ, **_uv_index_env()})
+    tools.mkdir()
+    (tools / "uv").symlink_to(uv)  # the env manager MLflow calls; nothing else of this environment
+    frame = pd.DataFrame({"user_id": ["u1"] * len(items), "item_id": items})
+    (tmp_path / "in.json").write_text(json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)}))
+    # uv builds the model's environment on the Python it was logged with (python_env.yaml): this one's
+    interpreter = Path(sys.base_prefix) / "bin"
+    env = {"PATH": f"{venv / 'bin'}:{tools}:{interpreter}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+           "UV_PYTHON_DOWNLOADS": "never",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "SEMALIGN_HOME": str(home),
+           "MLFLOW_ENV_ROOT": str(tmp_path / "envs"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **_uv_index_env()}
+    proc = subprocess.run([str(venv / "bin" / "mlflow"), "models", "predict", "-m", "models:/semalign-ranker@champion",
+                           "-i", str(tmp_path / "in.json"), "-t", "json", "-o", str(tmp_path / "out.json"),
+                           "--env-manager", "uv"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    got = got["predictions"] if isinstance(got, dict) else got
+    scores = [r["score"] if isinstance(r, dict) else r for r in got]
+    np.testing.assert_allclose(scores, [want[i] for i in items], rtol=1e-5, atol=1e-6)
 
 
 def test_a_new_champion_is_picked_up_without_restart(served):

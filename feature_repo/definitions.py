@@ -38,6 +38,9 @@ item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
               description="A catalogue item (string id).")
 codebook = Entity(name="codebook", join_keys=["codebook_version"], value_type=ValueType.STRING,
                   description="A codebook version; readers pin the version their ranker was trained with.")
+semantic_id = Entity(name="semantic_id", join_keys=["semantic_id"], value_type=ValueType.STRING,
+                     description="A full semantic ID under one codebook version: its codes and dedup level joined "
+                                 "by '-', e.g. '12-5-200-0'.")
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="A user (string id).")
 user_snapshot = Entity(name="user_snapshot", join_keys=["users_version"], value_type=ValueType.STRING,
                        description="One refresh's user features; each ranker pins the snapshot it was trained with.")
@@ -46,6 +49,9 @@ item_sid_push = PushSource(name="item_semantic_id_push", batch_source=_source("i
                            description="New items' semantic IDs, pushed at onboarding time.")
 item_embedding_push = PushSource(name="item_embedding_push", batch_source=_source("item_embedding"),
                                  description="New items' aligned and text-tower vectors, pushed at onboarding time.")
+
+semantic_id_item_push = PushSource(name="semantic_id_item_push", batch_source=_source("semantic_id_item"),
+                                   description="New items' semantic IDs as keys, pushed at onboarding time.")
 
 item_semantic_id = FeatureView(
     name="item_semantic_id",
@@ -68,6 +74,17 @@ item_embedding = FeatureView(
     description="The behavior-aligned content vector the item's semantic ID was assigned from (`embedding`) and "
                 "the frozen text-tower vector it was encoded from (`content`, empty where not published), which "
                 "the ranker reads beside it.",
+)
+
+semantic_id_item = FeatureView(
+    name="semantic_id_item",
+    entities=[semantic_id, codebook],
+    ttl=FOREVER,
+    schema=[Field(name="item_id", dtype=String)],
+    source=semantic_id_item_push,
+    online=True,
+    description="Reverse lookup: the item a full semantic ID (with its dedup level) names under one codebook "
+                "version; written with item_semantic_id, so both views always agree.",
 )
 
 user_recent_items = FeatureView(

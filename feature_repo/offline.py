@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from semalign import atomic, state
 from semalign.config import Settings
 from semalign.feature_repo.errors import reaching
-from semalign.feature_repo.repo_config import EMB_VIEW, SID_VIEW, USER_VIEW, sa_url
+from semalign.feature_repo.repo_config import EMB_VIEW, REVERSE_VIEW, SID_VIEW, USER_VIEW, sa_url
 
 VECTOR_COLUMNS = ("embedding", "content")
 
@@ -61,11 +61,13 @@ class PostgresOfflineWriter:
             EMB_VIEW: [sa.Column(c, pg.ARRAY(sa.Float(precision=24))) for c in VECTOR_COLUMNS],
             USER_VIEW: [sa.Column("recent_items", pg.ARRAY(sa.Text)), sa.Column("n_events", sa.BigInteger),
                         sa.Column("positive_rate", sa.Float(precision=24))],
+            REVERSE_VIEW: [sa.Column("item_id", sa.Text)],
         }
         md = sa.MetaData()
         for view, extra in cols.items():
-            keys = [sa.Column("user_id", sa.Text), sa.Column("users_version", sa.Text)] if view == USER_VIEW else \
-                [sa.Column("item_id", sa.Text), sa.Column("codebook_version", sa.Text)]
+            keys = {USER_VIEW: [sa.Column("user_id", sa.Text), sa.Column("users_version", sa.Text)],
+                    REVERSE_VIEW: [sa.Column("semantic_id", sa.Text), sa.Column("codebook_version", sa.Text)]}.get(
+                view, [sa.Column("item_id", sa.Text), sa.Column("codebook_version", sa.Text)])
             sa.Table(f"{self.project}_{view}", md, *keys, *extra,
                      sa.Column("event_timestamp", sa.DateTime(timezone=True)),
                      sa.Column("created", sa.DateTime(timezone=True)), sa.Column("batch", sa.Text))

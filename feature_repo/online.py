@@ -48,6 +48,18 @@ def read_items(fs, sid_view, emb_view, item_ids: list[str], version: str, levels
         vectors("content") if with_content else None
 
 
+def read_reverse(fs, reverse_view, semantic_ids: list[str], version: str) -> list[str | None]:
+    """The item each full semantic ID names under `version` (None where it names none)."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    vval = Value(string_val=version)
+    keys = [EntityKey(join_keys=["codebook_version", "semantic_id"], entity_values=[vval, Value(string_val=s)])
+            for s in semantic_ids]
+    return [vals["item_id"].string_val if vals and "item_id" in vals and vals["item_id"].HasField("string_val")
+            else None for _, vals in _provider_read(fs, reverse_view, keys, ["item_id"])]
+
+
 def read_users(fs, user_view, user_ids: list[str], version: str) -> list[dict | None]:
     """Each user's recent items (newest last), event count and positive rate in snapshot `version`; None for
     users it lacks."""

@@ -17,6 +17,7 @@ from semalign.feature_repo.errors import FeatureStoreError
 
 TEMPLATE = Path(__file__).resolve().parent
 SID_VIEW, EMB_VIEW, USER_VIEW = "item_semantic_id", "item_embedding", "user_recent_items"
+REVERSE_VIEW = "semantic_id_item"  # full SID -> item, the reverse of SID_VIEW
 PG_PASSWORD_ENV = "SEMALIGN_FEAST_PG_PASSWORD"  # what the rendered feature_store.yaml refers to
 REDIS_PASSWORD_ENV = "SEMALIGN_FEAST_REDIS_PASSWORD"
 REDIS_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
@@ -118,9 +119,10 @@ def ensure_applied(fs, repo: Path, project: str, levels: int, before_apply: Call
         have = {}
     sid, emb, users = have.get(SID_VIEW), have.get(EMB_VIEW), have.get(USER_VIEW)
     want = definitions(repo, project)
-    # projects applied before the embedding view gained `content`, user features gained snapshots or the views
-    # their ttl: re-applied
+    # projects applied before the embedding view gained `content`, user features gained snapshots, the views
+    # their ttl or the reverse SID view existed: re-applied
     current = emb is not None and "content" in {f.name for f in emb.features} and users is not None \
+        and REVERSE_VIEW in have \
         and "users_version" in {c.name for c in users.entity_columns} \
         and all(have[n].ttl == want[n].ttl for n in (SID_VIEW, EMB_VIEW, USER_VIEW) if n in have)
     if sid is not None and sid.tags.get("levels") == str(levels) and current:

@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 
 from semalign.feature_repo.errors import FeatureStoreError
-from semalign.feature_repo.repo_config import EMB_VIEW, SID_VIEW
+from semalign.feature_repo.repo_config import EMB_VIEW, REVERSE_VIEW, SID_VIEW
 
 EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
 
 def item_frames(version, item_ids, codes, dedup, emb, raw, event_ts, created) -> dict[str, pd.DataFrame]:
-    """The rows of both item views for one batch."""
+    """The rows of the item views for one batch: SIDs, vectors, and the reverse (full SID -> item) rows."""
     base = pd.DataFrame({"item_id": item_ids, "codebook_version": version})
     sid = base.copy()
     for lvl in range(codes.shape[1]):
@@ -21,10 +21,17 @@ def item_frames(version, item_ids, codes, dedup, emb, raw, event_ts, created) ->
     e = base.copy()
     e["embedding"] = list(emb.astype(np.float32))
     e["content"] = [np.zeros(0, np.float32)] * len(e) if raw is None else list(raw)
-    for df in (sid, e):
+    rev = pd.DataFrame({"semantic_id": full_sids(codes, dedup), "codebook_version": version, "item_id": item_ids})
+    for df in (sid, e, rev):
         df["event_timestamp"] = event_ts
         df["created"] = created
-    return {SID_VIEW: sid, EMB_VIEW: e}
+    return {SID_VIEW: sid, EMB_VIEW: e, REVERSE_VIEW: rev}
+
+
+def full_sids(codes: np.ndarray, dedup) -> list[str]:
+    """'c0-c1-...-dedup' per row: the reverse view's key."""
+    full = np.concatenate([np.asarray(codes, np.int64), np.asarray(dedup, np.int64).reshape(-1, 1)], axis=1)
+    return ["-".join(map(str, r)) for r in full.tolist()]
 
 
 def publish_inputs(codebook, item_ids: list[str], embeddings, levels: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from semalign.feature_repo import online
 from semalign.feature_repo.catalogue import CodebookCatalogue, sid_keys
 from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError, reaching
 from semalign.feature_repo.offline import offline_writer
-from semalign.feature_repo.repo_config import (EMB_VIEW, SID_VIEW, USER_VIEW, ensure_applied, redis_connection_string,
+from semalign.feature_repo.repo_config import (EMB_VIEW, REVERSE_VIEW, SID_VIEW, USER_VIEW, ensure_applied, redis_connection_string,
                                                render_repo)
 from semalign.feature_repo.rows import content_vectors, item_frames, onboarding_items, publish_inputs, timestamps
 from semalign.hashing import digest
@@ -229,12 +229,25 @@ class SemanticIdStore:
             raise ValueError(f"'{sid}' is not a SID prefix of codebook {version}: expected 1 to {levels + 1} "
                              "non-negative codes joined by '-', e.g. '12' or '12-5'")
         codes = [str(int(p)) for p in parts]
-        rows = self.catalogue.slots(version, "-".join(codes[:levels]), None if len(codes) > levels else limit)
-        if len(codes) > levels:
-            rows = [r for r in rows if r["dedup"] == int(codes[-1])][:limit]
+        if len(codes) > levels:  # a full SID names one item: the online store's reverse view answers
+            return self.items_by_full_sid(["-".join(codes)], version)
+        rows = self.catalogue.slots(version, "-".join(codes[:levels]), limit)
         return pd.DataFrame({"item_id": [r["item_id"] for r in rows], "codebook_version": version,
                              "sid": [f"{r['sid_key']}-{r['dedup']}" for r in rows],
                              "source": [r["source"] for r in rows]},
+                            columns=["item_id", "codebook_version", "sid", "source"])
+
+    def items_by_full_sid(self, semantic_ids: list[str], version: str | None = None) -> pd.DataFrame:
+        """The items full SIDs ('c0-...-dedup') name under a version, read from the reverse feature view
+        (`semantic_id_item`, the same one a plain Feast client reads); SIDs that name no item are left out."""
+        version = self._published(version)["version"]
+        with self._online():
+            found = online.read_reverse(self.fs, self.view(REVERSE_VIEW), list(semantic_ids), version)
+        hits = [(s, i) for s, i in zip(semantic_ids, found) if i is not None]
+        onboarded = set(self.catalogue.onboarded_items(version)) if hits else set()
+        return pd.DataFrame({"item_id": [i for _, i in hits], "codebook_version": version,
+                             "sid": [s for s, _ in hits],
+                             "source": ["onboard" if i in onboarded else "batch" for _, i in hits]},
                             columns=["item_id", "codebook_version", "sid", "source"])
 
     def diff(self, old: str, new: str) -> tuple[dict, pd.DataFrame]:

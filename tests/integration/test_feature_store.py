@@ -329,9 +329,11 @@ out = store.get_online_features(features=["item_semantic_id:sid_0", "item_semant
     "item_semantic_id:sid_2", "item_semantic_id:sid_dedup"], entity_rows=rows).to_dict()
 svc = store.get_feature_service(cfg["service"])
 out2 = store.get_online_features(features=svc, entity_rows=[{**r, "user_id": "nobody"} for r in rows]).to_dict()
+rev = store.get_online_features(features=["semantic_id_item:item_id"], entity_rows=[
+    {"semantic_id": s, "codebook_version": cfg["version"]} for s in cfg["sids"]]).to_dict()
 assert not [m for m in sys.modules if m.split(".")[0] == "semalign"], "the plain client imported semalign"
 print(json.dumps({"direct": out, "service": {k: out2[k] for k in ("sid_0", "sid_dedup")},
-                  "service_tags": dict(svc.tags)}))
+                  "service_tags": dict(svc.tags), "reverse": rev["item_id"]}))
 """
 
 
@@ -378,15 +380,18 @@ def test_a_plain_feast_client_reads_the_semantic_ids(env):
     store.publish(cb, ids, x)
     svc = store.register_ranker_service(f"ranker_test_{cb.version[-6:]}", cb.version, tags={"ranker_version": "7"})
     assert store.service_version(svc) == cb.version
-    cfg = {"repo": str(env["settings"].feature_repo_dir), "version": cb.version, "items": ids[:5], "service": svc}
+    want = expected_sids(cb, ids, x)[:5]
+    sids = ["-".join(map(str, r)) for r in want.tolist()] + ["9999-0-0-0"]
+    cfg = {"repo": str(env["settings"].feature_repo_dir), "version": cb.version, "items": ids[:5], "service": svc,
+           "sids": sids}
     proc = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, json.dumps(cfg)], capture_output=True, text=True,
                           timeout=300, cwd=env["home"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = expected_sids(cb, ids, x)[:5]
     assert res["direct"]["sid_0"] == want[:, 0].tolist() and res["direct"]["sid_dedup"] == want[:, 3].tolist()
     assert res["service"]["sid_0"] == want[:, 0].tolist()
     assert res["service_tags"]["codebook_version"] == cb.version
+    assert res["reverse"] == ids[:5] + [None]  # the reverse view: full SID -> item, as plain Feast reads it
 
 
 def test_the_repo_folder_is_accepted_by_feast_apply_as_is(tmp_path):
@@ -514,7 +519,9 @@ def test_reverse_lookup_and_diff_of_a_rebuilt_codebook(env):
     assert set(under["item_id"]) == set(v1.loc[v1["sid_0"] == first["sid_0"], "item_id"])
     assert "onboard" in set(under["source"]) and (under["sid"].str.split("-").str[0] == str(first["sid_0"])).all()
     full = "-".join(str(int(first[c])) for c in SID_COLS)
-    assert store.items_by_sid(full, version=cb1.version)["item_id"].tolist() == [first["item_id"]]
+    got = store.items_by_sid(full, version=cb1.version)  # answered by the reverse feature view
+    assert got["item_id"].tolist() == [first["item_id"]] and got["source"].tolist() == ["onboard"]
+    assert store.items_by_full_sid([full, "9999-0-0-0"], version=cb1.version)["sid"].tolist() == [full]
     assert len(store.items_by_sid(str(first["sid_0"]), version=cb1.version, limit=3)) == 3
     for bad in ("x", "1--2", "1-2-3-4-5", "-1"):
         with pytest.raises(ValueError, match="not a SID prefix"):
@@ -564,11 +571,13 @@ def test_feast_cli_materializes_and_serves_the_rendered_repo(tmp_path):
         proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     want = expected_sids(cb, ids, x)
-    cfg = {"repo": str(repo), "version": cb.version, "items": ids[:5], "service": "semantic_ids"}
+    cfg = {"repo": str(repo), "version": cb.version, "items": ids[:5], "service": "semantic_ids",
+           "sids": ["-".join(map(str, r)) for r in want[:5].tolist()]}
     proc = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, json.dumps(cfg)], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["direct"]["sid_0"] == want[:5, 0].tolist()
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["direct"]["sid_0"] == want[:5, 0].tolist() and res["reverse"] == ids[:5]
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -250,6 +250,42 @@ class SemanticIdStore:
                              "source": ["onboard" if i in onboarded else "batch" for _, i in hits]},
                             columns=["item_id", "codebook_version", "sid", "source"])
 
+    def vector_index(self, version: str | None = None, chunk: int = 20000) -> dict:
+        """Every item a version holds (published and onboarded) with its full SID and aligned vector, read from
+        the online store: what `similar` searches. Exact search, one scan per query: neither embedded backend has
+        a vector index here (see README "Feature store")."""
+        row = self._published(version)
+        version, levels = row["version"], row["levels"]
+        ids, codes = self.catalogue.sid_table(version, levels)
+        vecs = np.zeros((len(ids), row["dim"]), np.float32)
+        for s in range(0, len(ids), chunk):
+            _, found, emb, _ = self.read_online(ids[s:s + chunk], version, levels, with_embedding=True)
+            if not found.all():
+                missing = [i for i, f in zip(ids[s:s + chunk], found) if not f][:5]
+                raise FeatureStoreError(f"codebook version {version}: the online store lacks {missing}, which the "
+                                        "SID catalogue holds; run `feast materialize-incremental` on the repo")
+            vecs[s:s + len(emb)] = np.stack(emb)
+        return {"version": version, "levels": levels, "item_ids": ids, "codes": codes, "vectors": vecs}
+
+    def similar(self, index: dict, queries: np.ndarray, k: int = 10, exclude: list[str | None] | None = None) -> list[pd.DataFrame]:
+        """The k items of `index` (from `vector_index`) nearest each query vector by cosine, best first, without
+        the item named in `exclude[j]` (the query item itself): item_id, score, sid, shares_first_level (with the
+        query's first-level code under the version's codebook)."""
+        from semalign.models.sids import nearest
+
+        queries = np.asarray(queries, np.float32).reshape(-1, index["vectors"].shape[1])
+        pos = {i: r for r, i in enumerate(index["item_ids"])}
+        drop = [[pos[e]] if e is not None and e in pos else [] for e in (exclude or [None] * len(queries))]
+        rows, scores = nearest(index["vectors"], queries, k, drop)
+        first = self._codebook(index["version"]).assign(queries)[:, 0]
+        out = []
+        for j in range(len(queries)):
+            c = index["codes"][rows[j]]
+            out.append(pd.DataFrame({"item_id": [index["item_ids"][r] for r in rows[j]], "score": scores[j],
+                                     "sid": ["-".join(map(str, x)) for x in c.tolist()],
+                                     "shares_first_level": c[:, 0] == first[j]}))
+        return out
+
     def diff(self, old: str, new: str) -> tuple[dict, pd.DataFrame]:
         """SID translation between two published versions: (summary with churn per level, table item_id,
         old_sid, new_sid for the items both hold, onboarded ones included)."""

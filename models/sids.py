@@ -77,3 +77,33 @@ def sid_translation(old_ids, old_codes: np.ndarray, new_ids, new_codes: np.ndarr
             "only_new": [i for i in new_ids if i not in old_pos],
             "churn": float(moved[:, -1].mean()) if len(shared) else 0.0,
             "per_level": [float(m) for m in moved.mean(0)] if len(shared) else []}
+
+
+def nearest(vectors: np.ndarray, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None,
+            chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine: (rows [q, k], scores [q, k]) of `vectors` [n, d] closest to each of `queries`
+    [q, d], best first; `exclude[j]` lists rows query j may not return (the item itself). Zero vectors score 0."""
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(norm > 0, norm, 1.0)
+
+    base, q = unit(vectors), unit(queries)
+    k = min(k, len(base))
+    rows, scores = np.zeros((len(q), k), np.int64), np.zeros((len(q), k), np.float32)
+    for s in range(0, len(q), chunk):
+        sim = q[s:s + chunk] @ base.T
+        if exclude is not None:
+            for j, ex in enumerate(exclude[s:s + chunk]):
+                sim[j, np.asarray(ex, np.int64)] = -np.inf
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sim, top, 1), axis=1, kind="stable")
+        rows[s:s + chunk] = np.take_along_axis(top, order, 1)
+        scores[s:s + chunk] = np.take_along_axis(sim, rows[s:s + chunk], 1)
+    return rows, scores
+
+
+def first_level_chance(codes: np.ndarray) -> float:
+    """The chance two items drawn at random share their first-level code: sum over codes of their share squared."""
+    share = np.bincount(np.asarray(codes)[:, 0]) / max(len(codes), 1)
+    return float((share ** 2).sum())

@@ -73,6 +73,66 @@ def ids_items(sid: str = typer.Argument(..., help="A SID prefix: '12', '12-5', .
           "count": len(df), "items": df.to_dict("records")}, as_json, _print_items)
 
 
+def ids_similar(item: str = typer.Argument(..., help="An item the version holds, or a new item's id with --text."),
+                home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+                text: Optional[str] = typer.Option(None, "--text", help="A brand-new item's text: encoded on the fly "
+                                                   "with the version's encoder (nothing is written)."),
+                image: Optional[Path] = typer.Option(None, "--image", help="With --text: the new item's image."),
+                version: Optional[str] = typer.Option(None, "--version", help="Codebook version (default: current)."),
+                k: int = typer.Option(10, "--k", min=1, max=1000, help="How many neighbours.")):
+    """Items similar to ITEM: nearest by cosine of the behavior-aligned vector its SID was assigned from, among
+    every item the version holds (exact search over the online store's vectors), with their SIDs."""
+    import numpy as np
+    import pandas as pd
+
+    s = load_settings(home, None)
+    if text is not None:
+        from semalign.flows.semantic_ids import open_store
+
+        store = open_store(s)
+        row = {"item_id": item, "text": text}
+        if image is not None:
+            if not image.is_file():
+                raise FileNotFoundError(f"--image {image}: no such file")
+            row["image_path"] = str(image.resolve())
+        codes, emb, _ = store.encode(pd.DataFrame([row]), version=version)
+        sid = "-".join(map(str, codes[0].tolist()))
+        source = "encoded"
+    else:
+        from semalign.feature_repo.store import SemanticIdStore
+
+        if image is not None:
+            raise ValueError("--image needs --text (a new item's content)")
+        store = SemanticIdStore(s)
+        got = store.semantic_ids([item], version=version, with_embedding=True)
+        emb = np.stack(got["embedding"].to_numpy())
+        sid = "-".join(str(int(got[c].iloc[0])) for c in got.columns if c.startswith("sid_"))
+        source = "store"
+    index = store.vector_index(version)
+    found = store.similar(index, emb, k=k, exclude=[item])[0]
+    from semalign.models.sids import first_level_chance
+
+    emit({"item_id": item, "codebook_version": index["version"], "query": source,
+          "sid": sid, "searched_items": len(index["item_ids"]),
+          "shares_first_level": round(float(found["shares_first_level"].mean()), 4) if len(found) else None,
+          "first_level_chance": round(first_level_chance(index["codes"]), 4),
+          "neighbours": [{**r, "score": round(float(r["score"]), 5), "shares_first_level": bool(r["shares_first_level"])}
+                         for r in found.to_dict("records")]}, as_json, _print_similar)
+
+
+def _print_similar(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("item_id", "cosine", "semantic id", title=(
+        f"{len(res['neighbours'])} items nearest {res['item_id']} (SID {res['sid']}, {res['query']}) among "
+        f"{res['searched_items']} of {res['codebook_version']}; share its first level: {res['shares_first_level']} "
+        f"(chance {res['first_level_chance']})"))
+    for r in res["neighbours"]:
+        t.add_row(r["item_id"], f"{r['score']:.4f}", r["sid"] + (" *" if r["shares_first_level"] else ""))
+    Console().print(t)
+
+
 def _print_items(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table

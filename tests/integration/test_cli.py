@@ -203,6 +203,19 @@ def test_ids_get_items_add_and_publish_through_the_feature_store(tmp_path, shop)
     assert diff["churn"] == 0.0 and diff["shared_items"] == 302 and diff["moved"] == []
     assert len(pd.read_csv(tmp_path / "t.csv")) == 302
 
+    # similar items: the onboarded twin's nearest item is sku-1 (same content, same aligned vector); a brand-new
+    # item given by its text is encoded on the fly, written nowhere, and finds both
+    near = json.loads(_cli("ids", "similar", "twin-of-1", "--k", "3", "--json", env=env).stdout)
+    assert near["query"] == "store" and near["searched_items"] == 302
+    assert near["neighbours"][0]["item_id"] == "sku-1" and near["neighbours"][0]["score"] == pytest.approx(1, abs=1e-4)
+    assert "twin-of-1" not in [r["item_id"] for r in near["neighbours"]]
+    fresh = json.loads(_cli("ids", "similar", "never-seen", "--text", text, "--k", "2", "--json", env=env).stdout)
+    assert fresh["query"] == "encoded" and {r["item_id"] for r in fresh["neighbours"]} == {"sku-1", "twin-of-1"}
+    assert fresh["shares_first_level"] == 1.0 and fresh["sid"] == "-".join(str(int(v)) for v in sids.loc["sku-1", cols[:3]])
+    assert _cli("ids", "get", "never-seen", env=env, check=False).returncode == 1
+    no_item = _cli("ids", "similar", "never-seen", env=env, check=False)
+    assert no_item.returncode == 1 and "never-seen" in no_item.stderr and "Traceback" not in no_item.stderr
+
     # the SID tokenizer bundle: a Python with only torch and numpy reads the table and assigns the store's SIDs
     from semalign.config import Settings
     from semalign.feature_repo.store import SemanticIdStore

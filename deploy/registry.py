@@ -48,7 +48,8 @@ def scoring_requirements() -> list[str]:
     return reqs
 
 
-# the settings that point a loading process at a feature store (as SEMALIGN_* variables; README "Serving")
+# the settings that point a loading process at a feature store (SEMALIGN_* variables; README "Refresh, registry
+# and gates")
 STORE_SETTINGS = ("home", "state_url", "feast_project", "feast_online", "feast_offline", "feast_registry",
                   "redis_url", "postgres_url")
 

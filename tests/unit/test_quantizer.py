@@ -125,3 +125,24 @@ def test_procrustes_undoes_a_rotation(clustered):
     parent = build_codebook(clustered, levels=2, codes=16)
     # codes of the rotated space, rotated back, match the parent's assignment
     assert (parent.assign(rotated @ r) == parent.assign(clustered)).mean() > 0.99
+
+
+def test_nearest_is_the_exact_cosine_top_k_without_excluded_rows():
+    from semalign.models.sids import first_level_chance, nearest
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(500, 16)).astype(np.float32)
+    base[7] = 0.0                                           # a zero vector scores 0, never NaN
+    queries = np.concatenate([base[:3] * 2.5, rng.normal(size=(4, 16)).astype(np.float32)])
+    rows, scores = nearest(base, queries, k=5, exclude=[[0], [], [2]] + [[]] * 4, chunk=3)
+    unit = base / np.maximum(np.linalg.norm(base, axis=1, keepdims=True), 1e-12)
+    sim = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ unit.T
+    sim[0, 0] = sim[2, 2] = -np.inf
+    want = np.argsort(-sim, axis=1, kind="stable")[:, :5]
+    assert rows.tolist() == want.tolist()
+    np.testing.assert_allclose(scores, np.take_along_axis(sim, want, 1), rtol=1e-5)
+    assert rows[1, 0] == 1 and scores[1, 0] == pytest.approx(1.0)   # itself, when not excluded
+    assert 0 not in rows[0] and 2 not in rows[2] and np.isfinite(scores).all()
+    assert nearest(base[:3], queries[:1], k=10)[0].shape == (1, 3)   # k capped at the catalogue
+    # two random items share a first-level code with probability sum(p_c^2)
+    assert first_level_chance(np.array([[0, 1], [0, 2], [1, 0], [2, 0]])) == pytest.approx(0.5 ** 2 + 2 * 0.25 ** 2)

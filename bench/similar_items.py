@@ -106,7 +106,9 @@ def markdown(res: dict) -> str:
              "Queries: cold items of the split (never trained on), encoded on the fly from their content; "
              f"top-{res['runs'][0]['k']} by cosine of the aligned vector among every item of the published "
              "version, the item itself excluded. Co-engagement@k: share of neighbours that a user who engaged with "
-             "the query item in the test window engaged with in the training window.", "",
+             "the query item in the test window engaged with in the training window. Each HOME after `semalign run "
+             "--data DATA` or `semalign codebook build --data DATA` (default settings, seed 0): what is searched is "
+             "the published codebook version and its encoder. Timings are of one process on a loaded machine.", "",
              "| dataset | items | queries | share first SID level | chance | lift | co-engagement: aligned | "
              "text tower | random | search ms/query | bare top-k ms | ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -240,9 +240,9 @@ class Registry:
                                                artifacts={"ranker": str(ranker_dir)}, signature=sig,
                                                input_example=input_example, code_paths=[str(package_code(code))],
                                                metadata={"semalign": ranker_requirements(ranker_dir)},
-                                               pip_requirements=scoring_requirements(), registered_model_name=self.name)
+                                               pip_requirements=scoring_requirements())
             run_id = run.info.run_id
-        mv = self._version_of_run(run_id, info)
+            mv = self._register(info, self.name)
         for k, v in {**tags, "input_key": input_key}.items():
             self.client.set_model_version_tag(self.name, mv, k, str(v))
         self.client.set_registered_model_alias(self.name, CHALLENGER, mv)
@@ -263,18 +263,22 @@ class Registry:
             name="sid_tokenizer", python_model=str(TOKENIZER_CODE), artifacts={"bundle": str(bundle)}, signature=sig,
             metadata={"semalign": {"codebook_version": codebook_version}},
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
-                              f"pandas=={pd.__version__}", f"mlflow=={self.mlflow.__version__}"],
-            registered_model_name=self.tokenizer_name)
-        version = getattr(info, "registered_model_version", None)
-        if version and codebook_version:
-            self.client.set_model_version_tag(self.tokenizer_name, str(version), "codebook_version", codebook_version)
+                              f"pandas=={pd.__version__}", f"mlflow=={self.mlflow.__version__}"])
+        version = self._register(info, self.tokenizer_name)
+        if codebook_version:
+            self.client.set_model_version_tag(self.tokenizer_name, version, "codebook_version", codebook_version)
 
-    def _version_of_run(self, run_id: str, info) -> str:
-        v = getattr(info, "registered_model_version", None)
-        if v:
-            return str(v)
-        found = self.client.search_model_versions(f"name='{self.name}' and run_id='{run_id}'")
-        return str(max(int(x.version) for x in found))
+    def _register(self, info, name: str) -> str:
+        """Registers a logged model as a new version of `name`; returns the version. MLflow prints its
+        "Successfully registered / Created version" lines straight to stderr: silenced here, where semalign
+        reports the version itself (logging above this call still shows MLflow's warnings)."""
+        from mlflow.utils.logging_utils import disable_logging, enable_logging
+
+        disable_logging()
+        try:
+            return str(self.mlflow.register_model(info.model_uri, name).version)
+        finally:
+            enable_logging()
 
     def run_artifact_json(self, run_id: str, name: str) -> dict | None:
         try:

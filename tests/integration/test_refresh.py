@@ -266,5 +266,6 @@ def test_a_normal_run_prints_no_library_log_lines_or_warnings(refreshed):
     it drives (Feast, MLflow, Prefect, transformers, GE)."""
     noise = [line for line in refreshed["stderr"].splitlines()
              if any(k in line for k in (" INFO ", "INFO:", "WARNING", "Warning:", "warnings.warn", "UserWarning",
-                                        "FutureWarning", "DeprecationWarning"))]
+                                        "FutureWarning", "DeprecationWarning", "Successfully registered",
+                                        "Created version"))]
     assert not noise, "\n".join(noise[:20])

@@ -204,7 +204,7 @@ ID_EXPECTED = f"an id of at most {MAX_ID_CHARS} characters without control chara
 
 
 def _isnull(v) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() == "")
+    return v is None or v is pd.NaT or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and v.strip() == "")
 
 
 class _Checker:
@@ -240,6 +240,11 @@ class _Checker:
 
 
 def _parse_timestamps(s: pd.Series) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(s):
+        # a typed column (parquet timestamp, any unit): to_numeric would read its ms/us counts as seconds
+        t = pd.to_datetime(s, utc=True)
+        beyond_ns = t > pd.Timestamp.max.tz_localize("UTC")  # years past 2262: refused as bad timestamps
+        return t.mask(beyond_ns).dt.as_unit("ns")
     num = pd.to_numeric(s, errors="coerce")
     if num.notna().all() and len(s):
         return pd.to_datetime(num, unit="s", utc=True, errors="coerce")

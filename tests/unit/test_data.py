@@ -214,3 +214,19 @@ def test_every_onboarding_path_checks_ids_and_text(tmp_path):
     (sub / "new.csv").write_text("item_id,text,image_path\nn1,a film,../elsewhere.jpg\n")
     with pytest.raises(ValueError, match="row 1, column image_path: expected a path inside"):
         read_items(sub / "new.csv")
+
+
+def test_typed_parquet_timestamps_of_any_unit_are_read_as_utc_seconds(tmp_path):
+    """pandas reads parquet timestamps as datetime64[ms|us]: their counts must not be taken for unix seconds."""
+    secs = np.array([1_700_000_000, 1_700_000_100, 1_700_000_200])
+    pd.DataFrame({"item_id": ["a", "b"], "text": ["first", "second"],
+                  "available_at": pd.Series(pd.to_datetime([1_600_000_000, None], unit="s", utc=True))
+                  .astype("datetime64[ms, UTC]")}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "a"],
+                  "timestamp": pd.Series(pd.to_datetime(secs, unit="s")).astype("datetime64[us]"),  # naive = UTC
+                  "label": [1, 0, 1]}).to_parquet(tmp_path / "interactions.parquet")
+    ds = load_dataset(tmp_path)
+    assert sorted(ds.interactions["ts"]) == secs.tolist()
+    assert str(ds.interactions["timestamp"].dt.tz) == "UTC"
+    assert ds.items["available_at"].iloc[0] == pd.Timestamp(1_600_000_000, unit="s", tz="UTC")
+    assert pd.isna(ds.items["available_at"].iloc[1])  # a null in a typed column is "not given", not bad

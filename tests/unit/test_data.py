@@ -230,3 +230,21 @@ def test_typed_parquet_timestamps_of_any_unit_are_read_as_utc_seconds(tmp_path):
     assert str(ds.interactions["timestamp"].dt.tz) == "UTC"
     assert ds.items["available_at"].iloc[0] == pd.Timestamp(1_600_000_000, unit="s", tz="UTC")
     assert pd.isna(ds.items["available_at"].iloc[1])  # a null in a typed column is "not given", not bad
+
+
+def test_histories_match_a_per_event_reference_on_ties_and_users_without_positives():
+    """The vectorised user_histories against the definition, event by event: the user's training positives with
+    ts strictly before the event's, ordered by (ts, item), the last max_len of them."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    train = pd.DataFrame({"user_idx": rng.integers(0, 40, n), "ts": rng.integers(0, 200, n),  # many equal ts
+                          "item_idx": rng.integers(0, 500, n), "label": rng.integers(0, 2, n)})
+    events = pd.DataFrame({"user_idx": rng.integers(0, 50, 800), "ts": rng.integers(-5, 210, 800)})  # users 40+: none
+    for max_len in (1, 4, 50):
+        hist, lens = user_histories(events, train, max_len)
+        pos = train[train["label"] == 1]
+        for r, (u, t) in enumerate(zip(events["user_idx"], events["ts"])):
+            mine = pos[(pos["user_idx"] == u) & (pos["ts"] < t)].sort_values(["ts", "item_idx"], kind="stable")
+            want = mine["item_idx"].to_numpy()[-max_len:] + 1 if len(mine) else np.zeros(0, np.int64)
+            assert lens[r] == len(want)
+            assert (hist[r, max_len - len(want):] == want).all() and (hist[r, : max_len - len(want)] == 0).all()

@@ -452,13 +452,16 @@ def growth(results: list[dict]) -> dict:
 
 
 def dominant(results: list[dict], sizes: list[int]) -> dict:
-    """Per size: the slowest stage measured end to end, and the slowest counting extrapolated ones too."""
+    """Per size: the slowest stage with the text tower set aside (it is always extrapolated), and the slowest
+    of all."""
     out = {}
     for n in sizes:
         rows = [r for r in results if r["items"] == n and r.get("seconds") and r["stage"] != "synth"]
-        measured = [r for r in rows if not r.get("extrapolated")]
+        rest = [r for r in rows if r["stage"] != "text_tower"]
         if rows:
-            out[str(n)] = {"measured": max(measured, key=lambda r: r["seconds"])["stage"] if measured else None,
+            top = max(rest, key=lambda r: r["seconds"]) if rest else None
+            out[str(n)] = {"measured": top["stage"] if top else None,
+                           "extrapolated": bool(top and top.get("extrapolated")),
                            "any": max(rows, key=lambda r: r["seconds"])["stage"]}
     return out
 
@@ -492,9 +495,10 @@ def to_markdown(res: dict) -> str:
         e = g.get(stage, {})
         flag = " **superlinear**" if e.get("exponent", 0) > 1.2 else ""
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {e.get('exponent', '-')}{flag} | {e.get('last_pair', '-')} |")
-    lines += ["", "Slowest stage per size (synth excluded): " + "; ".join(
-        f"{int(n):,}: {d['measured']}" + (f" ({d['any']} when extrapolated stages count)" if d["any"] != d["measured"] else "")
-        for n, d in res["dominant"].items()), ""]
+    lines += ["", "Slowest stage per size, the text tower aside (*: its cell is extrapolated): " + "; ".join(
+        f"{int(n):,}: {d['measured']}{'*' if d.get('extrapolated') else ''}" for n, d in res["dominant"].items())
+        + (". With the text tower counted it is the text tower at every size." if all(
+            d["any"] == "text_tower" for d in res["dominant"].values()) else "."), ""]
     details = [r for r in results if r.get("extrapolated")]
     if details:
         lines += ["Extrapolated cells:"]
@@ -518,13 +522,18 @@ def to_markdown(res: dict) -> str:
         lines += [f"| `{p['function']}` | {p['tottime_s']} | {p['calls']:,} |" for p in r["profile_top_tottime"]]
         lines.append("")
     if res.get("before"):
-        lines += ["Before / after the fixes in this change (same command at the previous commit, `" +
-                  res["before"]["source"] + "`):", "", "| stage | items | before s / GB | after s / GB |", "|---|---|---|---|"]
+        lines += [f"Before / after the fixes in this change: before = `{res['before']['command']}` at the commit "
+                  f"before them (`{res['before']['source']}`), after = this run:", "",
+                  "| stage | items | before s / GB (load avg) | after s / GB (load avg) |", "|---|---|---|---|"]
+
+        def cell(r):
+            c = f"{r['seconds']:,.2f} / {r['peak_gb']:.2f}"
+            c = f"*{c}*" if r.get("extrapolated") else c
+            return c + (f" ({r['loadavg_1m_before']})" if "loadavg_1m_before" in r else "")
         for b in res["before"]["results"]:
             a = by.get((b["stage"], b["items"]))
-            if a is not None and not b.get("error"):
-                lines.append(f"| {b['stage']} | {b['items']:,} | {b['seconds']:,.2f} / {b['peak_gb']:.2f} | "
-                             f"{a['seconds']:,.2f} / {a['peak_gb']:.2f} |")
+            if a is not None and not b.get("error") and b["stage"] in res["before"].get("compare", STAGES):
+                lines.append(f"| {b['stage']} | {b['items']:,} | {cell(b)} | {cell(a)} |")
         lines.append("")
     if res.get("skipped"):
         lines += ["Not run: " + "; ".join(res["skipped"]), ""]
@@ -582,12 +591,19 @@ def main():
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--tag", default="scaling_cpu")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--render", default=None, help="only rewrite the .md and .png of this run's JSON (with --notes, "
+                                                   "--before)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)       # internal: run one stage in this process
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile-stage", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.size, Path(args.work), args)), flush=True)
+        return
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        res["dominant"] = dominant(res["results"], res["sizes"])
+        write(res, args, Path(args.render).parent, res["tag"])
         return
     import shutil
     import tempfile
@@ -653,18 +669,23 @@ def main():
     res["wall_s"] = round(time.perf_counter() - t_all, 1)
     res["growth"] = growth(res["results"])
     res["dominant"] = dominant(res["results"], res["sizes"])
-    if args.before:
-        res["before"] = {"source": Path(args.before).name, "results": json.loads(Path(args.before).read_text())["results"]}
-    if args.notes:
-        res["notes"] = Path(args.notes).read_text()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{args.tag}.md").write_text(to_markdown(res))
-    plot(res, out / f"{args.tag}.png")
-    print(to_markdown(res))
+    write(res, args, Path(args.out), args.tag)
     if not args.work:
         shutil.rmtree(work_root, ignore_errors=True)
+
+
+def write(res: dict, args, out: Path, tag: str) -> None:
+    if args.before:
+        old = json.loads(Path(args.before).read_text())
+        res["before"] = {"source": Path(args.before).name, "command": old["command"], "results": old["results"],
+                         "compare": ["histories", "encoder_epoch"]}  # the stages the fixes touched
+    if args.notes:
+        res["notes"] = Path(args.notes).read_text()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{tag}.md").write_text(to_markdown(res))
+    plot(res, out / f"{tag}.png")
+    print(to_markdown(res))
 
 
 def _output_exists(folder: Path, stage: str) -> bool:

@@ -97,6 +97,7 @@ def hit_at_k(emb: np.ndarray | torch.Tensor, pairs: np.ndarray, k: int = 30, chu
     if len(pairs) == 0:
         return float("nan")
     e = F.normalize(torch.as_tensor(np.asarray(emb), dtype=torch.float32), dim=-1)
+    chunk = max(1, min(chunk, (1 << 24) // max(1, len(e))))  # the [chunk, items] scores stay under 64 MB
     q = np.concatenate([pairs[:, 0], pairs[:, 1]])
     t = np.concatenate([pairs[:, 1], pairs[:, 0]])
     hits = 0

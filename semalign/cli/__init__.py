@@ -17,7 +17,7 @@ EXIT_CODES = ("Exit codes: 0 ok; 1 failed (a handled error, one line on stderr);
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Behavior-aligned semantic IDs for cold-start CTR.",
                   epilog=EXIT_CODES)
-data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate a dataset.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect, validate and synthesise datasets.")
 codebook_app = typer.Typer(no_args_is_help=True, help="Build and inspect semantic-ID codebooks.")
 ids_app = typer.Typer(no_args_is_help=True, help="Semantic IDs in the feature store: publish, read, reverse lookup, diff, tokenizer bundle.")
 items_app = typer.Typer(no_args_is_help=True, help="Catalogue changes: onboard new items.")
@@ -28,6 +28,7 @@ app.add_typer(items_app, name="items")
 
 # the commands, in the order `semalign --help` lists them
 data_app.command("check")(data.data_check)
+data_app.command("synth")(data.data_synth)
 app.command("encode")(pipeline.encode)
 codebook_app.command("build")(pipeline.codebook_build)
 codebook_app.command("list")(pipeline.codebook_list)

@@ -214,3 +214,37 @@ def test_every_onboarding_path_checks_ids_and_text(tmp_path):
     (sub / "new.csv").write_text("item_id,text,image_path\nn1,a film,../elsewhere.jpg\n")
     with pytest.raises(ValueError, match="row 1, column image_path: expected a path inside"):
         read_items(sub / "new.csv")
+
+
+def test_typed_parquet_timestamps_of_any_unit_are_read_as_utc_seconds(tmp_path):
+    """pandas reads parquet timestamps as datetime64[ms|us]: their counts must not be taken for unix seconds."""
+    secs = np.array([1_700_000_000, 1_700_000_100, 1_700_000_200])
+    pd.DataFrame({"item_id": ["a", "b"], "text": ["first", "second"],
+                  "available_at": pd.Series(pd.to_datetime([1_600_000_000, None], unit="s", utc=True))
+                  .astype("datetime64[ms, UTC]")}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "a"],
+                  "timestamp": pd.Series(pd.to_datetime(secs, unit="s")).astype("datetime64[us]"),  # naive = UTC
+                  "label": [1, 0, 1]}).to_parquet(tmp_path / "interactions.parquet")
+    ds = load_dataset(tmp_path)
+    assert sorted(ds.interactions["ts"]) == secs.tolist()
+    assert str(ds.interactions["timestamp"].dt.tz) == "UTC"
+    assert ds.items["available_at"].iloc[0] == pd.Timestamp(1_600_000_000, unit="s", tz="UTC")
+    assert pd.isna(ds.items["available_at"].iloc[1])  # a null in a typed column is "not given", not bad
+
+
+def test_histories_match_a_per_event_reference_on_ties_and_users_without_positives():
+    """The vectorised user_histories against the definition, event by event: the user's training positives with
+    ts strictly before the event's, ordered by (ts, item), the last max_len of them."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    train = pd.DataFrame({"user_idx": rng.integers(0, 40, n), "ts": rng.integers(0, 200, n),  # many equal ts
+                          "item_idx": rng.integers(0, 500, n), "label": rng.integers(0, 2, n)})
+    events = pd.DataFrame({"user_idx": rng.integers(0, 50, 800), "ts": rng.integers(-5, 210, 800)})  # users 40+: none
+    for max_len in (1, 4, 50):
+        hist, lens = user_histories(events, train, max_len)
+        pos = train[train["label"] == 1]
+        for r, (u, t) in enumerate(zip(events["user_idx"], events["ts"])):
+            mine = pos[(pos["user_idx"] == u) & (pos["ts"] < t)].sort_values(["ts", "item_idx"], kind="stable")
+            want = mine["item_idx"].to_numpy()[-max_len:] + 1 if len(mine) else np.zeros(0, np.int64)
+            assert lens[r] == len(want)
+            assert (hist[r, max_len - len(want):] == want).all() and (hist[r, : max_len - len(want)] == 0).all()

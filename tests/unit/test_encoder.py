@@ -58,3 +58,12 @@ def test_fine_tuning_with_the_anchor_keeps_items_near_the_parent():
                        text, image, has)
     anchored = embed_items(train_encoder(text, image, has, changed, va, cfg, init=parent).model, text, image, has)
     assert (anchored * before).sum(1).mean() > (free * before).sum(1).mean() + 0.01
+
+
+def test_hit_at_k_does_not_depend_on_the_chunk_it_scores_queries_in():
+    """hit_at_k bounds its [chunk, items] score matrix by shrinking the chunk on large catalogues: same answer."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    pairs = rng.integers(0, 300, size=(200, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    assert hit_at_k(emb, pairs, 10, chunk=3) == hit_at_k(emb, pairs, 10) == hit_at_k(emb, pairs, 10, chunk=10_000)

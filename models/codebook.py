@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .kmeans import AssignmentSolver, _assign, kmeans, match_to_parent
+from .kmeans import AssignmentSolver, _assign, assign_levels, kmeans, match_to_parent
 from .rqvae import RQVAE, RQVAEConfig, train_rqvae
 from .sids import code_metrics
 
@@ -74,12 +74,7 @@ class Codebook:
         """Deterministic SIDs [n, levels] (no dedup level; see `dedup_level`)."""
         x = self._check(emb)
         r = self.vae.enc(x) if self.vae is not None else x
-        out = []
-        for c in self.centroids:
-            idx, _ = _assign(r, c)
-            out.append(idx)
-            r = r - c[idx]
-        return torch.stack(out, 1).numpy().astype(np.int64) if out else np.zeros((len(x), 0), np.int64)
+        return assign_levels(r, self.centroids).numpy().astype(np.int64)
 
     @torch.no_grad()
     def reconstruct(self, codes: np.ndarray) -> torch.Tensor:
@@ -192,6 +187,8 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
     else:
         xc = x.cpu()
         recon_err = float(((xc - cb.reconstruct(assigned)) ** 2).sum(1).mean() / (xc ** 2).sum(1).mean().clamp_min(1e-12))
+    if isinstance(assigned, torch.Tensor) and assigned.device.type == "cpu":
+        assigned = assigned.numpy()  # counted by numpy on CPU, as before; a GPU build counts on the GPU
     cb.metrics = code_metrics(assigned, codes, recon_err)
     cb.metrics["parent_matched"] = bool(use_parent)
     return cb
@@ -200,7 +197,8 @@ def build_codebook(emb: np.ndarray, levels: int = 3, codes: int | None = None, m
 def _residual_kmeans(x: torch.Tensor, levels: int, codes: int, iters: int, seed: int, parent: Codebook | None,
                      solve_assignment: AssignmentSolver | None, on_level: Callable[[int], None] | None):
     """RQ-KMeans: k-means on the residual at each level (warm-started from and matched to `parent`'s centroids
-    where given). Returns (centroids per level on CPU, codes [n, levels]: what `assign` would give)."""
+    where given). Returns (centroids per level on CPU, codes [n, levels] as a tensor where x lives: what `assign`
+    would give)."""
     r, cents, level_codes = x, [], []
     for lvl in range(levels):
         init = parent.centroids[lvl] if parent is not None else None
@@ -210,7 +208,7 @@ def _residual_kmeans(x: torch.Tensor, levels: int, codes: int, iters: int, seed:
         idx, _ = _assign(r, c)
         r = r - c[idx]
         cents.append(c.cpu())
-        level_codes.append(idx.cpu())
+        level_codes.append(idx)
         if on_level:
             on_level(lvl)
-    return cents, torch.stack(level_codes, 1).numpy()
+    return cents, torch.stack(level_codes, 1)  # where x lives: metrics are counted there

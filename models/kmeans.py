@@ -29,23 +29,60 @@ def _augment(x: torch.Tensor) -> np.ndarray:
     return xa
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536, xa: np.ndarray | None = None
+GPU_SCORES_BUDGET = 1 << 28  # elements of the [rows, codes] score block per GEMM on GPU (1 GiB in fp32)
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int | None = None, xa: np.ndarray | torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory. The second value
-    (squared distances) is only computed on GPU; CPU callers that need it use `_sq_dist`."""
+    """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory. The second value is None:
+    callers that need squared distances (k-means re-seeding an empty cluster, rarely) use `_sq_dist`. On GPU a
+    chunk is as many rows as GPU_SCORES_BUDGET allows (one GEMM + one argmin for 1M x 256)."""
     if x.device.type == "cpu":
         xa = _augment(x) if xa is None else xa
-        return torch.from_numpy(_nearest_cpu(xa, c.detach().float().numpy())), None
-    c_sq = (c * c).sum(1)
-    codes = torch.empty(len(x), dtype=torch.long, device=x.device)
-    dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    for s in range(0, len(x), chunk):
-        xs = x[s: s + chunk]
-        d = torch.addmm(c_sq.unsqueeze(0), xs, c.T, alpha=-2.0)  # ||c||^2 - 2 x.c
-        m, idx = d.min(1)
-        codes[s: s + chunk] = idx
-        dist[s: s + chunk] = m + (xs * xs).sum(1)
-    return codes, dist
+        return torch.from_numpy(_nearest_cpu(xa, c.detach().float().numpy(), chunk or 16384)), None
+    return _argmin_aug(_augment_torch(x) if xa is None else xa, c, chunk), None
+
+
+def _augment_torch(x: torch.Tensor) -> torch.Tensor:
+    """[x, 1, 0...]: x with a ones column, zero-padded to a width a multiple of 8 (aligned GEMM operands)."""
+    d = x.shape[1]
+    xa = torch.zeros((len(x), (d + 1 + 7) // 8 * 8), dtype=x.dtype, device=x.device)
+    xa[:, :d] = x
+    xa[:, d] = 1.0
+    return xa
+
+
+def _argmin_aug(xa: torch.Tensor, c: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """argmin_j ||x - c_j||^2 = argmin_j [x, 1] . [-2 c_j, ||c_j||^2]: one plain GEMM and one argmin per chunk
+    (addmm's broadcast bias cost an extra pass over the [rows, codes] block)."""
+    d = c.shape[1]
+    ca = torch.zeros((len(c), xa.shape[1]), dtype=xa.dtype, device=xa.device)
+    ca[:, :d] = -2.0 * c
+    ca[:, d] = (c * c).sum(1)
+    chunk = chunk or max(1, GPU_SCORES_BUDGET // max(1, len(c)))
+    codes = torch.empty(len(xa), dtype=torch.long, device=xa.device)
+    for s in range(0, len(xa), chunk):
+        torch.argmin(xa[s: s + chunk] @ ca.T, 1, out=codes[s: s + chunk])
+    return codes
+
+
+def assign_levels(x: torch.Tensor, centroids: list[torch.Tensor]) -> torch.Tensor:
+    """Residual assignment through every level: codes [n, levels]. On GPU x is augmented once and its residual
+    updated in place, so a level costs one GEMM, one argmin and (but the last) one subtraction."""
+    if x.device.type == "cpu" or not centroids:
+        r, out = x, []
+        for c in centroids:
+            idx, _ = _assign(r, c)
+            out.append(idx)
+            r = r - c[idx]
+        return torch.stack(out, 1) if out else torch.zeros((len(x), 0), dtype=torch.long)
+    d, ra = x.shape[1], _augment_torch(x)
+    out = torch.empty((len(centroids), len(x)), dtype=torch.long, device=x.device)
+    for lvl, c in enumerate(centroids):
+        out[lvl] = _argmin_aug(ra, c)
+        if lvl + 1 < len(centroids):
+            ra[:, :d] -= c[out[lvl]]
+    return out.T
 
 
 def _sq_dist(x: torch.Tensor, c: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -68,7 +105,9 @@ class _single_thread:
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding; the sampling runs where x lives (no host round trip per centroid on GPU)."""
     n = len(x)
-    dev_gen = gen if x.device.type == "cpu" else torch.Generator(device=x.device).manual_seed(int(gen.initial_seed()))
+    if x.device.type != "cpu":
+        return _kmeanspp_gpu(x, k, gen)
+    dev_gen = gen
     first = int(torch.randint(n, (1,), generator=gen))
     idx = torch.empty(k, dtype=torch.long, device=x.device)
     idx[0] = first
@@ -78,6 +117,43 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
         nxt = torch.multinomial(p, 1, generator=dev_gen)
         idx[j] = nxt[0]
         d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
+    return x[idx].clone()
+
+
+def _kmeanspp_gpu(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ by inverse-CDF sampling with uniforms drawn up front, so a step has no RNG and no host sync; on
+    CUDA the step is captured once as a CUDA graph and replayed k - 2 times (the eager loop was launch-bound:
+    ~10 small kernels a centroid). Any other device runs the same step eagerly."""
+    n = len(x)
+    u = torch.rand(k, generator=torch.Generator(device=x.device).manual_seed(int(gen.initial_seed())),
+                   device=x.device, dtype=torch.float64)
+    idx = torch.empty(k, dtype=torch.long, device=x.device)
+    idx[:1] = (u[:1] * n).long().clamp_max(n - 1)
+    # + 1e-12 a point: never all-zero, so duplicate points stay drawable
+    d2 = ((x - x[idx[:1]]) ** 2).sum(1).double() + 1e-12
+    j = torch.ones(1, dtype=torch.long, device=x.device)  # the step's centroid slot, advanced on the device
+
+    def step():
+        cdf = torch.cumsum(d2, 0)
+        nxt = torch.searchsorted(cdf, u.index_select(0, j) * cdf[-1:]).clamp_max_(n - 1)
+        idx.index_copy_(0, j, nxt)
+        torch.minimum(d2, ((x - x.index_select(0, nxt)) ** 2).sum(1).double().add_(1e-12), out=d2)
+        j.add_(1)
+
+    if x.device.type != "cuda" or k < 3:
+        for _ in range(1, k):
+            step()
+        return x[idx].clone()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        step()  # the first step, eagerly: CUDA graphs want a warm-up run off the capturing stream
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # recorded, not run
+    for _ in range(k - 2):
+        graph.replay()
     return x[idx].clone()
 
 
@@ -94,7 +170,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.
     else:
         sample = x if n <= init_sample * k else x[torch.randperm(n, generator=gen)[: init_sample * k].to(x.device)]
         c = _kmeanspp(sample, k, gen)
-    xa = _augment(x) if x.device.type == "cpu" else None  # built once per call, reused every iteration
+    xa = _augment(x) if x.device.type == "cpu" else _augment_torch(x)  # built once, reused every iteration
     for _ in range(iters):
         codes, dist = _assign(x, c, xa=xa)
         with _single_thread(x.device.type == "cpu"):  # BLAS threads still spin after the GEMM: don't fight them
@@ -102,8 +178,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.
             sums = torch.zeros_like(c).index_add_(0, codes, x)
         empty = counts == 0
         c = torch.where(empty.unsqueeze(1), c, sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype))
-        if bool(empty.any()):
-            dist = _sq_dist(x, c, codes) if dist is None else dist
+        if bool(empty.any()):  # this check is an iteration's one host sync; re-seeding itself is rare
+            dist = _sq_dist(x, c, codes)
             worst = torch.topk(dist, int(empty.sum())).indices
             c[empty] = x[worst]
     return c

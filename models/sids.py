@@ -3,6 +3,7 @@ two assignments, and code quality metrics."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def dedup_level(codes: np.ndarray, tie_order: np.ndarray | None = None,
@@ -45,7 +46,11 @@ def _row_keys(codes: np.ndarray) -> np.ndarray:
     return np.unique(codes, axis=0, return_inverse=True)[1].reshape(-1)
 
 
-def code_metrics(codes: np.ndarray, k: int, relative_recon_error: float) -> dict:
+def code_metrics(codes, k: int, relative_recon_error: float) -> dict:
+    """Utilisation and perplexity per level, collisions of full SIDs. `codes` [n, levels]: numpy, or a torch
+    tensor, counted where it lives (a GPU build does not copy its codes to the host for this)."""
+    if isinstance(codes, torch.Tensor):
+        return _code_metrics_torch(codes, k, relative_recon_error)
     _, counts = np.unique(_row_keys(codes), return_counts=True)
     shared = counts[counts > 1].sum()
     util = [float(len(np.unique(codes[:, lvl])) / k) for lvl in range(codes.shape[1])]
@@ -55,6 +60,25 @@ def code_metrics(codes: np.ndarray, k: int, relative_recon_error: float) -> dict
         p = p[p > 0]
         ent.append(float(np.exp(-(p * np.log(p)).sum())))
     return {"utilisation": util, "perplexity": ent, "collision_rate": float(shared / len(codes)),
+            "max_collision_group": int(counts.max()), "unique_sids": int(len(counts)),
+            "relative_recon_error": relative_recon_error}
+
+
+def _code_metrics_torch(codes: torch.Tensor, k: int, relative_recon_error: float) -> dict:
+    codes = codes.long()
+    base = int(codes.max()) + 1 if codes.numel() else 1
+    if base ** codes.shape[1] < 2 ** 62:
+        keys = (codes * (base ** torch.arange(codes.shape[1] - 1, -1, -1, device=codes.device))).sum(1)
+    else:
+        keys = torch.unique(codes, dim=0, return_inverse=True)[1]
+    counts = torch.unique(keys, return_counts=True)[1]
+    per_level = [torch.bincount(codes[:, lvl], minlength=k).double() for lvl in range(codes.shape[1])]
+    util, ent = [], []
+    for cnt in per_level:
+        p = cnt[cnt > 0] / len(codes)
+        util.append(float((cnt > 0).sum()) / k)
+        ent.append(float(torch.exp(-(p * torch.log(p)).sum())))
+    return {"utilisation": util, "perplexity": ent, "collision_rate": float(counts[counts > 1].sum()) / len(codes),
             "max_collision_group": int(counts.max()), "unique_sids": int(len(counts)),
             "relative_recon_error": relative_recon_error}
 

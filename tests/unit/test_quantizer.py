@@ -146,3 +146,29 @@ def test_nearest_is_the_exact_cosine_top_k_without_excluded_rows():
     assert nearest(base[:3], queries[:1], k=10)[0].shape == (1, 3)   # k capped at the catalogue
     # two random items share a first-level code with probability sum(p_c^2)
     assert first_level_chance(np.array([[0, 1], [0, 2], [1, 0], [2, 0]])) == pytest.approx(0.5 ** 2 + 2 * 0.25 ** 2)
+
+
+def test_gpu_paths_of_the_codebook_build_agree_with_the_cpu_ones_when_run_on_cpu():
+    """The GPU build counts its code metrics with torch where the codes live and seeds k-means++ by inverse-CDF
+    sampling; both run on CPU tensors too, which is how they are checked here."""
+    from semalign.models.kmeans import _kmeanspp_gpu
+    from semalign.models.sids import code_metrics
+
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 16, size=(5000, 3))
+    codes[:300] = codes[0]                                    # a collision group
+    want, got = code_metrics(codes, 16, 0.25), code_metrics(torch.as_tensor(codes), 16, 0.25)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12)
+    # the GPU assignment (augmented GEMM + argmin, any chunking) picks the CPU path's centroids
+    from semalign.models.kmeans import _argmin_aug, _assign, _augment_torch
+
+    pts = torch.as_tensor(rng.normal(size=(3000, 12)).astype(np.float32))
+    cents = pts[:29].clone() + 0.01
+    assert torch.equal(_argmin_aug(_augment_torch(pts), cents, chunk=777), _assign(pts, cents)[0])
+    x = torch.as_tensor(np.concatenate([rng.normal(size=(200, 8)) + 10 * j for j in range(4)]).astype(np.float32))
+    seeds = _kmeanspp_gpu(x, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(seeds, _kmeanspp_gpu(x, 4, torch.Generator().manual_seed(0)))   # deterministic by seed
+    # D^2 sampling puts one seed in each of four far-apart blobs
+    assert sorted(((seeds.mean(1) + 5) // 10).long().tolist()) == [0, 1, 2, 3]

@@ -159,7 +159,7 @@ def _pool(settings: Settings, cpus: int, gpus: int) -> int:
     return max(1, int(fit))
 
 
-def _run_map(settings: Settings, rows: list[dict], actor, kwargs: dict, n_out: int, dim: int,
+def _run_map(settings: Settings, job: str, rows: list[dict], actor, kwargs: dict, n_out: int, dim: int,
              progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
     """Runs `actor` over `rows` as a Ray Data map_batches job and scatters its output rows ({"pos", "vec", "ok"})
     back by position: (vectors [n_out, dim], ok [n_out])."""
@@ -181,7 +181,17 @@ def _run_map(settings: Settings, rows: list[dict], actor, kwargs: dict, n_out: i
             progress(len(pos))
     if not done.all():  # a lost row would be a zero vector: refuse instead
         raise RuntimeError(f"the Ray job returned {int(done.sum())} of {n_out} rows")
+    _record(job, items=n_out, actors=actors, cpus_per_actor=cpus, gpus_per_actor=gpus)
     return out, ok
+
+
+def _record(job: str, **facts) -> None:
+    _STATE.setdefault("jobs", []).append({"job": job, **facts})
+
+
+def jobs() -> list[dict]:
+    """The Ray jobs this process ran (for the refresh's summary: what ran on the cluster)."""
+    return list(_STATE.get("jobs", []))
 
 
 def _set_threads(n: int) -> None:
@@ -218,7 +228,7 @@ def text_vectors(settings: Settings, texts: list[str], progress: ProgressFn | No
     text_fingerprint(model, max_length)  # a model dir that is not one fails here, before the cluster is asked
     dim = int(json.loads((model / "config.json").read_text())["hidden_size"])
     rows = [{"pos": idx.tolist(), "text": [texts[i] for i in idx]} for idx in length_batches(texts, batch_size)]
-    vec, _ = _run_map(settings, rows, _TextActor, {"model_path": str(model), "max_length": max_length,
+    vec, _ = _run_map(settings, "text tower", rows, _TextActor, {"model_path": str(model), "max_length": max_length,
                                                    "batch_size": batch_size}, len(texts), dim, progress)
     return vec
 
@@ -256,7 +266,7 @@ def image_vectors(settings: Settings, paths: list[str | None], progress: Progres
     rows = [{"pos": list(range(s, min(s + chunk, len(paths)))), "path": paths[s: s + chunk],
              "readable": [p is not None and os.access(p, os.R_OK) for p in paths[s: s + chunk]]}
             for s in range(0, len(paths), chunk)]
-    return _run_map(settings, rows, _ImageActor, {}, len(paths), IMAGE_DIM, progress)
+    return _run_map(settings, "image tower", rows, _ImageActor, {}, len(paths), IMAGE_DIM, progress)
 
 
 # ---------------------------------------------------------------- encoder inference
@@ -307,7 +317,7 @@ def embed_items(settings: Settings, model, text: np.ndarray, image: np.ndarray |
                         None if image is None else np.asarray(image, np.float32),
                         None if has_image is None else np.asarray(has_image, bool)))]
     rows = [{"start": s, "stop": min(s + chunk, len(text))} for s in range(0, len(text), chunk)]
-    vec, _ = _run_map(settings, rows, _EncoderActor, {"payload": payload}, len(text), model.cfg.out_dim, None)
+    vec, _ = _run_map(settings, "encoder", rows, _EncoderActor, {"payload": payload}, len(text), model.cfg.out_dim, None)
     return vec
 
 
@@ -375,5 +385,6 @@ def train_ranker(settings: Settings, cfg, tables, train, val):
     model = Ranker(cfg, tables, train.user_feats.shape[1])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in out["state"].items()})  # writable copies
     model.eval()
+    _record("ranker", samples=len(train), workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
     return TrainResult(model=model, history=out["history"], best_epoch=out["best_epoch"],
                        best_val_auc=out["best_val_auc"], samples_per_s=out["samples_per_s"])

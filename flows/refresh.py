@@ -124,8 +124,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                    "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, "churn": cb.churn,
                                 "health": health["checks"]},
                    "feature_store": pub, "ranker": {"input_key": rk.input_key, **rk.fit}}
-        if settings.ray_address:
-            summary["ray"] = ray_info
+        if settings.ray_address:  # what ran on the cluster (stages that reused their outputs ran nothing)
+            summary["ray"] = {**ray_info, "jobs": ray_engine.jobs()}
         if rk.registered is not None:  # these exact inputs were refreshed before: keep that outcome
             summary.update(finish_unchanged_input(settings, registry, rk.registered, champ, at))
         else:

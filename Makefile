@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first, pinned, so pip takes the local CPU wheel instead of a multi-GB CUDA build
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[mlops,bench,test]"
+	$(VENV)/bin/pip install -q -e ".[mlops,bench,test,ray]"
 	touch $@
 
 .PHONY: install run test bench

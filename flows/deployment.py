@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str = "semalign-refresh",
-             timezone: str = "UTC") -> dict:
+             timezone: str = "UTC", ray_address: str | None = None) -> dict:
+    """With `ray_address`, the deployment's runs get SEMALIGN_RAY_ADDRESS in their environment (a job variable of
+    the process pool; an address is not a secret): they compute on that Ray cluster."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -33,7 +35,9 @@ def schedule(data: str, home: str, cron: str, pool: str = "semalign", name: str 
                                    concurrency_limit=ConcurrencyLimitConfig(
                                        limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
                                    parameters={"data": str(Path(data).resolve()), "home": str(Path(home).resolve())},
+                                   job_variables={"env": {"SEMALIGN_RAY_ADDRESS": ray_address}} if ray_address else None,
                                    build=False, push=False, print_next_steps=False)
     return {"deployment_id": str(dep_id), "deployment": f"refresh/{name}", "work_pool": pool, "cron": cron,
             "timezone": timezone, "api": str(api),
-            "concurrency_limit": 1, "worker": f"prefect worker start --pool {pool}"}
+            "concurrency_limit": 1, "worker": f"prefect worker start --pool {pool}",
+            **({"ray_address": ray_address} if ray_address else {})}

@@ -60,9 +60,15 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
     # the text-tower vectors the store serves beside the aligned ones (`content` of the embedding view)
     tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes)
     frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
-    with rep.stage("ranker", cfg.max_epochs) as adv:
-        res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
-                           on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
+    if settings.ray_address:  # the same training function, as a Ray Train job on the cluster
+        from semalign.flows import ray_engine
+
+        with rep.stage(f"ranker (ray, {settings.ray_train_workers} worker(s))", None):
+            res = ray_engine.train_ranker(settings, cfg, tables, frames["train"], frames["val"])
+    else:
+        with rep.stage("ranker", cfg.max_epochs) as adv:
+            res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
+                               on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
             "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,

@@ -98,6 +98,10 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
     with StageTracker() as at, refresh_lock(settings) as lock:
         at.lock = lock
         remove_dead_temporaries(settings)  # under the lock: no other refresh is writing them
+        if settings.ray_address:  # an unreachable cluster stops the refresh here, before anything is computed
+            from semalign.flows import ray_engine
+
+            ray_info = at.run("connect to Ray", ray_engine.cluster_info, settings)
         at("registry lookup")
         registry = Registry(settings)
         champ = champion_lineage(registry)
@@ -120,6 +124,8 @@ def refresh_job(settings: Settings, data=None, rep: Reporter | None = None) -> d
                    "codebook": {"version": cb.version, "parent": cb.parent, "reused": cb.reused, "churn": cb.churn,
                                 "health": health["checks"]},
                    "feature_store": pub, "ranker": {"input_key": rk.input_key, **rk.fit}}
+        if settings.ray_address:  # what ran on the cluster (stages that reused their outputs ran nothing)
+            summary["ray"] = {**ray_info, "jobs": ray_engine.jobs()}
         if rk.registered is not None:  # these exact inputs were refreshed before: keep that outcome
             summary.update(finish_unchanged_input(settings, registry, rk.registered, champ, at))
         else:

@@ -55,6 +55,12 @@ def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None)
 
     def text_compute(missing):
         nonlocal text_tower
+        if settings.ray_address:  # the same batches, encoded by actors on the Ray cluster
+            from semalign.flows import ray_engine
+
+            with rep.stage("text tower (ray)", len(missing)) as adv:
+                return ray_engine.text_vectors(settings, [texts[i] for i in missing], progress=adv), \
+                    np.ones(len(missing), bool)
         text_tower = text_tower or TextTower(settings.resolved_text_model(), device=device)
         with rep.stage("text tower", len(missing)) as adv:
             v = text_tower.encode([texts[i] for i in missing], progress=adv)
@@ -70,6 +76,11 @@ def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None)
         image_fp = img_tower.fingerprint
 
         def image_compute(missing):
+            if settings.ray_address:
+                from semalign.flows import ray_engine
+
+                with rep.stage("image tower (ray)", len(missing)) as adv:
+                    return ray_engine.image_vectors(settings, [paths[i] for i in missing], progress=adv)
             with rep.stage("image tower", len(missing)) as adv:
                 return img_tower.encode([paths[i] for i in missing], progress=adv)
 
@@ -132,7 +143,12 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
         meta = {"version": version, "input_key": input_key, "parent": parent_version if parent_model is not None else None,
                 "best_epoch": res.best_epoch, "history": res.history,
                 "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "split": split.kind}
-    emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
+    if settings.ray_address:  # every item's aligned vector, on the Ray cluster (same chunks, same vectors)
+        from semalign.flows import ray_engine
+
+        emb = ray_engine.embed_items(settings, model, feats.text, feats.image, feats.has_image)
+    else:
+        emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
     metrics = {"train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "best_epoch": meta["best_epoch"],
                **_encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k)}
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version

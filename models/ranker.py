@@ -315,25 +315,37 @@ class TrainResult:
 
 
 def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame, device: str = "cpu",
-                 on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Adam on BCE; deterministic data order from the seed; early stopping on validation AUC."""
+                 on_epoch: Callable[[dict], None] | None = None,
+                 distributed: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
+                 world_size: int = 1) -> TrainResult:
+    """Adam on BCE; deterministic data order from the seed; early stopping on validation AUC.
+
+    Data-parallel (torch DDP, e.g. under Ray Train): every rank draws the same permutation from the seed and takes
+    its `rank::world_size` share of each global batch; `distributed` wraps the model (DistributedDataParallel), so
+    gradients are averaged over ranks and every rank holds the same weights, sees the same validation AUC and stops
+    at the same epoch. With one rank this is exactly the single-process loop."""
     import time
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Ranker(cfg, tables, train.user_feats.shape[1]).to(device)
+    step_model = distributed(model) if distributed is not None else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     u, c, h, y = train.tensors(device)
     best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()
         perm = torch.randperm(len(y), generator=gen).to(device)
-        t0, total = time.perf_counter(), 0.0
+        t0, total, rows = time.perf_counter(), 0.0, 0
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s: s + cfg.batch_size]
+            if world_size > 1:
+                if len(idx) < world_size:  # every rank must take every step (DDP all-reduces each one)
+                    break
+                idx = idx[rank::world_size]
             model.aux_loss = None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                logit = model(u[idx], c[idx], h[idx])
+                logit = step_model(u[idx], c[idx], h[idx])
             loss = F.binary_cross_entropy_with_logits(logit.float(), y[idx])
             if model.aux_loss is not None:
                 loss = loss + cfg.distill_weight * model.aux_loss.float()
@@ -341,10 +353,11 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
+            rows += len(idx)
         busy += time.perf_counter() - t0
-        seen += len(y)
+        seen += rows
         val_auc = _auc(val.label, predict(model, val, device)) if len(val) else float("nan")
-        rec = {"epoch": epoch + 1, "loss": total / len(y), "val_auc": val_auc}
+        rec = {"epoch": epoch + 1, "loss": total / max(rows, 1), "val_auc": val_auc}
         history.append(rec)
         if on_epoch:
             on_epoch(rec)

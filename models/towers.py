@@ -48,6 +48,13 @@ def text_fingerprint(model_path: str | Path, max_length: int = 256) -> str:
     return f"text-{_dir_fingerprint(path, names)}-L{max_length}"
 
 
+def length_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+    """The batches (positions into `texts`) the text tower encodes: longest first, `batch_size` each. A vector
+    depends on its batch's padding, so a distributed run that encodes exactly these batches gets the same bits."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 class TextTower:
     """Sentence embedding from any local transformers encoder: mean pooling over tokens, L2-normalised
     (the all-MiniLM-L6-v2 recipe). Texts are sorted by length so batches carry little padding."""
@@ -74,11 +81,9 @@ class TextTower:
         runs this one."""
         if not len(texts):
             return np.zeros((0, self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
         on_gpu = self.device.startswith("cuda")
         out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
-        for start in range(0, len(texts), self.batch_size):
-            idx = order[start: start + self.batch_size]
+        for idx in length_batches(texts, self.batch_size):
             # cut to the tokenizer's window first: it truncates to max_length tokens anyway, and tokenizing a
             # 20,000-character text only to drop most of it is cost a caller could force (32 characters a token
             # is beyond any real text's average, so no real text loses a token)

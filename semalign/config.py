@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     serve_rate_limit: str = "6000/minute"   # per API key (unmetered without keys: loopback only); `limits` syntax
     serve_check_interval: float = 30.0      # seconds between checks of the champion alias
 
+    # compute on Ray (flows/ray_engine.py): unset, every stage runs in this process (the embedded default). Set
+    # ("127.0.0.1:6380", "auto", "ray://head:10001"), tower and encoder inference run as Ray Data jobs on actors
+    # and the ranker trains as a Ray Train job; publishing, MLflow and the gates stay in the refresh's process
+    ray_address: str | None = None
+    ray_train_workers: int = 1              # Ray Train (torch DDP) workers for the ranker
+    # CPUs each Ray actor / train worker reserves, and its torch threads; unset: this process's torch thread count,
+    # so one train worker reduces in the same order as the in-process loop and returns the same weights
+    ray_cpus_per_worker: int | None = None
+    ray_actors: int | None = None           # at most this many inference actors (unset: as many as the cluster fits)
+
     # the refresh lock's lease: its holder renews it every third of this; a holder that dies (or hangs) on another
     # host frees the lock when it runs out
     refresh_lock_lease_s: float = 120.0

@@ -13,6 +13,9 @@ DataOpt = typer.Option(None, "--data", help="Dataset folder (env SEMALIGN_DATA).
 HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 ImagesOpt = typer.Option(True, help="Use the image tower where items have images.")
+RayOpt = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the heavy compute (tower and encoder inference, "
+                     "ranker training) on the Ray cluster at ADDRESS (host:port, auto, ray://host:10001; env "
+                     "SEMALIGN_RAY_ADDRESS). Unset: everything in this process.")
 OutOpt = typer.Option(None, "--out", help="Write the results (JSON) to this file, companion files (.md, plots) beside it.")
 
 

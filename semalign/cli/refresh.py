@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
-from semalign.cli.common import DataOpt, HomeOpt, ImagesOpt, JsonOpt, emit, fail, load_settings, print_summary
+from semalign.cli.common import DataOpt, HomeOpt, ImagesOpt, JsonOpt, RayOpt, emit, fail, load_settings, print_summary
 
 
 def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
-        images: bool = ImagesOpt,
+        images: bool = ImagesOpt, ray: Optional[str] = RayOpt,
         quarantine: bool = typer.Option(False, "--quarantine", help="Set bad rows aside under "
                                         "SEMALIGN_HOME/quarantine/ (counts in the output) instead of refusing the "
                                         "dataset (env SEMALIGN_ON_BAD_ROWS=quarantine).")):
@@ -23,7 +23,8 @@ def run(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json:
     from semalign.flows import prefect_env
     from semalign.progress import Reporter
 
-    s = load_settings(home, data, write=True, use_images=images, on_bad_rows="quarantine" if quarantine else None)
+    s = load_settings(home, data, write=True, use_images=images, on_bad_rows="quarantine" if quarantine else None,
+                      ray_address=ray)
     prefect_env.prepare(s)  # before Prefect is imported: it reads its settings and sets up logging then
     from semalign.flows.refresh import run_refresh
 
@@ -76,7 +77,8 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron expression, e.g.
              data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
              pool: str = typer.Option("semalign", help="Prefect process work pool (created if missing)."),
              name: str = typer.Option("semalign-refresh", help="Deployment name."),
-             timezone: str = typer.Option("UTC", help="Time zone of the cron schedule.")):
+             timezone: str = typer.Option("UTC", help="Time zone of the cron schedule."),
+             ray: Optional[str] = RayOpt):
     """Create a Prefect deployment of `refresh` on a cron schedule (needs PREFECT_API_URL: a Prefect server;
     runs happen on a worker: `prefect worker start --pool semalign`)."""
     import os
@@ -84,8 +86,9 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron expression, e.g.
     if not os.environ.get("PREFECT_API_URL"):
         fail(ValueError("set PREFECT_API_URL to a Prefect server (start one with `prefect server start`); "
                         "`semalign run` runs the flow in-process without one"))
-    s = load_settings(home, data)
+    s = load_settings(home, data, ray_address=ray)
     from semalign.flows.deployment import schedule as make_schedule
 
-    res = make_schedule(str(s.resolved_data()), str(s.home), cron, pool=pool, name=name, timezone=timezone)
+    res = make_schedule(str(s.resolved_data()), str(s.home), cron, pool=pool, name=name, timezone=timezone,
+                        ray_address=ray)
     emit({"schedule": res}, as_json, print_summary)

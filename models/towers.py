@@ -73,6 +73,35 @@ class TextTower:
         if device.startswith("cuda"):
             self.model = self.model.to(torch.bfloat16)
         self.dim = int(self.model.config.hidden_size)
+        self._fast = self._backend()
+
+    def _backend(self):
+        """The Rust tokenizer behind a fast tokenizer, set to pad and truncate as the tokenizer's own call does.
+        Calling it directly skips transformers' per-text Python work, which bound the GPU path (~20k titles/s on
+        an H200 against a ~190k/s forward); None for a slow tokenizer, which goes through its own call."""
+        import copy
+
+        tok = self.tokenizer
+        if not getattr(tok, "is_fast", False) or tok.pad_token is None:
+            return None
+        fast = copy.deepcopy(tok.backend_tokenizer)  # the tokenizer's own stays as it was
+        fast.enable_truncation(max_length=self.max_length, direction=tok.truncation_side)
+        fast.enable_padding(pad_id=tok.pad_token_id, pad_type_id=tok.pad_token_type_id, pad_token=tok.pad_token,
+                            direction=tok.padding_side)
+        return fast
+
+    def tokenize(self, texts: list[str]) -> dict:
+        """Token ids, attention mask (and token type ids where the model takes them), padded to the longest text
+        and cut to max_length: the same tokens as the tokenizer's call with padding=True, truncation=True."""
+        if self._fast is None:
+            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt"))
+        enc = self._fast.encode_batch(texts)
+        out = {"input_ids": torch.tensor([e.ids for e in enc], dtype=torch.long),
+               "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.long)}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            out["token_type_ids"] = torch.tensor([e.type_ids for e in enc], dtype=torch.long)
+        return out
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
@@ -88,8 +117,7 @@ class TextTower:
             # 20,000-character text only to drop most of it is cost a caller could force (32 characters a token
             # is beyond any real text's average, so no real text loses a token)
             window = self.max_length * 32
-            batch = self.tokenizer([texts[i][:window] for i in idx], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+            batch = self.tokenize([texts[i][:window] for i in idx])
             if on_gpu:
                 batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
             hidden = self.model(**batch).last_hidden_state.float()

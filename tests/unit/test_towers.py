@@ -1,6 +1,7 @@
 """Frozen towers with the real bundled models (offline), and the content-addressed feature cache."""
 import numpy as np
 import pytest
+import torch
 
 from semalign.config import Settings
 from semalign.models.towers import FeatureCache, ImageTower, TextTower, file_key, text_key
@@ -52,3 +53,18 @@ def test_feature_cache_computes_only_missing(tmp_path, text_tower):
     assert (n1, n2) == (2, 2) and calls == [[0, 1], [2, 3]]
     assert np.allclose(v2[:2], v1) and ok1.all()
     assert file_key(None) == "none"
+
+
+def test_the_direct_rust_tokenization_gives_the_tokenizers_own_tokens(text_tower):
+    """The tower calls the fast tokenizer's Rust backend directly (transformers' per-text Python work bound the
+    GPU path); it must give exactly what the tokenizer's own call gives: ids, mask, type ids, padding, cut."""
+    long = "word " * 400                                             # beyond max_length tokens: cut
+    texts = TEXTS + ["", "Ünïcödé — 東京 🎬 café", long, "a b", "  spaced   out  "]
+    want = text_tower.tokenizer(texts, padding=True, truncation=True, max_length=text_tower.max_length,
+                                return_tensors="pt")
+    got = text_tower.tokenize(texts)
+    assert text_tower._fast is not None and set(got) == set(want.keys())
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert got["input_ids"].shape[1] == text_tower.max_length
+    assert text_tower.tokenizer(["x y"], padding=True)["input_ids"] == [[101, 1060, 1061, 102]]  # its own untouched

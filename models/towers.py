@@ -55,6 +55,19 @@ def length_batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
     return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def _ahead(fn, items):
+    """fn over items in order, each next one computed by one background thread while the caller works on the
+    current one (the Rust tokenizer releases the GIL, so it overlaps the GPU launches of the batch before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(fn, items[0]) if len(items) else None
+        for k in range(len(items)):
+            cur = nxt.result()
+            nxt = pool.submit(fn, items[k + 1]) if k + 1 < len(items) else None
+            yield cur
+
+
 class TextTower:
     """Sentence embedding from any local transformers encoder: mean pooling over tokens, L2-normalised
     (the all-MiniLM-L6-v2 recipe). Texts are sorted by length so batches carry little padding."""
@@ -76,31 +89,42 @@ class TextTower:
         self._fast = self._backend()
 
     def _backend(self):
-        """The Rust tokenizer behind a fast tokenizer, set to pad and truncate as the tokenizer's own call does.
-        Calling it directly skips transformers' per-text Python work, which bound the GPU path (~20k titles/s on
-        an H200 against a ~190k/s forward); None for a slow tokenizer, which goes through its own call."""
+        """The Rust tokenizer behind a fast tokenizer, set to truncate as the tokenizer's own call does (padding is
+        done here, in numpy). Calling it directly skips transformers' per-text Python work, which bound the GPU path
+        (~20k titles/s on an H200 against a ~200k/s forward); None for a slow tokenizer or left padding, which go
+        through the tokenizer's own call."""
         import copy
 
         tok = self.tokenizer
-        if not getattr(tok, "is_fast", False) or tok.pad_token is None:
+        if not getattr(tok, "is_fast", False) or tok.pad_token_id is None or tok.padding_side != "right":
             return None
         fast = copy.deepcopy(tok.backend_tokenizer)  # the tokenizer's own stays as it was
         fast.enable_truncation(max_length=self.max_length, direction=tok.truncation_side)
-        fast.enable_padding(pad_id=tok.pad_token_id, pad_type_id=tok.pad_token_type_id, pad_token=tok.pad_token,
-                            direction=tok.padding_side)
+        fast.no_padding()
+        # single texts get type ids 0 from BERT-like templates: then they are zeros here, not read per token
+        self._zero_types = set(fast.encode("a b").type_ids) == {0}
         return fast
 
     def tokenize(self, texts: list[str]) -> dict:
         """Token ids, attention mask (and token type ids where the model takes them), padded to the longest text
         and cut to max_length: the same tokens as the tokenizer's call with padding=True, truncation=True."""
+        import itertools
+
         if self._fast is None:
             return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                        return_tensors="pt"))
-        enc = self._fast.encode_batch(texts)
-        out = {"input_ids": torch.tensor([e.ids for e in enc], dtype=torch.long),
-               "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.long)}
+        enc = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)(texts)  # _fast: no char offsets
+        lists = [e.ids for e in enc]
+        lens = np.fromiter(map(len, lists), np.int64, len(lists))
+        mask = np.arange(int(lens.max()) if len(lens) else 0)[None, :] < lens[:, None]
+        ids = np.full(mask.shape, self.tokenizer.pad_token_id, np.int64)
+        ids[mask] = np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(lens.sum()))
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
         if "token_type_ids" in self.tokenizer.model_input_names:
-            out["token_type_ids"] = torch.tensor([e.type_ids for e in enc], dtype=torch.long)
+            types = np.full(mask.shape, self.tokenizer.pad_token_type_id, np.int64)
+            types[mask] = 0 if self._zero_types else \
+                np.fromiter(itertools.chain.from_iterable(e.type_ids for e in enc), np.int64, int(lens.sum()))
+            out["token_type_ids"] = torch.from_numpy(types)
         return out
 
     @torch.inference_mode()
@@ -111,21 +135,32 @@ class TextTower:
         if not len(texts):
             return np.zeros((0, self.dim), dtype=np.float32)
         on_gpu = self.device.startswith("cuda")
-        out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
-        for idx in length_batches(texts, self.batch_size):
-            # cut to the tokenizer's window first: it truncates to max_length tokens anyway, and tokenizing a
-            # 20,000-character text only to drop most of it is cost a caller could force (32 characters a token
-            # is beyond any real text's average, so no real text loses a token)
-            window = self.max_length * 32
+        # vectors in batch order, put back in text order once at the end: a per-batch scatter index copied from
+        # pageable memory made every batch wait for the GPU
+        sorted_out = torch.empty((len(texts), self.dim), dtype=torch.float32, device=self.device)
+        done = 0
+        batches = length_batches(texts, self.batch_size)
+        # cut to the tokenizer's window first: it truncates to max_length tokens anyway, and tokenizing a 20,000-
+        # character text only to drop most of it is cost a caller could force (32 characters a token is beyond any
+        # real text's average, so no real text loses a token)
+        window = self.max_length * 32
+
+        def tokens(idx):
             batch = self.tokenize([texts[i][:window] for i in idx])
+            return {k: v.pin_memory() for k, v in batch.items()} if on_gpu else batch
+
+        for idx, batch in zip(batches, _ahead(tokens, batches) if on_gpu else map(tokens, batches)):
             if on_gpu:
-                batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             hidden = self.model(**batch).last_hidden_state.float()
             m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            out[torch.as_tensor(idx, device=self.device)] = torch.nn.functional.normalize(pooled, dim=-1)
+            sorted_out[done: done + len(idx)] = torch.nn.functional.normalize(pooled, dim=-1)
+            done += len(idx)
             if progress:
                 progress(len(idx))
+        out = torch.empty_like(sorted_out)
+        out[torch.as_tensor(np.concatenate(batches), device=self.device)] = sorted_out
         return out.cpu().numpy()
 
 

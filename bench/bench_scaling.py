@@ -18,7 +18,8 @@ numpy and torch allocations included), beside the RSS the process held before th
   pairs          data.mine_pairs on the train, val and test windows (what encoder_stage mines)
   encoder_epoch  models.encoder.train_encoder for one epoch (its per-epoch val hit@30 included), then embed_items;
                  above --max-eval-pairs validation pairs it validates on a sample and the hit@30's share of the time
-                 is EXTRAPOLATED to all of them (its cost is queries x items: linear in the pairs at a fixed size)
+                 is EXTRAPOLATED to the pairs the refresh scores: all of them up to models.encoder.MAX_EVAL_PAIRS,
+                 a sample of that many above it (its cost is queries x items: linear in the pairs at a fixed size)
   encoder_metrics flows.semantic_ids._encoder_metrics: hit@30 of the encoder and the raw vectors on the test pairs
                  (same sampling and extrapolation above --max-eval-pairs)
   codebook       models.codebook.build_codebook, RQ-KMeans with codebook_stage's arguments (codes sized to the
@@ -222,6 +223,14 @@ def stage_pairs(w: Work, m: PeakRss) -> dict:
     return {f"{p}_pairs": int(len(v)) for p, v in pairs.items()}
 
 
+def _eval_scale(n_all: int, n_eval: int) -> float:
+    """How much longer the refresh's hit@30 takes than the bench's on n_eval pairs: the refresh scores
+    min(n_all, MAX_EVAL_PAIRS) of them (models.encoder.hit_at_k samples above its cap)."""
+    from semalign.models.encoder import MAX_EVAL_PAIRS
+
+    return min(n_all, MAX_EVAL_PAIRS) / max(n_eval, 1)
+
+
 def _sample_pairs(pairs: np.ndarray, cap: int) -> np.ndarray:
     if len(pairs) <= cap:
         return pairs
@@ -247,8 +256,8 @@ def stage_encoder_epoch(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
     hit_at_k(emb, val_pairs, cfg.eval_k)
     val_hit_s = time.perf_counter() - t
     out = {"train_pairs": int(len(pairs)), "val_pairs": int(len(all_val)), "val_hit_s": round(val_hit_s, 2)}
-    if len(val_pairs) < len(all_val):
-        extra = val_hit_s * (len(all_val) / len(val_pairs) - 1)
+    if _eval_scale(len(all_val), len(val_pairs)) > 1:
+        extra = val_hit_s * (_eval_scale(len(all_val), len(val_pairs)) - 1)
         out.update(extrapolated=True, measured_s=round(m.seconds, 2), evaluated_pairs=int(len(val_pairs)),
                    val_hit_all_pairs_s=round(val_hit_s + extra, 1))
         m.seconds += extra
@@ -267,9 +276,9 @@ def stage_encoder_metrics(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
     with m:
         metrics = _encoder_metrics(emb, feats, w.split(), test_pairs, 30)
     out = {"test_pairs": int(len(all_test)), "hit@30": round(metrics["hit@30"]["encoder"], 4)}
-    if len(test_pairs) < len(all_test):
+    if _eval_scale(len(all_test), len(test_pairs)) > 1:
         out.update(extrapolated=True, measured_s=round(m.seconds, 2), evaluated_pairs=int(len(test_pairs)))
-        m.seconds *= len(all_test) / len(test_pairs)
+        m.seconds *= _eval_scale(len(all_test), len(test_pairs))
     return out
 
 
@@ -580,7 +589,8 @@ def main():
     ap.add_argument("--heavy-max", type=int, default=100_000,
                     help="largest size the model stages (%s) run at" % ", ".join(HEAVY))
     ap.add_argument("--max-eval-pairs", type=int, default=10_000,
-                    help="hit@30 pairs evaluated; above it a sample is evaluated and its time extrapolated")
+                    help="hit@30 pairs evaluated; above it a sample is evaluated and its time extrapolated to the "
+                         "pairs the refresh scores (at most models.encoder.MAX_EVAL_PAIRS)")
     ap.add_argument("--ranker-max-train", type=int, default=200_000,
                     help="training events per ranker epoch; above it a uniform sample is trained, time extrapolated")
     ap.add_argument("--stage-timeout", type=int, default=900, help="seconds; a stage over it is recorded as failed")

@@ -67,3 +67,20 @@ def test_hit_at_k_does_not_depend_on_the_chunk_it_scores_queries_in():
     pairs = rng.integers(0, 300, size=(200, 2))
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     assert hit_at_k(emb, pairs, 10, chunk=3) == hit_at_k(emb, pairs, 10) == hit_at_k(emb, pairs, 10, chunk=10_000)
+
+
+def test_hit_at_k_scores_a_fixed_sample_of_pairs_above_its_cap():
+    """Past MAX_EVAL_PAIRS the evaluation scores a fixed-seed sample (cost linear in the catalogue); at or under the
+    cap every pair counts, and the sample's estimate stays close to the full figure."""
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((400, 8)).astype(np.float32)
+    emb[1::2] = emb[::2] + 0.3 * rng.standard_normal((200, 8)).astype(np.float32)   # neighbours to find
+    pairs = np.stack([np.arange(0, 400, 2), np.arange(1, 400, 2)], 1).repeat(20, 0)
+    pairs = np.concatenate([pairs, rng.integers(0, 400, size=(4000, 2))])
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    full = hit_at_k(emb, pairs, 5, max_pairs=None)
+    assert hit_at_k(emb, pairs, 5, max_pairs=len(pairs)) == full
+    keep = np.sort(np.random.default_rng(0).choice(len(pairs), 1000, replace=False))
+    sampled = hit_at_k(emb, pairs, 5, max_pairs=1000)
+    assert sampled == hit_at_k(emb, pairs[keep], 5, max_pairs=None) == hit_at_k(emb, pairs, 5, max_pairs=1000)
+    assert abs(sampled - full) < 0.05 and sampled != full

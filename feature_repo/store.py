@@ -244,10 +244,12 @@ class SemanticIdStore:
         with self._online():
             found = online.read_reverse(self.fs, self.view(REVERSE_VIEW), list(semantic_ids), version)
         hits = [(s, i) for s, i in zip(semantic_ids, found) if i is not None]
-        onboarded = set(self.catalogue.onboarded_items(version)) if hits else set()
+        # each hit's source from the catalogue rows under its own SID prefix, not the version's whole onboarding list
+        source = {r["item_id"]: r["source"] for prefix in {s.rsplit("-", 1)[0] for s, _ in hits}
+                  for r in self.catalogue.slots(version, prefix)}
         return pd.DataFrame({"item_id": [i for _, i in hits], "codebook_version": version,
                              "sid": [s for s, _ in hits],
-                             "source": ["onboard" if i in onboarded else "batch" for _, i in hits]},
+                             "source": ["onboard" if source.get(i) == "onboard" else "batch" for _, i in hits]},
                             columns=["item_id", "codebook_version", "sid", "source"])
 
     def vector_index(self, version: str | None = None, chunk: int = 20000) -> dict:

@@ -107,14 +107,13 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     n = len(x)
     if x.device.type != "cpu":
         return _kmeanspp_gpu(x, k, gen)
-    dev_gen = gen
     first = int(torch.randint(n, (1,), generator=gen))
     idx = torch.empty(k, dtype=torch.long, device=x.device)
     idx[0] = first
     d2 = ((x - x[first]) ** 2).sum(1)
     for j in range(1, k):
         p = d2.clamp_min(0) + 1e-12  # never all-zero: duplicate points stay drawable
-        nxt = torch.multinomial(p, 1, generator=dev_gen)
+        nxt = torch.multinomial(p, 1, generator=gen)
         idx[j] = nxt[0]
         d2 = torch.minimum(d2, ((x - x[nxt]) ** 2).sum(1))
     return x[idx].clone()

@@ -116,7 +116,8 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     cfg = EncoderConfig(text_dim=feats.text.shape[1], image_dim=feats.image.shape[1] if feats.image is not None else 0,
                         hidden=settings.encoder_hidden, out_dim=settings.embed_dim, epochs=settings.encoder_epochs,
                         batch_size=settings.encoder_batch, lr=settings.encoder_lr,
-                        content_weight=settings.encoder_content_weight, seed=settings.seed)
+                        content_weight=settings.encoder_content_weight, seed=settings.seed,
+                        hard_negative_share=settings.encoder_hard_negative_share)
     input_key = _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
     latest_p = settings.encoders_dir / "LATEST"
     parent_version = (latest_p.read_text().strip() if latest_p.exists() else None) if parent == "latest" else parent

@@ -34,6 +34,13 @@ class EncoderConfig:
     init_temperature: float = 0.07
     seed: int = 0
     eval_k: int = 30
+    hard_negative_share: float = 0.0  # share of each batch drawn from one first-level cluster of the current
+                                      # embedding (in-batch negatives from the same code): 0 = random batches
+    hard_negative_codes: int = 0      # clusters for that grouping (0 = the catalogue-sized first SID level)
+
+    def __post_init__(self):
+        if not 0.0 <= self.hard_negative_share <= 1.0:
+            raise ValueError("hard_negative_share is a share of the batch: expected 0..1")
 
 
 class FusionEncoder(nn.Module):
@@ -148,6 +155,38 @@ def embed_items(model: FusionEncoder, text: np.ndarray, image: np.ndarray | None
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.out_dim), np.float32)
 
 
+def hard_negative_order(pairs: np.ndarray, emb: np.ndarray, cfg: EncoderConfig, gen: torch.Generator,
+                        epoch: int) -> torch.Tensor:
+    """An epoch's pair order whose every batch holds `hard_negative_share` pairs whose first items share one
+    first-level cluster of the current embedding (k-means, as the codebook's first level would cut it), the rest
+    drawn at random: in-batch negatives then include items the codebook would give the same first code."""
+    from .codebook import default_codes
+    from .kmeans import kmeans
+
+    n, bs = len(pairs), cfg.batch_size
+    k = cfg.hard_negative_codes or default_codes(len(emb))
+    x = torch.as_tensor(emb, dtype=torch.float32)
+    centroids = kmeans(x, min(k, len(x)), iters=10, seed=cfg.seed * 1000 + epoch)
+    cluster = torch.cdist(x, centroids).argmin(1)
+    perm = torch.randperm(n, generator=gen)
+    n_hard = int(round(cfg.hard_negative_share * n))
+    hard, easy = perm[:n_hard], perm[n_hard:]
+    # hard pairs grouped by their first item's cluster, clusters in a random order (a stable sort keeps the
+    # random order within a cluster)
+    rank = torch.randperm(len(centroids), generator=gen)
+    hard = hard[torch.sort(rank[cluster[torch.as_tensor(pairs[hard.numpy(), 0])]], stable=True).indices]
+    per_batch = max(1, int(round(cfg.hard_negative_share * bs)))
+    out, h, e = [], 0, 0
+    while h < len(hard) or e < len(easy):
+        take_h = min(per_batch, len(hard) - h)
+        take_e = min(bs - take_h, len(easy) - e)
+        if take_h + take_e < bs and h + take_h < len(hard):  # easy pairs ran out: fill with hard ones
+            take_h = min(bs - take_e, len(hard) - h)
+        out += [hard[h: h + take_h], easy[e: e + take_e]]
+        h, e = h + take_h, e + take_e
+    return torch.cat(out)
+
+
 def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndarray | None, pairs: np.ndarray,
                   val_pairs: np.ndarray, cfg: EncoderConfig, device: str = "cpu",
                   on_epoch: Callable[[dict], None] | None = None, init: FusionEncoder | None = None) -> EncoderResult:
@@ -178,9 +217,16 @@ def train_encoder(text: np.ndarray, image: np.ndarray | None, has_image: np.ndar
              if total_steps >= 20 else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     best = (-1.0, -1, None)
     history = []
+    emb = None
     for epoch in range(cfg.epochs):
+        if cfg.hard_negative_share > 0:
+            if emb is None:
+                emb = embed_items(model, text, image if cfg.image_dim else None, has_image if cfg.image_dim else None,
+                                  device)
+            perm = hard_negative_order(pairs, emb, cfg, gen, epoch)
+        else:
+            perm = torch.randperm(len(pairs_t), generator=gen)
         model.train()
-        perm = torch.randperm(len(pairs_t), generator=gen)
         total = 0.0
         for s in range(0, len(perm), cfg.batch_size):
             pb = pairs_t[perm[s: s + cfg.batch_size]].to(device)

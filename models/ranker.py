@@ -48,6 +48,11 @@ class RankerConfig:
                                        # are nearly one item each, so they memorise like item IDs
     code_dropout: float = 0.0          # per item and step, each level below the first is dropped (with all deeper
                                        # ones) with this probability, so a code must generalise to cold items
+    cold_view: float = 0.0             # weight of a second loss on every training event with only the candidate's
+                                       # ID hidden (history keeps its IDs): the test condition of a new item, so the
+                                       # content/SID path learns to stand in for the ID without costing the warm path
+    ngram: bool = False                # full: SID prefix n-gram embeddings added to the behavior view (as in
+                                       # sid_ngram), beside the alignment block on the modal view
     ngram_buckets: int = 1 << 16
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -65,6 +70,10 @@ class RankerConfig:
             raise ValueError("cold_behavior must be 'oov' or 'generated'")
         if self.cold_behavior == "generated" and self.variant != "full":
             raise ValueError("cold_behavior='generated' needs the SIDs and content of variant 'full'")
+        if self.ngram and self.variant != "full":
+            raise ValueError("ngram=True adds SID n-grams to 'full'; variant 'sid_ngram' is them without the block")
+        if self.cold_view < 0:
+            raise ValueError("cold_view is a loss weight: expected >= 0")
 
 
 @dataclass
@@ -154,7 +163,8 @@ class Ranker(nn.Module):
             nn.init.zeros_(self.fusion[-1].bias)
         if v == "full" and cfg.cold_behavior == "generated":
             self.generator = BehaviorGenerator(tables.content.shape[1], tables.n_codes, levels, cfg.d)
-        if v == "sid_ngram":
+        self.uses_ngram = v == "sid_ngram" or (v == "full" and cfg.ngram)
+        if self.uses_ngram:
             self.ngram = nn.ModuleList(nn.Embedding(cfg.ngram_buckets, cfg.d) for _ in range(levels))
             for t in self.ngram:
                 nn.init.normal_(t.weight, std=0.05)
@@ -220,16 +230,17 @@ class Ranker(nn.Module):
                 t = self.id_emb(tab["id_vocab"][idx][warm]).detach()
                 self.aux_loss = ((g[warm] - t) ** 2).sum(-1).mean() / ((t ** 2).sum(-1).mean() + 1e-8)
             b = torch.where((ids == 0).unsqueeze(-1), g.to(b.dtype), b)
-        if self.cfg.variant == "sid_ngram":
-            c = tab["codes"][idx]
+        if self.uses_ngram:
+            c = tab["codes"][idx][..., : len(self.ngram)]
             prefix = torch.cumsum(c * self.prefix_mult, -1) % self.cfg.ngram_buckets
             b = b + sum(t(prefix[..., lvl]) for lvl, t in enumerate(self.ngram))
         return b
 
     def forward(self, user_feats: torch.Tensor, cand: torch.Tensor, hist: torch.Tensor,
-                tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                tables: dict[str, torch.Tensor] | None = None, cold: torch.Tensor | None = None) -> torch.Tensor:
         """pCTR logits. cand [B] and hist [B, H] are item rows (0 = padding) of `tables` (default: the model's
-        buffers); user_feats [B, F]."""
+        buffers); user_feats [B, F]. Where `cold` [B] is true the candidate is scored as an item without an ID
+        row (the shared OOV row, or the generated behavior view), its history unchanged: how a new item is scored."""
         tab = self.tables(tables)
         if self.cfg.variant == "logreg":
             return (self.proj_raw(tab["raw"][cand]) + self.user_lin(user_feats)).squeeze(-1)
@@ -254,6 +265,9 @@ class Ranker(nn.Module):
 
         b_tab = self.behavior_view(table_idx, dropped, tab)
         b_c, b_h = gather(b_tab)
+        if cold is not None:
+            no_id = self.behavior_view(cand, torch.ones(n_rows, dtype=torch.bool, device=cand.device), tab)
+            b_c = torch.where(cold.unsqueeze(-1), no_id.to(b_c.dtype), b_c)
         att_b = self.att[1 if self.has_modal else 0]
         feats = [user_feats, b_c]
         if self.has_modal:
@@ -332,6 +346,7 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     step_model = distributed(model) if distributed is not None else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     u, c, h, y = train.tensors(device)
+    cold_view = cfg.cold_view > 0 and cfg.variant != "logreg"
     best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()
@@ -345,8 +360,15 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
                 idx = idx[rank::world_size]
             model.aux_loss = None
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                logit = step_model(u[idx], c[idx], h[idx])
-            loss = F.binary_cross_entropy_with_logits(logit.float(), y[idx])
+                if cold_view:  # every event twice in one forward (DDP-safe): as is, then with the candidate's ID hidden
+                    n = len(idx)
+                    logit = step_model(u[idx].repeat(2, 1), c[idx].repeat(2), h[idx].repeat(2, 1),
+                                       cold=torch.arange(2 * n, device=c.device) >= n)
+                else:
+                    logit = step_model(u[idx], c[idx], h[idx])
+            loss = F.binary_cross_entropy_with_logits(logit[: len(idx)].float(), y[idx])
+            if cold_view:
+                loss = loss + cfg.cold_view * F.binary_cross_entropy_with_logits(logit[len(idx):].float(), y[idx])
             if model.aux_loss is not None:
                 loss = loss + cfg.distill_weight * model.aux_loss.float()
             opt.zero_grad(set_to_none=True)

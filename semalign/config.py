@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     encoder_batch: int = 512
     encoder_lr: float = 1e-3
     encoder_content_weight: float = 1.0
+    # share of each encoder batch whose pairs share one first-level cluster (hard in-batch negatives); 0.5 chosen on
+    # pseudo-cold validation of both dev catalogues (bench/results/hard_negatives_vs_plain_encoder.md)
+    encoder_hard_negative_share: float = 0.5
 
     # codebook: None sizes them to the catalogue
     codebook_method: Literal["rqkmeans", "rqvae"] = "rqkmeans"

@@ -84,3 +84,32 @@ def test_hit_at_k_scores_a_fixed_sample_of_pairs_above_its_cap():
     sampled = hit_at_k(emb, pairs, 5, max_pairs=1000)
     assert sampled == hit_at_k(emb, pairs[keep], 5, max_pairs=None) == hit_at_k(emb, pairs, 5, max_pairs=1000)
     assert abs(sampled - full) < 0.05 and sampled != full
+
+
+def test_hard_negative_batches_group_a_share_of_each_batch_by_first_level_cluster():
+    """Every pair is trained once an epoch; the hard share of a batch comes from one to three clusters of the current
+    embedding (a random batch spreads over many), and training with it still learns behavior beyond content."""
+    import torch
+
+    from semalign.models.encoder import hard_negative_order
+    from semalign.models.kmeans import kmeans
+
+    text, image, has, tr, va, te = _synthetic()
+    cfg = EncoderConfig(text_dim=64, hidden=64, out_dim=32, epochs=6, batch_size=200, hard_negative_share=0.5,
+                        hard_negative_codes=16)
+    emb = text / np.linalg.norm(text, axis=1, keepdims=True)
+    order = hard_negative_order(tr, emb, cfg, torch.Generator().manual_seed(0), 0).numpy()
+    assert np.array_equal(np.sort(order), np.arange(len(tr)))
+    x = torch.as_tensor(emb)
+    cluster = torch.cdist(x, kmeans(x, 16, iters=10, seed=0)).argmin(1).numpy()
+    hard_clusters = [len(np.unique(cluster[tr[order[s: s + 100], 0]])) for s in range(0, 2800, 200)]
+    easy_clusters = [len(np.unique(cluster[tr[order[s + 100: s + 200], 0]])) for s in range(0, 2800, 200)]
+    assert max(hard_clusters) <= 3 and np.mean(hard_clusters) < 2.5 and min(easy_clusters) >= 8
+    res = train_encoder(text, None, None, tr, va, cfg)
+    assert hit_at_k(embed_items(res.model, text), te, 5) > 1.3 * hit_at_k(text, te, 5)
+    try:
+        EncoderConfig(hard_negative_share=1.5)
+    except ValueError as e:
+        assert "hard_negative_share" in str(e)
+    else:
+        raise AssertionError("a share above 1 must be refused")

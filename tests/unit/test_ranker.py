@@ -221,3 +221,65 @@ def test_per_call_item_tables_score_like_the_buffers_and_leave_them_alone(varian
         assert torch.allclose(per_call, twin(u, c, h), atol=1e-6)
         assert not torch.allclose(per_call, m(u, c, h), atol=1e-3)
     assert all(torch.equal(v, before[k]) for k, v in m.named_buffers())
+
+
+@pytest.mark.parametrize("cold_behavior", ["oov", "generated"])
+def test_cold_view_scores_a_candidate_as_if_it_had_no_id_row(cold_behavior):
+    """The cold view is exactly how a new item is scored: the candidate without its ID row, the history's IDs
+    untouched; rows not marked cold score as usual."""
+    t, f = _frame()
+    m = Ranker(RankerConfig(variant="full", cold_behavior=cold_behavior), t, 2).eval()
+    u, c, h, _ = f.tensors("cpu")
+    c = torch.full_like(c, 3)  # a warm candidate, also in some histories
+    h[:, 0] = 3
+    no_id = {k: v.clone() for k, v in m.tables().items()}
+    no_id["id_vocab"][3] = 0
+    mask = torch.arange(len(c)) % 2 == 0
+    with torch.no_grad():
+        as_new = m(u, c, h, tables=no_id)  # ...but this also hides 3's ID in the history
+        cold = m(u, c, h, cold=mask)
+        warm = m(u, c, h)
+        h_no3 = torch.where(h == 3, 4, h)
+        assert torch.allclose(cold[~mask], warm[~mask])
+        assert not torch.allclose(cold[mask], warm[mask], atol=1e-4)
+        # with a history free of the candidate, hiding the candidate's ID row is the cold view
+        assert torch.allclose(m(u, c, h_no3, cold=torch.ones_like(mask)), m(u, c, h_no3, tables=no_id), atol=1e-6)
+        assert not torch.allclose(cold[mask], as_new[mask], atol=1e-4)  # the history keeps item 3's ID row
+
+
+def test_cold_view_loss_teaches_the_new_item_path_from_warm_events():
+    """On events whose candidates all have ID rows (id_dropout off), only the cold-view loss trains what a new
+    item is scored with: the shared OOV row moves with it and stays put without it. logreg ignores the lever."""
+    t, f = _frame()
+    warm = f.cand <= 30
+    f = Frame(f.user_feats[warm], f.cand[warm], np.where(f.hist[warm] > 30, 0, f.hist[warm]), f.label[warm])
+    oov = {}
+    for w in (0.0, 1.0):
+        cfg = RankerConfig(variant="aligned_content", id_dropout=0.0, cold_view=w, max_epochs=1, batch_size=128,
+                           weight_decay=0.0)  # decay alone would move an untouched row
+        torch.manual_seed(0)
+        init = Ranker(cfg, t, 2).id_emb.weight[0].detach().clone()
+        oov[w] = train_ranker(cfg, t, f, f).model.id_emb.weight[0].detach() - init
+    assert torch.equal(oov[0.0], torch.zeros_like(oov[0.0])) and oov[1.0].abs().sum() > 0
+    with pytest.raises(ValueError, match="cold_view"):
+        RankerConfig(cold_view=-1)
+    a = train_ranker(RankerConfig(variant="logreg", max_epochs=1), t, f, f).model
+    b = train_ranker(RankerConfig(variant="logreg", max_epochs=1, cold_view=1.0), t, f, f).model
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_ngram_lever_gives_full_sid_prefix_behavior_vectors_beside_the_block():
+    """full@ngram=1: new items with different SID prefixes get different behavior vectors (the OOV row plus their
+    prefix n-grams), items sharing every prefix get the same one; the alignment block stays on the modal view."""
+    t, _ = _frame()
+    m = Ranker(RankerConfig(variant="full", ngram=True), t, 2).eval()
+    assert len(m.align) == 3 and len(m.ngram) == 3
+    with torch.no_grad():
+        m.codes[36] = m.codes[35]
+        m.codes[37, 0] = (m.codes[35, 0] + 1) % 8
+        b = m.behavior_view(torch.tensor([35, 36, 37]))
+    assert torch.equal(b[0], b[1]) and not torch.allclose(b[0], b[2])
+    assert not torch.allclose(b[0], m.id_emb.weight[0])
+    assert len(Ranker(RankerConfig(variant="full", ngram=True, align_levels=1), t, 2).ngram) == 1
+    with pytest.raises(ValueError, match="ngram"):
+        RankerConfig(variant="aligned_content", ngram=True)

@@ -266,7 +266,9 @@ class Ranker(nn.Module):
         b_tab = self.behavior_view(table_idx, dropped, tab)
         b_c, b_h = gather(b_tab)
         if cold is not None:
+            aux = self.aux_loss  # the distillation loss stays the one over the whole batch's rows
             no_id = self.behavior_view(cand, torch.ones(n_rows, dtype=torch.bool, device=cand.device), tab)
+            self.aux_loss = aux
             b_c = torch.where(cold.unsqueeze(-1), no_id.to(b_c.dtype), b_c)
         att_b = self.att[1 if self.has_modal else 0]
         feats = [user_feats, b_c]

@@ -161,13 +161,13 @@ def hard_negative_order(pairs: np.ndarray, emb: np.ndarray, cfg: EncoderConfig, 
     first-level cluster of the current embedding (k-means, as the codebook's first level would cut it), the rest
     drawn at random: in-batch negatives then include items the codebook would give the same first code."""
     from .codebook import default_codes
-    from .kmeans import kmeans
+    from .kmeans import assign_levels, kmeans
 
     n, bs = len(pairs), cfg.batch_size
     k = cfg.hard_negative_codes or default_codes(len(emb))
     x = torch.as_tensor(emb, dtype=torch.float32)
     centroids = kmeans(x, min(k, len(x)), iters=10, seed=cfg.seed * 1000 + epoch)
-    cluster = torch.cdist(x, centroids).argmin(1)
+    cluster = assign_levels(x, [centroids])[:, 0]  # chunked: no [items, codes] distance matrix
     perm = torch.randperm(n, generator=gen)
     n_hard = int(round(cfg.hard_negative_share * n))
     hard, easy = perm[:n_hard], perm[n_hard:]

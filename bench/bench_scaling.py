@@ -72,43 +72,85 @@ HEAVY = ("encoder_epoch", "encoder_metrics", "codebook", "sid_assign", "ranker_e
 # ---------------------------------------------------------------- measuring one stage (in a subprocess)
 
 class PeakRss:
-    """Samples this process's RSS on a thread while the block runs."""
+    """Samples this process's RSS on a thread while the block runs; with `machine=True` also the whole machine's
+    used memory and, where NVML is there, GPU 0's used memory (a Ray stage computes in actor processes, which
+    this process's RSS does not see)."""
 
-    def __init__(self, every_s: float = 0.02):
+    def __init__(self, every_s: float = 0.02, machine: bool = False):
         import psutil
 
-        self.proc, self.every_s = psutil.Process(), every_s
+        self.psutil, self.proc, self.every_s = psutil, psutil.Process(), every_s
         self.before = self.peak = self.proc.memory_info().rss
+        self.machine, self.gpu = machine, None
+        if machine:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.gpu = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+            except Exception:  # noqa: BLE001 (no NVML, no GPU: machine memory only)
+                self.gpu = None
         self._stop = threading.Event()
+
+    def _machine_used(self) -> int:
+        return self.psutil.virtual_memory().used
+
+    def _gpu_used(self) -> int:
+        return self.gpu[0].nvmlDeviceGetMemoryInfo(self.gpu[1]).used if self.gpu else 0
+
+    def _sample(self):
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        if self.machine:
+            self.machine_peak = max(self.machine_peak, self._machine_used())
+            self.gpu_peak = max(self.gpu_peak, self._gpu_used())
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._sample()
             self._stop.wait(self.every_s)
 
     def __enter__(self):
         self.before = self.peak = self.proc.memory_info().rss
+        if self.machine:
+            self.machine_before = self.machine_peak = self._machine_used()
+            self.gpu_before = self.gpu_peak = self._gpu_used()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t0
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self._sample()
+
+    def extra(self) -> dict:
+        """Machine-wide and GPU peaks above what was in use when the stage began (GB)."""
+        if not self.machine:
+            return {}
+        out = {"machine_peak_gb_above_start": round((self.machine_peak - self.machine_before) / 2**30, 3)}
+        if self.gpu:
+            out.update(gpu_used_gb_peak=round(self.gpu_peak / 2**30, 3),
+                       gpu_used_gb_above_start=round((self.gpu_peak - self.gpu_before) / 2**30, 3))
+        return out
 
 
 class Work:
     """The work folder of one size: the data, the settings, and each stage's outputs for the next stages."""
 
-    def __init__(self, folder: Path, size: int, events_per_item: int, seed: int):
+    def __init__(self, folder: Path, size: int, events_per_item: int, seed: int, device: str = "cpu",
+                 ray: str | None = None):
         from semalign.config import Settings
 
         self.dir, self.size, self.events_per_item, self.seed = folder, size, events_per_item, seed
+        self.device, self.ray = device, ray
         self.data = folder / "data"
-        self.settings = Settings(home=folder / "home", data=self.data, seed=seed)
+        self.settings = Settings(home=folder / "home", data=self.data, seed=seed, device=device, ray_address=ray)
         self._ds = self._split = None
 
     def ds(self):
@@ -170,9 +212,20 @@ def stage_input_suite(w: Work, m: PeakRss) -> dict:
 def stage_text_tower(w: Work, m: PeakRss, sample: int) -> dict:
     from semalign.models.towers import TextTower
 
+    if w.ray:  # the whole catalogue through Ray Data actors (what tower_features does with an address set)
+        from semalign.flows import ray_engine
+
+        texts = w.ds().items["text"].tolist()
+        t = time.perf_counter()
+        ray_engine.connect(w.settings)
+        connect_s = time.perf_counter() - t
+        with m:
+            vec = ray_engine.text_vectors(w.settings, texts)
+        return {"texts": len(texts), "texts_per_s": round(len(texts) / m.seconds, 1), "dim": int(vec.shape[1]),
+                "ray_connect_s": round(connect_s, 2), "ray_jobs": ray_engine.jobs()}
     texts = w.ds().items["text"].tolist()[:sample]
     t = time.perf_counter()
-    tower = TextTower(w.settings.resolved_text_model(), device="cpu")
+    tower = TextTower(w.settings.resolved_text_model(), device=w.device)
     tower.encode(texts[:8])  # warm-up: first-call allocations are not throughput
     load_s = time.perf_counter() - t
     with m:
@@ -247,13 +300,18 @@ def stage_encoder_epoch(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
     # encoder_stage's config, one epoch
     cfg = EncoderConfig(text_dim=TEXT_DIM, image_dim=0, hidden=s.encoder_hidden, out_dim=s.embed_dim, epochs=1,
                         batch_size=s.encoder_batch, lr=s.encoder_lr, content_weight=s.encoder_content_weight,
-                        seed=s.seed)
+                        seed=s.seed, hard_negative_share=s.encoder_hard_negative_share)
     with m:
-        res = train_encoder(text, None, np.zeros(len(text), bool), pairs, val_pairs, cfg, "cpu")
-        emb = embed_items(res.model, text, None, None, "cpu")
+        res = train_encoder(text, None, np.zeros(len(text), bool), pairs, val_pairs, cfg, w.device)
+        if w.ray:  # encoder_stage's inference on the cluster
+            from semalign.flows import ray_engine
+
+            emb = ray_engine.embed_items(w.settings, res.model, text, None, None)
+        else:
+            emb = embed_items(res.model, text, None, None, w.device)
     np.save(w.path("embeddings.npy"), emb)
     t = time.perf_counter()  # the validation hit@30 alone (it runs once per epoch inside train_encoder)
-    hit_at_k(emb, val_pairs, cfg.eval_k)
+    hit_at_k(emb, val_pairs, cfg.eval_k, device=w.device)
     val_hit_s = time.perf_counter() - t
     out = {"train_pairs": int(len(pairs)), "val_pairs": int(len(all_val)), "val_hit_s": round(val_hit_s, 2)}
     if _eval_scale(len(all_val), len(val_pairs)) > 1:
@@ -274,7 +332,7 @@ def stage_encoder_metrics(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
     all_test = np.load(w.path("pairs_test.npy"))
     test_pairs = _sample_pairs(all_test, max_eval_pairs)
     with m:
-        metrics = _encoder_metrics(emb, feats, w.split(), test_pairs, 30)
+        metrics = _encoder_metrics(emb, feats, w.split(), test_pairs, 30, w.device)
     out = {"test_pairs": int(len(all_test)), "hit@30": round(metrics["hit@30"]["encoder"], 4)}
     if _eval_scale(len(all_test), len(test_pairs)) > 1:
         out.update(extrapolated=True, measured_s=round(m.seconds, 2), evaluated_pairs=int(len(test_pairs)))
@@ -293,9 +351,10 @@ def stage_codebook(w: Work, m: PeakRss) -> dict:
     codes = s.codebook_codes or default_codes(len(fit_items))
     with m:
         cb = build_codebook(emb[fit_items], levels=s.codebook_levels, codes=codes, method="rqkmeans",
-                            iters=s.kmeans_iters, seed=s.seed, parent=None, solve_assignment=linear_sum_assignment)
+                            iters=s.kmeans_iters, seed=s.seed, parent=None, solve_assignment=linear_sum_assignment,
+                            device=w.device)
     cb.save(w.path("codebook"))
-    return {"fit_items": int(len(fit_items)), "levels": s.codebook_levels, "codes": codes}
+    return {"fit_items": int(len(fit_items)), "levels": s.codebook_levels, "codes": codes, "device": w.device}
 
 
 def stage_sid_assign(w: Work, m: PeakRss) -> dict:
@@ -369,7 +428,12 @@ def stage_ranker_epoch(w: Work, m: PeakRss, max_train: int) -> dict:
         val = _subsample(val, max(1, int(len(val) / scale)), 1)
         train = _subsample(train, max_train, 0)
     with m:
-        res = train_ranker(cfg, tables, train, val, "cpu")
+        if w.ray:  # ranker_stage's Ray Train job (TorchTrainer, settings.ray_train_workers workers)
+            from semalign.flows import ray_engine
+
+            res = ray_engine.train_ranker(w.settings, cfg, tables, train, val)
+        else:
+            res = train_ranker(cfg, tables, train, val, w.device)
     torch.save(res.model.state_dict(), w.path("ranker.pt"))
     out = {"variant": cfg.variant, "train_events": len(frames["train"]), "samples_per_s": round(res.samples_per_s),
            "val_auc": round(res.best_val_auc, 4)}
@@ -388,10 +452,10 @@ def stage_evaluate(w: Work, m: PeakRss) -> dict:
     cfg, tables, frames = _ranker_inputs(w)
     model = Ranker(cfg, tables, frames["train"].user_feats.shape[1])
     model.load_state_dict(torch.load(w.path("ranker.pt")))
-    model.eval()
+    model.to(w.device).eval()
     split = w.split()
     with m:
-        p = predict(model, frames["test"], "cpu")
+        p = predict(model, frames["test"], w.device)
         metrics = window_metrics(split, p)
     return {"test_events": len(p), "auc": round(metrics["all"]["auc"], 4),
             "unseen_auc": round(metrics.get("unseen", {}).get("auc", float("nan")), 4)}
@@ -400,9 +464,9 @@ def stage_evaluate(w: Work, m: PeakRss) -> dict:
 def run_stage(stage: str, size: int, work: Path, args) -> dict:
     import torch
 
-    w = Work(work, size, args.events_per_item, args.seed)
+    w = Work(work, size, args.events_per_item, args.seed, args.device, args.ray)
     load_before = os.getloadavg()[0]  # the box may be shared: a busy neighbour slows a stage down
-    m = PeakRss()
+    m = PeakRss(machine=args.device != "cpu" or bool(args.ray))
     fn = globals()[f"stage_{stage}"]
     kw = {"sample": args.tower_sample} if stage == "text_tower" else \
         {"max_train": args.ranker_max_train} if stage == "ranker_epoch" else \
@@ -425,7 +489,8 @@ def run_stage(stage: str, size: int, work: Path, args) -> dict:
             "rss_before_gb": round(m.before / 2**30, 3),
             "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
             "torch_threads": torch.get_num_threads(), "loadavg_1m_before": round(load_before, 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2), **extra}
+            "loadavg_1m_after": round(os.getloadavg()[0], 2), "device": w.device, "ray": bool(w.ray), **m.extra(),
+            **extra}
 
 
 # ---------------------------------------------------------------- the orchestrator
@@ -440,8 +505,18 @@ def machine() -> dict:
         pass
     import psutil
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+           "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    try:
+        import ray
+
+        out["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def growth(results: list[dict]) -> dict:
@@ -480,7 +555,16 @@ def to_markdown(res: dict) -> str:
     by = {(r["stage"], r["items"]): r for r in results}
     lines = [f"# {res['tag']}", "", f"command: `{res['command']}`", "",
              f"machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['machine']['memory_gb']} GiB; "
-             f"Python {res['machine']['python']}, torch {res['machine']['torch']}, numpy {res['machine']['numpy']}", "",
+             f"Python {res['machine']['python']}, torch {res['machine']['torch']}, numpy {res['machine']['numpy']}"
+             + (f"; GPU {res['machine']['gpu']} ({res['machine']['gpu_memory_gb']} GiB)" if res['machine'].get('gpu') else "")
+             + (f"; Ray {res['machine']['ray']}" if res.get("ray") and res['machine'].get('ray') else ""), "",
+             f"Model stages on `{res.get('device', 'cpu')}`"
+             + ("; the text tower, encoder inference and ranker training through a local Ray cluster (Ray Data "
+                "actors, Ray Train), as the refresh runs them with SEMALIGN_RAY_ADDRESS; encoder training, codebook "
+                "and SID assignment in the stage's own process. A cell's RSS is the stage's own process (the Ray "
+                "driver); `machine +x` is the whole machine's used memory above the stage's start (actors "
+                "included), `GPU y` the GPU's used memory at its peak." if res.get("ray") else ".")
+             if res.get("device", "cpu") != "cpu" or res.get("ray") else "",
              f"Synthetic catalogues (`semalign data synth`, seed {res['seed']}), {res['events_per_item']} events per "
              f"item, users = items / 2; refresh defaults (split {res['split']}, ranker `{res['ranker_variant']}`). "
              "Each cell: seconds / peak RSS GB of a fresh process running that stage (RSS sampled every 20 ms; it "
@@ -500,6 +584,9 @@ def to_markdown(res: dict) -> str:
                 cells.append(f"failed: {r['error'][:60]}")
             else:
                 cell = f"{r['seconds']:,.2f} s / {r['peak_gb']:.2f} GB"
+                if "machine_peak_gb_above_start" in r:
+                    cell += f" (machine +{r['machine_peak_gb_above_start']:.1f}" + (
+                        f", GPU {r['gpu_used_gb_peak']:.1f}" if "gpu_used_gb_peak" in r else "") + ")"
                 cells.append(f"*{cell}*" if r.get("extrapolated") else cell)
         e = g.get(stage, {})
         flag = " **superlinear**" if e.get("exponent", 0) > 1.2 else ""
@@ -558,11 +645,12 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for stage in STAGES:
+    for i, stage in enumerate(STAGES):
         rows = sorted((r for r in res["results"] if r["stage"] == stage and r.get("seconds")), key=lambda r: r["items"])
         if rows:
             e = res["growth"].get(stage, {}).get("exponent")
-            ax.plot([r["items"] for r in rows], [r["seconds"] for r in rows], marker="o",
+            ax.plot([r["items"] for r in rows], [r["seconds"] for r in rows], marker="os^Dv"[i % 5],
+                    color=plt.cm.tab20(i / len(STAGES)),
                     linestyle="--" if any(r.get("extrapolated") for r in rows) else "-",
                     label=f"{stage}" + (f" (n^{e})" if e is not None else ""))
     n = np.array(res["sizes"], float)
@@ -599,16 +687,27 @@ def main():
     ap.add_argument("--before", default=None, help="a previous run's JSON: its cells are shown beside this run's")
     ap.add_argument("--notes", default=None, help="a markdown file appended to the table (findings, profiles)")
     ap.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the model stages compute (the refresh's SEMALIGN_DEVICE)")
+    ap.add_argument("--ray", default=None, help="a Ray cluster's address: the text tower, encoder inference and "
+                    "ranker training run there, as the refresh runs them with SEMALIGN_RAY_ADDRESS")
     ap.add_argument("--tag", default="scaling_cpu")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--render", default=None, help="only rewrite the .md and .png of this run's JSON (with --notes, "
                                                    "--before)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="RUN.json",
+                    help="only combine runs of one machine (e.g. calls that each ran some stages on one kept --work "
+                         "folder) into --tag: a cell measured in a later run replaces the same cell of an earlier "
+                         "one, failed cells never replace measured ones")
     ap.add_argument("--stage", help=argparse.SUPPRESS)       # internal: run one stage in this process
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile-stage", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
         print(json.dumps(run_stage(args.stage, args.size, Path(args.work), args)), flush=True)
+        return
+    if args.merge:
+        merge(args)
         return
     if args.render:
         res = json.loads(Path(args.render).read_text())
@@ -629,7 +728,7 @@ def main():
     s = Settings()
     res = {"tag": args.tag, "command": (given + " " if given else "") + "python bench/bench_scaling.py " + " ".join(sys.argv[1:]),
            "machine": machine(), "sizes": sorted(args.sizes), "events_per_item": args.events_per_item, "seed": args.seed,
-           "split": s.split, "ranker_variant": s.ranker_variant, "stages": stages, "results": [], "skipped": []}
+           "split": s.split, "ranker_variant": s.ranker_variant, "device": args.device, "ray": bool(args.ray), "stages": stages, "results": [], "skipped": []}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("SEMALIGN_HOME", None)
@@ -639,7 +738,8 @@ def main():
         cmd = [sys.executable, __file__, "--stage", stage, "--size", str(n), "--work", str(work_root / str(n)),
                "--events-per-item", str(args.events_per_item), "--seed", str(args.seed),
                "--tower-sample", str(args.tower_sample), "--ranker-max-train", str(args.ranker_max_train),
-               "--max-eval-pairs", str(args.max_eval_pairs)]
+               "--max-eval-pairs", str(args.max_eval_pairs), "--device", args.device] + \
+            (["--ray", args.ray] if args.ray else [])
         if profile:
             cmd.append("--profile-stage")
         try:
@@ -682,6 +782,30 @@ def main():
     write(res, args, Path(args.out), args.tag)
     if not args.work:
         shutil.rmtree(work_root, ignore_errors=True)
+
+
+def merge(args) -> None:
+    runs = [json.loads(Path(p).read_text()) for p in args.merge]
+    cells: dict = {}
+    for run in runs:
+        for r in run["results"]:
+            key = (r["stage"], r["items"])
+            if key not in cells or not r.get("error") or cells[key].get("error"):
+                cells[key] = {**r, "run": run["tag"]}
+    results = [cells[k] for k in sorted(cells, key=lambda k: (k[1], STAGES.index(k[0])))]
+    first = runs[0]
+    res = {**{k: first[k] for k in ("machine", "events_per_item", "seed", "split", "ranker_variant")},
+           "device": first.get("device", "cpu"), "ray": first.get("ray", False), "tag": args.tag,
+           "command": " ; ".join(f"[{r['tag']}] {r['command']}" for r in runs),
+           "sizes": sorted({n for r in runs for n in r["sizes"]}), "stages": [st for st in STAGES if any(
+               k[0] == st for k in cells)], "results": results,
+           "skipped": [f"{st} at {n:,}" for st in STAGES for n in sorted({n for r in runs for n in r["sizes"]})
+                       if (st, n) not in cells and st != "input_suite"],
+           "merged_from": [{"tag": r["tag"], "command": r["command"], "wall_s": r.get("wall_s")} for r in runs],
+           "wall_s": round(sum(r.get("wall_s") or 0 for r in runs), 1)}
+    res["growth"] = growth(results)
+    res["dominant"] = dominant(results, res["sizes"])
+    write(res, args, Path(args.out), args.tag)
 
 
 def write(res: dict, args, out: Path, tag: str) -> None:

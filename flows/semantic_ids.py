@@ -151,7 +151,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     else:
         emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
     metrics = {"train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "best_epoch": meta["best_epoch"],
-               **_encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k)}
+               **_encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k, device)}
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
         with atomic.building(folder) as tmp:
             save_encoder(model, tmp, {**meta, "metrics": metrics})
@@ -161,13 +161,17 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
 
 
-def _encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int) -> dict:
+def _encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int,
+                     device: str = "cpu") -> dict:
     """hit@k of the encoder against the raw towers on the test window's behavior pairs: all, those with a cold
     item, and those whose items both have images."""
+    from functools import partial
+
     from semalign.models.encoder import hit_at_k
 
-    cold = set(split.cold_items.tolist())
-    cold_pairs = np.array([p for p in test_pairs if p[0] in cold or p[1] in cold], dtype=np.int64).reshape(-1, 2)
+    hit_at_k = partial(hit_at_k, device=device)
+    test_pairs = np.asarray(test_pairs, dtype=np.int64).reshape(-1, 2)
+    cold_pairs = test_pairs[np.isin(test_pairs, split.cold_items).any(1)]
     both_img = test_pairs[feats.has_image[test_pairs].all(1)] if len(test_pairs) else test_pairs
     hits = {"encoder": hit_at_k(emb, test_pairs, k), "raw_text": hit_at_k(feats.text, test_pairs, k),
             "encoder_cold_pairs": hit_at_k(emb, cold_pairs, k), "raw_text_cold_pairs": hit_at_k(feats.text, cold_pairs, k)}

@@ -113,3 +113,25 @@ def test_hard_negative_batches_group_a_share_of_each_batch_by_first_level_cluste
         assert "hard_negative_share" in str(e)
     else:
         raise AssertionError("a share above 1 must be refused")
+
+
+def test_encoder_metrics_count_pairs_with_a_cold_item_on_either_side():
+    """The refresh's encoder metrics: the cold-pair subset is every test pair with a cold item as either member
+    (vectorised; it used to be a Python loop over the pairs), scored like the whole set."""
+    from types import SimpleNamespace
+
+    from semalign.flows.semantic_ids import TowerFeatures, _encoder_metrics
+
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((40, 8)).astype(np.float32)
+    feats = TowerFeatures(text=text, image=None, has_image=np.zeros(40, bool), text_model="t", image_model=None,
+                          computed={})
+    pairs = rng.integers(0, 40, (200, 2))
+    cold = np.array([3, 17, 29])
+    m = _encoder_metrics(text, feats, SimpleNamespace(cold_items=cold), pairs, 5)
+    expect = pairs[[a in cold or b in cold for a, b in pairs]]
+    assert m["test_pairs"] == 200 and m["test_pairs_with_cold_item"] == len(expect) > 0
+    assert m["hit@5"]["encoder_cold_pairs"] == hit_at_k(text, expect, 5)
+    assert m["hit@5"]["encoder"] == m["hit@5"]["raw_text"] == hit_at_k(text, pairs, 5)
+    none = _encoder_metrics(text, feats, SimpleNamespace(cold_items=np.array([], np.int64)), pairs, 5)
+    assert none["test_pairs_with_cold_item"] == 0 and np.isnan(none["hit@5"]["encoder_cold_pairs"])

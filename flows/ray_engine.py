@@ -212,7 +212,10 @@ class _TextActor:
         from semalign.models.towers import TextTower
 
         _set_threads(threads)
-        self.tower = TextTower(model_path, device=device, max_length=max_length, batch_size=batch_size)
+        # tokenizes in its own thread: forking tokenizer processes out of a Ray worker (gRPC threads) is not safe,
+        # and Ray already spreads the rows over actors
+        self.tower = TextTower(model_path, device=device, max_length=max_length, batch_size=batch_size,
+                               tokenize_workers=0)
 
     def __call__(self, batch: dict) -> dict:
         pos = [np.asarray(p, np.int64) for p in batch["pos"]]
@@ -223,10 +226,11 @@ class _TextActor:
 
 def text_vectors(settings: Settings, texts: list[str], progress: ProgressFn | None = None) -> np.ndarray:
     """Text-tower vectors [n, d] of `texts`, computed on the cluster in the in-process loop's batches."""
-    from semalign.models.towers import TextTower, length_batches, text_fingerprint
+    from semalign.models.towers import TextTower, default_text_batch, length_batches, text_fingerprint
 
-    params = inspect.signature(TextTower.__init__).parameters  # the in-process tower's defaults, so its batches
-    batch_size, max_length = params["batch_size"].default, params["max_length"].default
+    # the in-process tower's defaults for the device the actors run on, so its batches (and bits)
+    batch_size = default_text_batch(device(settings))
+    max_length = inspect.signature(TextTower.__init__).parameters["max_length"].default
     model = settings.resolved_text_model()
     text_fingerprint(model, max_length)  # a model dir that is not one fails here, before the cluster is asked
     dim = int(json.loads((model / "config.json").read_text())["hidden_size"])

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kmeans import GPU_SCORES_BUDGET
+
 
 @dataclass
 class EncoderConfig:
@@ -104,7 +106,6 @@ MAX_EVAL_PAIRS = 50_000
 
 
 @torch.no_grad()
-@torch.no_grad()
 def hit_at_k(emb: np.ndarray | torch.Tensor, pairs: np.ndarray, k: int = 30, chunk: int = 2048,
              max_pairs: int | None = MAX_EVAL_PAIRS, device: str = "cpu") -> float:
     """Item-to-item Hit@k on pairs (both directions): is b among the k nearest items (cosine) of a,
@@ -118,7 +119,7 @@ def hit_at_k(emb: np.ndarray | torch.Tensor, pairs: np.ndarray, k: int = 30, chu
     e = F.normalize(torch.as_tensor(emb if isinstance(emb, torch.Tensor) else np.asarray(emb),
                                     dtype=torch.float32).to(device), dim=-1)
     # the [chunk, items] scores stay under 64 MB on the CPU, 1 GB on a GPU
-    budget = (1 << 28) if e.device.type == "cuda" else (1 << 24)
+    budget = GPU_SCORES_BUDGET if e.device.type == "cuda" else (1 << 24)
     chunk = max(1, min(chunk, budget // max(1, len(e))))
     q = torch.as_tensor(np.concatenate([pairs[:, 0], pairs[:, 1]]), device=e.device)
     t = torch.as_tensor(np.concatenate([pairs[:, 1], pairs[:, 0]]), device=e.device)

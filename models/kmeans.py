@@ -32,14 +32,44 @@ def _augment(x: torch.Tensor) -> np.ndarray:
 GPU_SCORES_BUDGET = 1 << 28  # elements of the [rows, codes] score block per GEMM on GPU (1 GiB in fp32)
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int | None = None, xa: np.ndarray | torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gpu_kernel(x: torch.Tensor, kernel: str = "auto"):
+    """The module that assigns x on the GPU as one fused Triton kernel (models.triton_nearest), or None for the
+    GEMM + argmin path. kernel: "auto" (Triton on CUDA where torch's build has it and rows are at most 256 wide),
+    "triton" (that, or an error saying why not), "torch" (always the GEMM path)."""
+    if kernel not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernel must be auto, triton or torch, not {kernel!r}")
+    if kernel == "torch":
+        return None
+    why = None
+    if x.device.type != "cuda":
+        why = f"it runs on CUDA tensors, these are on {x.device}"
+    else:
+        try:
+            from . import triton_nearest
+        except ImportError as e:  # CUDA builds without Triton (Windows): the GEMM path, same codes
+            why = f"triton is not importable ({e})"
+        else:
+            if x.shape[1] > triton_nearest.MAX_DIM:
+                why = f"rows are {x.shape[1]} wide, the kernel takes at most {triton_nearest.MAX_DIM}"
+    if why is None:
+        return triton_nearest
+    if kernel == "triton":
+        raise ValueError(f"the Triton assignment kernel cannot run: {why}")
+    return None
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor, chunk: int | None = None, xa: np.ndarray | torch.Tensor | None = None,
+            kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Nearest centroid (squared L2) per row; matmul-bound, chunked to bound memory. The second value is None:
-    callers that need squared distances (k-means re-seeding an empty cluster, rarely) use `_sq_dist`. On GPU a
-    chunk is as many rows as GPU_SCORES_BUDGET allows (one GEMM + one argmin for 1M x 256)."""
+    callers that need squared distances (k-means re-seeding an empty cluster, rarely) use `_sq_dist`. On GPU the
+    fused Triton kernel (see gpu_kernel), else a chunk is as many rows as GPU_SCORES_BUDGET allows (one GEMM + one
+    argmin for 1M x 256)."""
     if x.device.type == "cpu":
         xa = _augment(x) if xa is None else xa
         return torch.from_numpy(_nearest_cpu(xa, c.detach().float().numpy(), chunk or 16384)), None
+    fused = gpu_kernel(x, kernel)
+    if fused is not None:
+        return fused.nearest(x, c), None
     return _argmin_aug(_augment_torch(x) if xa is None else xa, c, chunk), None
 
 
@@ -66,9 +96,11 @@ def _argmin_aug(xa: torch.Tensor, c: torch.Tensor, chunk: int | None = None) -> 
     return codes
 
 
-def assign_levels(x: torch.Tensor, centroids: list[torch.Tensor]) -> torch.Tensor:
-    """Residual assignment through every level: codes [n, levels]. On GPU x is augmented once and its residual
-    updated in place, so a level costs one GEMM, one argmin and (but the last) one subtraction."""
+def assign_levels(x: torch.Tensor, centroids: list[torch.Tensor], kernel: str = "auto") -> torch.Tensor:
+    """Residual assignment through every level: codes [n, levels]. On GPU one fused Triton kernel a level (see
+    gpu_kernel); on the GEMM path x is augmented once and its residual updated in place, so a level costs one GEMM,
+    one argmin and (but the last) one subtraction."""
+    fused = gpu_kernel(x, kernel)
     if x.device.type == "cpu" or not centroids:
         r, out = x, []
         for c in centroids:
@@ -76,6 +108,8 @@ def assign_levels(x: torch.Tensor, centroids: list[torch.Tensor]) -> torch.Tenso
             out.append(idx)
             r = r - c[idx]
         return torch.stack(out, 1) if out else torch.zeros((len(x), 0), dtype=torch.long)
+    if fused is not None:
+        return fused.assign_levels(x, centroids)
     d, ra = x.shape[1], _augment_torch(x)
     out = torch.empty((len(centroids), len(x)), dtype=torch.long, device=x.device)
     for lvl, c in enumerate(centroids):
@@ -169,7 +203,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, init: torch.
     else:
         sample = x if n <= init_sample * k else x[torch.randperm(n, generator=gen)[: init_sample * k].to(x.device)]
         c = _kmeanspp(sample, k, gen)
-    xa = _augment(x) if x.device.type == "cpu" else _augment_torch(x)  # built once, reused every iteration
+    # the GEMM paths' augmented copy, built once and reused every iteration (the fused GPU kernel needs none)
+    xa = _augment(x) if x.device.type == "cpu" else None if gpu_kernel(x) else _augment_torch(x)
     for _ in range(iters):
         codes, dist = _assign(x, c, xa=xa)
         with _single_thread(x.device.type == "cpu"):  # BLAS threads still spin after the GEMM: don't fight them

@@ -172,3 +172,31 @@ def test_gpu_paths_of_the_codebook_build_agree_with_the_cpu_ones_when_run_on_cpu
     assert torch.equal(seeds, _kmeanspp_gpu(x, 4, torch.Generator().manual_seed(0)))   # deterministic by seed
     # D^2 sampling puts one seed in each of four far-apart blobs
     assert sorted(((seeds.mean(1) + 5) // 10).long().tolist()) == [0, 1, 2, 3]
+
+
+def test_the_fused_assignment_kernel_is_chosen_only_where_it_can_run():
+    """`kernel="auto"` takes the Triton kernel only for CUDA tensors; asking for it elsewhere says why not."""
+    from semalign.models.kmeans import assign_levels, gpu_kernel
+
+    x = torch.zeros((4, 8))
+    assert gpu_kernel(x) is None and gpu_kernel(x, "torch") is None
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        gpu_kernel(x, "triton")
+    with pytest.raises(ValueError, match="auto, triton or torch"):
+        assign_levels(x, [torch.zeros((2, 8))], kernel="fused")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only (checked on the H200)")
+@pytest.mark.parametrize("d,k", [(8, 1), (100, 300), (128, 256), (256, 1000)])
+def test_the_fused_gpu_kernel_assigns_the_codes_of_the_gemm_path(d, k):
+    """Odd widths and code counts (masked tiles), ties to the lowest code, residual levels: same codes as the
+    GEMM + argmin path on the same GPU."""
+    from semalign.models.kmeans import assign_levels
+
+    g = torch.Generator().manual_seed(d + k)
+    x = torch.randn(20_011, d, generator=g).cuda()
+    cents = [torch.randn(k, d, generator=g).cuda() * s for s in (1.0, 0.5, 0.25)]
+    cents[0][-1] = cents[0][0]                                  # a duplicated centroid: the lower code wins
+    fused, gemm = assign_levels(x, cents, kernel="triton"), assign_levels(x, cents, kernel="torch")
+    assert (fused != gemm).any(1).float().mean() < 1e-4          # rounding may move a near-tie, nothing more
+    assert int((fused[:, 0] == k - 1).sum()) == 0 or k == 1

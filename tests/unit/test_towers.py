@@ -68,3 +68,29 @@ def test_the_direct_rust_tokenization_gives_the_tokenizers_own_tokens(text_tower
         assert torch.equal(got[key], want[key]), key
     assert got["input_ids"].shape[1] == text_tower.max_length
     assert text_tower.tokenizer(["x y"], padding=True)["input_ids"] == [[101, 1060, 1061, 102]]  # its own untouched
+
+
+def test_tokenizer_worker_processes_give_the_same_tokens_and_vectors_as_tokenizing_in_process(text_tower):
+    """On a GPU the tower tokenizes in forked worker processes (the forward outran one process); the batches and
+    their tokens are exactly those of the in-process loop, and the vectors come back in the caller's order.
+    Checked on CPU with the worker path asked for explicitly (vectors to 1e-6: a loaded CPU's BLAS may split a
+    GEMM differently from one call to the next)."""
+    from semalign.models.towers import length_batches
+
+    rng = np.random.default_rng(0)
+    words = ["cowboy", "toy", "space", "tax", "law", "Ünïcödé", "東京", "café", "night", "the"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 12)))) for _ in range(300)] + ["", "word " * 400]
+    pooled = TextTower(Settings().resolved_text_model(), batch_size=16, tokenize_workers=2)
+    assert pooled.tokenize_workers == 2 and text_tower.tokenize_workers == 0    # CPU default: in-process
+    batches = length_batches(texts, 16)
+    from_workers = list(pooled._token_batches(texts, batches, 10_000, pin=False))
+    assert pooled._pool is not None and len(from_workers) == len(batches)      # the workers did the tokenizing
+    for idx, got in zip(batches, from_workers):
+        want = text_tower.tokenize([texts[i] for i in idx])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    inline = TextTower(Settings().resolved_text_model(), batch_size=16, tokenize_workers=0)
+    want = inline.encode(texts)
+    np.testing.assert_allclose(pooled.encode(texts), want, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(pooled.encode(texts[:40]), want[:40], atol=1e-6, rtol=0)  # the pool is reused
+    with pytest.raises(ValueError, match="tokenize_workers"):
+        TextTower(Settings().resolved_text_model(), tokenize_workers=-1)

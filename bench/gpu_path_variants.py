@@ -1,0 +1,328 @@
+"""Where SID assignment and the text tower lose time on the GPU: the variants tried, each timed in one process
+(CUDA events via synchronize, median of repeats) and printed as one JSON line. Parts (arguments): sid (assignment
+variants against the bare matmul), text (the tower's pieces: tokenizing, forward only, reference), textprof
+(tokenizer processes x batch size), refreshtext (refresh-shaped texts, batch 64 / 1024 / 2048), kernelcheck (the
+Triton kernel against the GEMM path on odd shapes). Needs CUDA; SEMALIGN_TEXT_MODEL names the text model folder
+(bench/device_scaling.sh builds MiniLM's shape with zeroed weights on the device machine). Results:
+bench/results/gpu_path_variants_h200.md."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_encoder_quantizer import synthetic  # noqa: E402
+from models.codebook import build_codebook  # noqa: E402
+from models.kmeans import assign_levels, _augment_torch  # noqa: E402
+
+dev = "cuda"
+
+
+def tm(fn, rep=5):
+    fn()
+    ts = []
+    for _ in range(rep):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def assign_chunked(x, cents, chunk):
+    d, ra = x.shape[1], _augment_torch(x)
+    res = torch.empty((len(cents), len(x)), dtype=torch.long, device=x.device)
+    for lvl, c in enumerate(cents):
+        ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
+        ca[:, :d] = -2.0 * c
+        ca[:, d] = (c * c).sum(1)
+        for s in range(0, len(ra), chunk):
+            torch.argmin(ra[s: s + chunk] @ ca.T, 1, out=res[lvl, s: s + chunk])
+        if lvl + 1 < len(cents):
+            ra[:, :d] -= c[res[lvl]]
+    return res.T
+
+
+def assign_chunked_local(x, cents, chunk):
+    """residual updated chunk by chunk right after its argmin (block still in L2)"""
+    d = x.shape[1]
+    ra = _augment_torch(x)
+    cas = []
+    for c in cents:
+        ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
+        ca[:, :d] = -2.0 * c
+        ca[:, d] = (c * c).sum(1)
+        cas.append(ca.T.contiguous())
+    res = torch.empty((len(x), len(cents)), dtype=torch.long, device=x.device)
+    for s in range(0, len(ra), chunk):
+        r = ra[s: s + chunk]
+        for lvl, (c, caT) in enumerate(zip(cents, cas)):
+            idx = torch.argmin(r @ caT, 1)
+            res[s: s + chunk, lvl] = idx
+            if lvl + 1 < len(cents):
+                r[:, :d] -= c[idx]
+    return res
+
+
+def assign_addmm(x, cents, chunk):
+    r = x.clone()
+    res = torch.empty((len(cents), len(x)), dtype=torch.long, device=x.device)
+    for lvl, c in enumerate(cents):
+        cm = (-2.0 * c).T.contiguous()
+        cn = (c * c).sum(1)
+        for s in range(0, len(r), chunk):
+            torch.argmin(torch.addmm(cn, r[s: s + chunk], cm), 1, out=res[lvl, s: s + chunk])
+        if lvl + 1 < len(cents):
+            r -= c[res[lvl]]
+    return res.T
+
+
+def assign_tf32_rerank(x, cents, chunk, k):
+    d, ra = x.shape[1], _augment_torch(x)
+    res = torch.empty((len(cents), len(x)), dtype=torch.long, device=x.device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for lvl, c in enumerate(cents):
+            ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
+            ca[:, :d] = -2.0 * c
+            ca[:, d] = (c * c).sum(1)
+            for s in range(0, len(ra), chunk):
+                rc = ra[s: s + chunk]
+                top = torch.topk(rc @ ca.T, k, 1, largest=False, sorted=False).indices
+                exact = (rc[:, None, :] * ca[top]).sum(-1)  # elementwise: fp32 whatever the matmul flag
+                res[lvl, s: s + chunk] = top.gather(1, exact.argmin(1, keepdim=True))[:, 0]
+            if lvl + 1 < len(cents):
+                ra[:, :d] -= c[res[lvl]]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return res.T
+
+
+def triton_variant():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def nn_kernel(X, C, CN, OUT, R, n, lvl_stride, K: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, PREC: tl.constexpr, RESID: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < n
+        dk = tl.arange(0, D)
+        x = tl.load(X + rows[:, None] * D + dk[None, :], mask=rmask[:, None], other=0.0)
+        best = tl.full([BM], float("inf"), tl.float32)
+        besti = tl.zeros([BM], tl.int32)
+        for j in range(0, K, BN):
+            cols = j + tl.arange(0, BN)
+            c = tl.load(C + cols[None, :] * D + dk[:, None])
+            s = tl.dot(x, c, input_precision=PREC)
+            s = tl.load(CN + cols)[None, :] - 2.0 * s
+            m = tl.min(s, 1)
+            mi = tl.argmin(s, 1) + j
+            upd = m < best
+            best = tl.where(upd, m, best)
+            besti = tl.where(upd, mi, besti)
+        tl.store(OUT + rows * lvl_stride, besti.to(tl.int64), mask=rmask)
+        if RESID:
+            cg = tl.load(C + besti[:, None] * D + dk[None, :])
+            tl.store(R + rows[:, None] * D + dk[None, :], x - cg, mask=rmask[:, None])
+
+    def run(x, cents, prec="ieee", BM=64, BN=64, warps=4, stages=2):
+        n, d = x.shape
+        r = x.contiguous().clone()
+        res = torch.empty((n, len(cents)), dtype=torch.long, device=x.device)
+        for lvl, c in enumerate(cents):
+            cc = c.contiguous()
+            cn = (cc * cc).sum(1)
+            last = lvl + 1 == len(cents)
+            nn_kernel[(triton.cdiv(n, BM),)](r, cc, cn, res[:, lvl], r, n, len(cents), K=len(c), D=d, BM=BM,
+                                             BN=BN, PREC=prec, RESID=not last, num_warps=warps, num_stages=stages)
+        return res
+    return run
+
+
+def sid_part():
+    n = 1_000_000
+    x = torch.as_tensor(synthetic(n), device=dev)
+    cb = build_codebook(x, levels=3, codes=256, iters=20, device=dev, data_hash="given")
+    cents = [c.to(dev).float() for c in cb.centroids]
+    exact = assign_levels(x, cents, kernel="torch")
+
+    def mm():
+        for c in cents:
+            x @ c.T
+    t_mm = tm(mm)
+    out(variant="bare_matmul", s=t_mm)
+    t_cur = tm(lambda: assign_levels(x, cents, kernel="torch"))
+    out(variant="gemm_path", s=t_cur, vs_matmul=t_mm / t_cur)
+    t_fused = tm(lambda: assign_levels(x, cents))
+    out(variant="assign_levels_default", s=t_fused, vs_matmul=t_mm / t_fused)
+    cases = []
+    for ch in (8192, 16384, 32768, 65536, 131072, 262144):
+        cases.append((f"chunked_{ch}", lambda ch=ch: assign_chunked(x, cents, ch)))
+        cases.append((f"chunked_local_{ch}", lambda ch=ch: assign_chunked_local(x, cents, ch)))
+    for ch in (32768, 1_000_000):
+        cases.append((f"addmm_{ch}", lambda ch=ch: assign_addmm(x, cents, ch)))
+        for k in (2, 4):
+            cases.append((f"tf32_top{k}_{ch}", lambda ch=ch, k=k: assign_tf32_rerank(x, cents, ch, k)))
+    try:
+        tr = triton_variant()
+        for prec in ("ieee", "tf32", "tf32x3"):
+            for BM, BN, w, st in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 64, 4, 2)):
+                cases.append((f"triton_{prec}_{BM}x{BN}_w{w}", lambda p=prec, a=BM, b=BN, w=w, st=st: tr(x, cents, p, a, b, w, st)))
+    except Exception as e:  # noqa: BLE001
+        out(variant="triton", error=repr(e)[:300])
+    for name, fn in cases:
+        try:
+            codes = fn()
+            mism = int((codes != exact).any(1).sum())
+            t = tm(fn)
+            out(variant=name, s=t, vs_matmul=t_mm / t, rows_differing=mism)
+        except Exception as e:  # noqa: BLE001
+            out(variant=name, error=repr(e)[:400])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_mm32 = tm(mm)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out(variant="bare_matmul_tf32", s=t_mm32)
+
+
+def text_part():
+    from models.towers import TextTower, length_batches
+    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
+    rng = np.random.default_rng(0)
+    words = "the of a dark night love story man city war last return house girl blue red king".split()
+    n = 200_000
+    texts = [" ".join(rng.choice(words, rng.integers(2, 7))) for _ in range(n)]
+    for bs in (2048, 4096):
+        tower = TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=0)  # the one-thread path
+        tower.encode(texts[:bs])
+        t = tm(lambda: tower.encode(texts), rep=3)
+        out(part="text", what="encode", batch=bs, per_s=n / t)
+        batches = length_batches(texts, bs)
+        t_tok = tm(lambda: [tower.tokenize([texts[i] for i in idx]) for idx in batches], rep=3)
+        out(part="text", what="tokenize_only_sequential", batch=bs, per_s=n / t_tok)
+        t_all = tm(lambda: tower._fast.encode_batch_fast(texts), rep=3)
+        out(part="text", what="encode_batch_fast_all_at_once", per_s=n / t_all)
+        toks = [{k: v.to(dev) for k, v in tower.tokenize([texts[i] for i in idx]).items()} for idx in batches]
+
+        @torch.inference_mode()
+        def fwd():
+            for b in toks:
+                h = tower.model(**b).last_hidden_state.float()
+                mm = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp_min(1e-9), dim=-1)
+        t_f = tm(fwd, rep=3)
+        out(part="text", what="forward_pool_only_on_device_tokens", batch=bs, per_s=n / t_f,
+            mean_len=float(np.mean([b["input_ids"].shape[1] for b in toks])))
+        tok = tower.tokenizer(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+
+        @torch.inference_mode()
+        def plain():
+            for s in range(0, n, bs):
+                tower.model(input_ids=tok["input_ids"][s:s + bs].to(dev),
+                            attention_mask=tok["attention_mask"][s:s + bs].to(dev))
+        t_p = tm(plain, rep=3)
+        out(part="text", what="reference_plain_32", batch=bs, per_s=n / t_p)
+        # sdpa / compile of the forward
+        try:
+            cm = torch.compile(tower.model, dynamic=True)
+
+            @torch.inference_mode()
+            def fwdc():
+                for b in toks:
+                    cm(**b).last_hidden_state
+            fwdc()
+            out(part="text", what="compiled_forward_only", batch=bs, per_s=n / tm(fwdc, rep=3))
+        except Exception as e:  # noqa: BLE001
+            out(part="text", what="compile", error=repr(e)[:300])
+        out(part="text", attn=str(getattr(tower.model.config, "_attn_implementation", "?")))
+
+
+def textprof_part():
+    from models.towers import TextTower, length_batches
+    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
+    rng = np.random.default_rng(0)
+    words = "the of a dark night love story man city war last return house girl blue red king".split()
+    n = 400_000
+    texts = [" ".join(rng.choice(words, rng.integers(2, 7))) for _ in range(n)]
+    for bs in (2048, 8192, 16384):
+        for workers in (0, 4, 8, 14):
+            tower = TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=workers)
+            tower.encode(texts[: 4 * bs])
+            batches = length_batches(texts, bs)
+            t0 = time.perf_counter()
+            for _ in tower._token_batches(texts, batches, 1024, pin=True):
+                pass
+            t_tok = time.perf_counter() - t0
+            t = tm(lambda: tower.encode(texts), rep=2)
+            out(part="textprof", batch=bs, workers=workers, tokens_only_per_s=n / t_tok, encode_per_s=n / t)
+            if workers == 0:
+                toks = [{k: v.to(dev) for k, v in tower.tokenize([texts[i] for i in idx]).items()} for idx in batches]
+
+                @torch.inference_mode()
+                def fwd():
+                    for b in toks:
+                        h = tower.model(**b).last_hidden_state.float()
+                        mm = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+                        torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp_min(1e-9), dim=-1)
+                out(part="textprof", batch=bs, forward_only_per_s=n / tm(fwd, rep=2))
+            if tower._pool is not None:
+                tower._pool.terminate()
+
+
+def refreshtext_part():
+    from models.towers import TextTower
+    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(300)] + "the of a dark night love story man city war last return house".split()
+    n = 100_000
+    texts = [" ".join(rng.choice(vocab, rng.integers(2, 7))) + ". " + " ".join(rng.choice(vocab, rng.integers(10, 80)))
+             for _ in range(n)]
+    for bs in (64, 1024, 2048):
+        for workers in (0, None):
+            tower = TextTower(m, device=dev, batch_size=bs, tokenize_workers=workers)
+            tower.encode(texts[: 4 * bs])
+            t = tm(lambda: tower.encode(texts), rep=1)
+            out(part="refreshtext", batch=bs, workers=tower.tokenize_workers, max_length=tower.max_length,
+                encode_per_s=n / t, peak_gb=torch.cuda.max_memory_allocated() / 2**30)
+            if tower._pool is not None:
+                tower._pool.terminate()
+
+
+def kernelcheck_part():
+    from models.kmeans import assign_levels as al
+    for d, k in [(8, 1), (100, 300), (128, 256), (256, 1000), (300, 64)]:
+        g = torch.Generator().manual_seed(d + k)
+        x = torch.randn(20_011, d, generator=g).cuda()
+        cents = [torch.randn(k, d, generator=g).cuda() * s for s in (1.0, 0.5, 0.25)]
+        cents[0][-1] = cents[0][0]
+        try:
+            fused = al(x, cents, kernel="triton")
+        except Exception as e:  # noqa: BLE001
+            out(part="kernelcheck", d=d, k=k, error=repr(e)[:200])
+            fused = al(x, cents)
+        gemm = al(x, cents, kernel="torch")
+        out(part="kernelcheck", d=d, k=k, differing=float((fused != gemm).any(1).float().mean()),
+            top_code_used=int((fused[:, 0] == k - 1).sum()))
+
+
+if __name__ == "__main__":
+    out(torch=torch.__version__, gpu=torch.cuda.get_device_name(0), cpus=os.cpu_count())
+    for part in sys.argv[1:] or ["sid", "text"]:
+        try:
+            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part}[part]()
+        except Exception:  # noqa: BLE001 - one part failing should not hide the others' figures
+            import traceback
+            traceback.print_exc()

@@ -198,13 +198,16 @@ def sid_part():
     out(variant="bare_matmul_tf32", s=t_mm32)
 
 
-def text_part():
-    from models.towers import TextTower, length_batches
-    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
+def synthetic_titles(n: int) -> list[str]:
     rng = np.random.default_rng(0)
     words = "the of a dark night love story man city war last return house girl blue red king".split()
-    n = 200_000
-    texts = [" ".join(rng.choice(words, rng.integers(2, 7))) for _ in range(n)]
+    return [" ".join(rng.choice(words, rng.integers(2, 7))) for _ in range(n)]
+
+
+def text_part():
+    from models.towers import TextTower, length_batches
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(200_000)
+    n = len(texts)
     for bs in (2048, 4096):
         tower = TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=0)  # the one-thread path
         tower.encode(texts[:bs])
@@ -220,9 +223,7 @@ def text_part():
         @torch.inference_mode()
         def fwd():
             for b in toks:
-                h = tower.model(**b).last_hidden_state.float()
-                mm = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp_min(1e-9), dim=-1)
+                tower.pooled(b)
         t_f = tm(fwd, rep=3)
         out(part="text", what="forward_pool_only_on_device_tokens", batch=bs, per_s=n / t_f,
             mean_len=float(np.mean([b["input_ids"].shape[1] for b in toks])))
@@ -252,11 +253,8 @@ def text_part():
 
 def textprof_part():
     from models.towers import TextTower, length_batches
-    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
-    rng = np.random.default_rng(0)
-    words = "the of a dark night love story man city war last return house girl blue red king".split()
-    n = 400_000
-    texts = [" ".join(rng.choice(words, rng.integers(2, 7))) for _ in range(n)]
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(400_000)
+    n = len(texts)
     for bs in (2048, 8192, 16384):
         for workers in (0, 4, 8, 14):
             tower = TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=workers)
@@ -274,9 +272,7 @@ def textprof_part():
                 @torch.inference_mode()
                 def fwd():
                     for b in toks:
-                        h = tower.model(**b).last_hidden_state.float()
-                        mm = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                        torch.nn.functional.normalize((h * mm).sum(1) / mm.sum(1).clamp_min(1e-9), dim=-1)
+                        tower.pooled(b)
                 out(part="textprof", batch=bs, forward_only_per_s=n / tm(fwd, rep=2))
             if tower._pool is not None:
                 tower._pool.terminate()

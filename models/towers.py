@@ -210,6 +210,12 @@ class TextTower:
         and cut to max_length: the same tokens as the tokenizer's call with padding=True, truncation=True."""
         return self._tokens(texts)
 
+    def pooled(self, batch: dict) -> torch.Tensor:
+        """Mean-pooled, L2-normalised fp32 vectors of one tokenized batch already on the tower's device."""
+        hidden = self.model(**batch).last_hidden_state.float()
+        m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
         """Length-sorted batches (little padding). On GPU nothing syncs per batch: pooled vectors stay on the
@@ -230,10 +236,7 @@ class TextTower:
         for idx, batch in zip(batches, self._token_batches(texts, batches, window, pin=on_gpu)):
             if on_gpu:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state.float()
-            m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-            sorted_out[done: done + len(idx)] = torch.nn.functional.normalize(pooled, dim=-1)
+            sorted_out[done: done + len(idx)] = self.pooled(batch)
             done += len(idx)
             if progress:
                 progress(len(idx))

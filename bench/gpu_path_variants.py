@@ -297,6 +297,25 @@ def refreshtext_part():
                 tower._pool.terminate()
 
 
+def switchinterval_part():
+    """The GIL's switch interval during encode (the main process's forward and the pool's result threads share
+    one GIL; the default interval is 5 ms)."""
+    from models.towers import TextTower
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(400_000)
+    default = sys.getswitchinterval()
+    for workers in (8, 14):
+        tower = TextTower(m, device=dev, batch_size=2048, max_length=32, tokenize_workers=workers)
+        tower.encode(texts)
+        for interval in (default, 0.001, 0.0002):
+            sys.setswitchinterval(interval)
+            try:
+                out(part="switchinterval", workers=workers, interval_s=interval,
+                    encode_per_s=len(texts) / tm(lambda: tower.encode(texts), rep=2))
+            finally:
+                sys.setswitchinterval(default)
+        tower._pool.terminate()
+
+
 def kernelcheck_part():
     from models.kmeans import assign_levels as al
     for d, k in [(8, 1), (100, 300), (128, 256), (256, 1000), (300, 64)]:
@@ -318,7 +337,7 @@ if __name__ == "__main__":
     out(torch=torch.__version__, gpu=torch.cuda.get_device_name(0), cpus=os.cpu_count())
     for part in sys.argv[1:] or ["sid", "text"]:
         try:
-            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part}[part]()
+            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "switchinterval": switchinterval_part}[part]()
         except Exception:  # noqa: BLE001 - one part failing should not hide the others' figures
             import traceback
             traceback.print_exc()

@@ -139,11 +139,14 @@ class TextTower:
     """Sentence embedding from any local transformers encoder: mean pooling over tokens, L2-normalised
     (the all-MiniLM-L6-v2 recipe). Texts are sorted by length so batches carry little padding."""
 
+    tokenize_timeout_s = 300.0  # one batch's tokens take milliseconds in a worker; far longer means it is gone
+
     def __init__(self, model_path: str | Path, device: str = "cpu", max_length: int = 256,
                  batch_size: int | None = None, tokenize_workers: int | None = None):
-        """batch_size: texts per forward, None picks `default_text_batch(device)`. tokenize_workers: processes that tokenize batches ahead of the forward (forked on first use, kept for
-        the tower's life); None picks `default_tokenize_workers(device)`, 0 tokenizes in one thread of this
-        process. The tokens, hence the vectors, are the same either way."""
+        """batch_size: texts per forward, None picks `default_text_batch(device)`. tokenize_workers: processes
+        that tokenize batches ahead of the forward (forked on first use, kept for the tower's life); None picks
+        `default_tokenize_workers(device)`, 0 tokenizes in one thread of this process. The tokens, hence the
+        vectors, are the same either way."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -192,14 +195,22 @@ class TextTower:
             yield from _ahead(tokens, batches) if pin else map(tokens, batches)
             return
         import collections
+        import multiprocessing
+
+        def result(job):
+            try:  # a Pool whose worker died never answers that job: an error, not a refresh that hangs
+                return pinned({k: torch.from_numpy(v) for k, v in job.get(self.tokenize_timeout_s).items()})
+            except multiprocessing.TimeoutError:
+                raise RuntimeError(f"a tokenizer worker process gave no batch in {self.tokenize_timeout_s} s (killed, "
+                                   "out of memory?); TextTower(tokenize_workers=0) tokenizes in this process") from None
 
         pool, pending = self._worker_pool(), collections.deque()
         for idx in batches:
             pending.append(pool.apply_async(_tokenize_in_worker, (cut(idx),)))
             if len(pending) >= 4 * self.tokenize_workers:
-                yield pinned({k: torch.from_numpy(v) for k, v in pending.popleft().get().items()})
+                yield result(pending.popleft())
         while pending:
-            yield pinned({k: torch.from_numpy(v) for k, v in pending.popleft().get().items()})
+            yield result(pending.popleft())
 
     @property
     def _fast(self):

@@ -94,3 +94,19 @@ def test_tokenizer_worker_processes_give_the_same_tokens_and_vectors_as_tokenizi
     np.testing.assert_allclose(pooled.encode(texts[:40]), want[:40], atol=1e-6, rtol=0)  # the pool is reused
     with pytest.raises(ValueError, match="tokenize_workers"):
         TextTower(Settings().resolved_text_model(), tokenize_workers=-1)
+
+
+class _DiesOnTokenize:
+    """A tokenizer whose worker process dies mid-batch (as one killed by the OOM killer would)."""
+
+    def __call__(self, texts):
+        import os
+
+        os._exit(9)
+
+
+def test_a_tokenizer_worker_that_dies_is_an_error_not_a_hang():
+    tower = TextTower(Settings().resolved_text_model(), batch_size=4, tokenize_workers=1)
+    tower._tokens, tower.tokenize_timeout_s = _DiesOnTokenize(), 5.0    # before the pool forks: workers inherit it
+    with pytest.raises(RuntimeError, match="tokenizer worker process gave no batch in 5.0 s"):
+        tower.encode([f"text {i}" for i in range(12)])

@@ -60,8 +60,11 @@ class PlainDIN(nn.Module):
         return self.dnn(torch.cat([u, mc, bc, *outs], -1)).squeeze(-1)
 
 
+FUSED_ADAM = False  # --fused-adam: one fused kernel for the optimizer step on CUDA (both models alike)
+
+
 def throughput(model, batches, device, steps, warmup=3):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=FUSED_ADAM or None)
     model.train()
 
     def step(i):
@@ -93,8 +96,11 @@ def main():
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--fused-adam", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    global FUSED_ADAM
+    FUSED_ADAM = args.fused_adam
     dev = args.device
     gpu = dev.startswith("cuda")
     steps = args.steps or (200 if gpu else 8)

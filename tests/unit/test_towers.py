@@ -84,14 +84,16 @@ def test_tokenizer_worker_processes_give_the_same_tokens_and_vectors_as_tokenizi
     assert pooled.tokenize_workers == 2 and text_tower.tokenize_workers == 0    # CPU default: in-process
     batches = length_batches(texts, 16)
     from_workers = list(pooled._token_batches(texts, batches, 10_000, pin=False))
-    assert pooled._pool is not None and len(from_workers) == len(batches)      # the workers did the tokenizing
+    pool = pooled._pool
+    assert pool is not None and len(from_workers) == len(batches)              # the workers did the tokenizing
     for idx, got in zip(batches, from_workers):
         want = text_tower.tokenize([texts[i] for i in idx])
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     inline = TextTower(Settings().resolved_text_model(), batch_size=16, tokenize_workers=0)
     want = inline.encode(texts)
     np.testing.assert_allclose(pooled.encode(texts), want, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(pooled.encode(texts[:40]), want[:40], atol=1e-6, rtol=0)  # the pool is reused
+    np.testing.assert_allclose(pooled.encode(texts[:40]), want[:40], atol=1e-6, rtol=0)
+    assert pooled._pool is pool                                                 # one pool for the tower's life
     with pytest.raises(ValueError, match="tokenize_workers"):
         TextTower(Settings().resolved_text_model(), tokenize_workers=-1)
 

@@ -80,6 +80,19 @@ def load_texts(n: int) -> tuple[list[str], list[str], str]:
     return titles, titles, "synthetic titles"
 
 
+def device_batches(tower: TextTower, texts: list[str], batch: int) -> list[dict]:
+    """The tower's own length-sorted batches, tokenized and already on its device."""
+    return [{k: v.to(tower.device) for k, v in tower.tokenize([texts[i] for i in idx]).items()}
+            for idx in length_batches(texts, batch)]
+
+
+@torch.inference_mode()
+def forward_only(tower: TextTower, on_device: list[dict]) -> None:
+    """Forward and pooling of batches already on the device: the GPU's share of the tower, no host work."""
+    for b in on_device:
+        tower.pooled(b)
+
+
 def bench_text(device: str, n: int, batch: int) -> list[dict]:
     titles, full, source = load_texts(n)
     ours = TextTower(model_path(), device=device, batch_size=batch, max_length=256 if device == "cpu" else 32)
@@ -116,15 +129,9 @@ def bench_text(device: str, n: int, batch: int) -> list[dict]:
                        ratio=t_ref / t_ours)
             # the GPU's share of our own path: the same length-sorted batches already on the device, forward and
             # pooling only (no tokenizing, no copies): what the tower would do with free host work
-            on_device = [{k: v.to(device) for k, v in ours.tokenize([texts[i] for i in idx]).items()}
-                         for idx in length_batches(texts, batch)]
-
-            @torch.inference_mode()
-            def forward_only():
-                for b in on_device:
-                    ours.pooled(b)
-            forward_only()
-            t_fwd, _ = timed(forward_only)
+            on_device = device_batches(ours, texts, batch)
+            forward_only(ours, on_device)
+            t_fwd, _ = timed(lambda: forward_only(ours, on_device))
             row.update(forward_only_per_s=len(texts) / t_fwd, vs_forward_only=t_fwd / t_ours)
         rows.append(row)
     return rows

@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_encoder_quantizer import synthetic  # noqa: E402
+from bench_encoder_quantizer import device_batches, forward_only, synthetic  # noqa: E402
 from models.codebook import build_codebook  # noqa: E402
-from models.kmeans import assign_levels, _augment_torch  # noqa: E402
+from models.kmeans import _augment_centroids, _augment_torch, assign_levels  # noqa: E402
 
 dev = "cuda"
 
@@ -44,9 +44,7 @@ def assign_chunked(x, cents, chunk):
     d, ra = x.shape[1], _augment_torch(x)
     res = torch.empty((len(cents), len(x)), dtype=torch.long, device=x.device)
     for lvl, c in enumerate(cents):
-        ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
-        ca[:, :d] = -2.0 * c
-        ca[:, d] = (c * c).sum(1)
+        ca = _augment_centroids(c, ra)
         for s in range(0, len(ra), chunk):
             torch.argmin(ra[s: s + chunk] @ ca.T, 1, out=res[lvl, s: s + chunk])
         if lvl + 1 < len(cents):
@@ -58,12 +56,7 @@ def assign_chunked_local(x, cents, chunk):
     """residual updated chunk by chunk right after its argmin (block still in L2)"""
     d = x.shape[1]
     ra = _augment_torch(x)
-    cas = []
-    for c in cents:
-        ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
-        ca[:, :d] = -2.0 * c
-        ca[:, d] = (c * c).sum(1)
-        cas.append(ca.T.contiguous())
+    cas = [_augment_centroids(c, ra).T.contiguous() for c in cents]
     res = torch.empty((len(x), len(cents)), dtype=torch.long, device=x.device)
     for s in range(0, len(ra), chunk):
         r = ra[s: s + chunk]
@@ -95,9 +88,7 @@ def assign_tf32_rerank(x, cents, chunk, k):
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         for lvl, c in enumerate(cents):
-            ca = torch.zeros((len(c), ra.shape[1]), dtype=ra.dtype, device=ra.device)
-            ca[:, :d] = -2.0 * c
-            ca[:, d] = (c * c).sum(1)
+            ca = _augment_centroids(c, ra)
             for s in range(0, len(ra), chunk):
                 rc = ra[s: s + chunk]
                 top = torch.topk(rc @ ca.T, k, 1, largest=False, sorted=False).indices
@@ -218,13 +209,8 @@ def text_part():
         out(part="text", what="tokenize_only_sequential", batch=bs, per_s=n / t_tok)
         t_all = tm(lambda: tower._fast.encode_batch_fast(texts), rep=3)
         out(part="text", what="encode_batch_fast_all_at_once", per_s=n / t_all)
-        toks = [{k: v.to(dev) for k, v in tower.tokenize([texts[i] for i in idx]).items()} for idx in batches]
-
-        @torch.inference_mode()
-        def fwd():
-            for b in toks:
-                tower.pooled(b)
-        t_f = tm(fwd, rep=3)
+        toks = device_batches(tower, texts, bs)
+        t_f = tm(lambda: forward_only(tower, toks), rep=3)
         out(part="text", what="forward_pool_only_on_device_tokens", batch=bs, per_s=n / t_f,
             mean_len=float(np.mean([b["input_ids"].shape[1] for b in toks])))
         tok = tower.tokenizer(texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
@@ -267,15 +253,9 @@ def textprof_part():
             t = tm(lambda: tower.encode(texts), rep=2)
             out(part="textprof", batch=bs, workers=workers, tokens_only_per_s=n / t_tok, encode_per_s=n / t)
             if workers == 0:
-                toks = [{k: v.to(dev) for k, v in tower.tokenize([texts[i] for i in idx]).items()} for idx in batches]
-
-                @torch.inference_mode()
-                def fwd():
-                    for b in toks:
-                        tower.pooled(b)
-                out(part="textprof", batch=bs, forward_only_per_s=n / tm(fwd, rep=2))
-            if tower._pool is not None:
-                tower._pool.terminate()
+                toks = device_batches(tower, texts, bs)
+                out(part="textprof", batch=bs, forward_only_per_s=n / tm(lambda: forward_only(tower, toks), rep=2))
+            tower.close()
 
 
 def refreshtext_part():
@@ -293,8 +273,7 @@ def refreshtext_part():
             t = tm(lambda: tower.encode(texts), rep=1)
             out(part="refreshtext", batch=bs, workers=tower.tokenize_workers, max_length=tower.max_length,
                 encode_per_s=n / t, peak_gb=torch.cuda.max_memory_allocated() / 2**30)
-            if tower._pool is not None:
-                tower._pool.terminate()
+            tower.close()
 
 
 def switchinterval_part():
@@ -313,7 +292,7 @@ def switchinterval_part():
                     encode_per_s=len(texts) / tm(lambda: tower.encode(texts), rep=2))
             finally:
                 sys.setswitchinterval(default)
-        tower._pool.terminate()
+        tower.close()
 
 
 def kernelcheck_part():

@@ -82,13 +82,19 @@ def _augment_torch(x: torch.Tensor) -> torch.Tensor:
     return xa
 
 
+def _augment_centroids(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[-2 c, ||c||^2, 0...] as wide as the augmented rows `like`: their product is ||x - c||^2 - ||x||^2."""
+    d = c.shape[1]
+    ca = torch.zeros((len(c), like.shape[1]), dtype=like.dtype, device=like.device)
+    ca[:, :d] = -2.0 * c
+    ca[:, d] = (c * c).sum(1)
+    return ca
+
+
 def _argmin_aug(xa: torch.Tensor, c: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """argmin_j ||x - c_j||^2 = argmin_j [x, 1] . [-2 c_j, ||c_j||^2]: one plain GEMM and one argmin per chunk
     (addmm's broadcast bias cost an extra pass over the [rows, codes] block)."""
-    d = c.shape[1]
-    ca = torch.zeros((len(c), xa.shape[1]), dtype=xa.dtype, device=xa.device)
-    ca[:, :d] = -2.0 * c
-    ca[:, d] = (c * c).sum(1)
+    ca = _augment_centroids(c, xa)
     chunk = chunk or max(1, GPU_SCORES_BUDGET // max(1, len(c)))
     codes = torch.empty(len(xa), dtype=torch.long, device=xa.device)
     for s in range(0, len(xa), chunk):

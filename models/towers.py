@@ -177,8 +177,14 @@ class TextTower:
             global _WORKER_TOKENIZE
             _WORKER_TOKENIZE = self._tokens  # no reference to the model or the tower: the tower can still be freed
             self._pool = multiprocessing.get_context("fork").Pool(self.tokenize_workers)
-            weakref.finalize(self, self._pool.terminate)
+            self._pool_finalizer = weakref.finalize(self, self._pool.terminate)
         return self._pool
+
+    def close(self) -> None:
+        """Ends the tokenizer processes now (else they end with the tower); a later encode forks new ones."""
+        if self._pool is not None:
+            self._pool_finalizer()
+            self._pool = None
 
     def _token_batches(self, texts: Sequence[str], batches: list[np.ndarray], window: int, pin: bool):
         """Each batch's tokens, in order: from the worker processes (at most 4 batches a worker in flight, so

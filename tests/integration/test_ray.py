@@ -132,7 +132,7 @@ import numpy as np
 import torch
 from semalign.config import Settings
 from semalign.flows import ray_engine
-from semalign.models.towers import TextTower, length_batches
+from semalign.models.towers import TextTower, default_text_batch, length_batches
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
@@ -141,7 +141,7 @@ s = Settings(ray_address=sys.argv[1], ray_actors=1, ray_cpus_per_worker=1, devic
 on_ray = ray_engine.text_vectors(s, texts)
 local = TextTower(s.resolved_text_model(), device="cpu").encode(texts)
 print(json.dumps({"equal": bool(np.array_equal(on_ray, local)), "rows": ray_engine.jobs()[-1]["rows"],
-                  "batches": len(length_batches(texts, 64))}))
+                  "batches": len(length_batches(texts, default_text_batch("cpu")))}))
 """
 
 

@@ -25,7 +25,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.ranker import ItemTables, Ranker, RankerConfig  # noqa: E402
+from models.ranker import ItemTables, Ranker, RankerConfig, TrainStep  # noqa: E402
 
 
 class PlainDIN(nn.Module):
@@ -88,6 +88,73 @@ def throughput(model, batches, device, steps, warmup=3):
     return steps * batches[0][1].shape[0] / (time.perf_counter() - t)
 
 
+def graphed_reference(model, batches, steps, warmup=3):
+    """The plain DIN's step captured as one CUDA graph the textbook way (static batch, capturable Adam), so the
+    graph rows compare like with like."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)
+    model.train()
+    static = [t.clone() for t in batches[0]]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            logit = model(*static[:3])
+        loss = F.binary_cross_entropy_with_logits(logit.float(), static[3])
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def run(i):
+        for s, t in zip(static, batches[i % len(batches)]):
+            s.copy_(t)
+        graph.replay()
+    for i in range(warmup):
+        run(i)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(steps):
+        run(i)
+    torch.cuda.synchronize()
+    return steps * batches[0][1].shape[0] / (time.perf_counter() - t)
+
+
+WARMUP_S: dict[str, float] = {}  # warm-up + capture (+ compile) seconds of semalign's graphed step
+
+
+def train_step_throughput(make_model, tables, batches, device, steps, compile_model=False, warmup=5):
+    """semalign's own training step (models.ranker.TrainStep, as train_ranker runs it: CUDA graph on CUDA) over
+    the same four batches, laid end to end as one device-resident frame."""
+    cfg = RankerConfig(variant="full", batch_size=batches[0][1].shape[0])
+    model = make_model()
+    u, c, h, y = (torch.cat([b[k] for b in batches]) for k in range(4))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=True)
+    step = TrainStep(model, opt, cfg, (u, c, h, y), device, cuda_graph=True, compile_model=compile_model)
+    model.train()
+    idx = [torch.arange(k * cfg.batch_size, (k + 1) * cfg.batch_size, device=device) for k in range(len(batches))]
+    t = time.perf_counter()
+    for i in range(warmup):
+        step(idx[i % len(idx)])
+    torch.cuda.synchronize()
+    WARMUP_S["compiled" if compile_model else "graph"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(steps):
+        step(idx[i % len(idx)])
+    torch.cuda.synchronize()
+    if step.graph is None:
+        raise RuntimeError("the training step was not captured as a CUDA graph")
+    return steps * cfg.batch_size / (time.perf_counter() - t)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +206,17 @@ def main():
             res["reference_compiled_samples_per_s"] = throughput(refc, batches, dev, steps, warmup=5)
         except Exception as e:  # report, don't hide: compile support varies by box
             res["compile_error"] = repr(e)[:300]
+        make = lambda: Ranker(RankerConfig(variant="full"), tables, 2).to(dev)  # noqa: E731
+        for key, fn in (("reference_graph_samples_per_s",
+                         lambda: graphed_reference(PlainDIN(n, torch.as_tensor(content), torch.as_tensor(codes), K).to(dev),
+                                                   batches, steps)),
+                        ("semalign_graph_samples_per_s", lambda: train_step_throughput(make, tables, batches, dev, steps)),
+                        ("semalign_compiled_graph_samples_per_s",
+                         lambda: train_step_throughput(make, tables, batches, dev, steps, compile_model=True))):
+            try:
+                res[key] = fn()
+            except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+                res[key.replace("_samples_per_s", "_error")] = repr(e)[:300]
     md = [f"# {res['tag']}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
           "| ranker training, full variant | samples/s | vs plain-torch DIN |", "|---|---|---|",
           f"| plain-torch DIN (reference) | {res['reference_samples_per_s']:,.0f} | 1.00 |",
@@ -148,6 +226,18 @@ def main():
                f"{res['reference_compiled_samples_per_s'] / res['reference_samples_per_s']:.2f} |",
                f"| semalign Ranker, torch.compile | {res['semalign_compiled_samples_per_s']:,.0f} | "
                f"{res['semalign_compiled_samples_per_s'] / res['reference_samples_per_s']:.2f} |"]
+    for key, label in (("reference_graph", "plain-torch DIN, step as one CUDA graph"),
+                       ("semalign_graph", "semalign TrainStep (train_ranker's step on CUDA: one CUDA graph)"),
+                       ("semalign_compiled_graph", "semalign TrainStep, torch.compile + CUDA graph")):
+        if f"{key}_samples_per_s" in res:
+            md.append(f"| {label} | {res[f'{key}_samples_per_s']:,.0f} | "
+                      f"{res[f'{key}_samples_per_s'] / res['reference_samples_per_s']:.2f} |")
+        elif f"{key}_error" in res:
+            md.append(f"| {label} | failed: `{res[f'{key}_error'][:120]}` | - |")
+    if WARMUP_S:
+        res["semalign_graph_warmup_s"] = WARMUP_S
+        md.append("\nwarm-up before the timed steps (eager steps, capture" + (", compile" if "compiled" in WARMUP_S else "")
+                  + "): " + ", ".join(f"{k} {v:.1f} s" for k, v in WARMUP_S.items()) + ".")
     md.append(f"\nbatch {args.batch}, history {args.hist}, d 64, {n:,} items (20% cold), 3x{K} SIDs, {steps} timed steps.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -295,6 +295,157 @@ def switchinterval_part():
         tower.close()
 
 
+@torch.no_grad()
+def randomized(tower):
+    """Seeded random weights: the device's model folder holds zeros (the weights cannot travel), whose vectors are
+    all zero, so agreement between two towers would be vacuous."""
+    torch.manual_seed(0)
+    for name, p in tower.model.named_parameters():
+        p.normal_(0.0, 0.05) if p.dim() > 1 else p.normal_(0.0 if name.endswith("bias") else 1.0, 0.02)
+    return tower
+
+
+def textgraph_part():
+    """The tower with its forward as CUDA graph replays (one per padded width) against the eager tower: speed per
+    batch size, tokenizer processes and width multiple, and the vectors' agreement."""
+    from models.towers import TextTower
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(400_000)
+    n = len(texts)
+    eager = randomized(TextTower(m, device=dev, batch_size=2048, max_length=32, cuda_graphs=False))
+    want = eager.encode(texts)
+    out(part="textgraph", what="eager", batch=2048, workers=eager.tokenize_workers,
+        per_s=n / tm(lambda: eager.encode(texts), rep=2))
+    eager.close()
+    for bs, pad, workers in ((2048, 16, None), (2048, 8, None), (4096, 16, None), (2048, 16, 14), (8192, 16, None)):
+        TextTower.graph_pad = pad
+        tower = randomized(TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=workers))
+        got = tower.encode(texts)
+        t = tm(lambda: tower.encode(texts), rep=3)
+        row = dict(part="textgraph", what="graphed", batch=bs, pad=pad, workers=tower.tokenize_workers,
+                   graphs=len(tower._graphs), graphed=tower.cuda_graphs, per_s=n / t)
+        if bs == 2048:
+            row["min_cos_vs_eager"] = float((got * want).sum(1).min())
+            row["same_bits_again"] = bool(np.array_equal(tower.encode(texts), got))
+            toks = device_batches(tower, texts, bs)
+
+            @torch.inference_mode()
+            def replay_only():
+                for b in toks:
+                    if b["input_ids"].shape[0] == bs and b["input_ids"].shape[1] in tower._graphs:
+                        tower._graphs[b["input_ids"].shape[1]][0].replay()
+            row["replay_only_per_s"] = n / tm(replay_only, rep=3)
+        out(**row)
+        tower.close()
+    TextTower.graph_pad = 16
+
+
+def textpipe_part():
+    """The graphed tower end to end by width multiple and tokenizer processes, and the tokens alone."""
+    from models.towers import TextTower, length_batches
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(400_000)
+    n, bs = len(texts), 2048
+    batches = length_batches(texts, bs)
+    default = TextTower.graph_pad
+    for pad, workers in ((8, 8), (8, 14), (4, 8), (4, 14), (8, 0)):
+        TextTower.graph_pad = pad
+        tower = randomized(TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=workers))
+        tower.encode(texts)
+        t0 = time.perf_counter()
+        for _ in tower._token_batches(texts, batches, 1024, pin=True):
+            pass
+        tok = n / (time.perf_counter() - t0)
+        out(part="textpipe", pad=pad, workers=workers, graphs=len(tower._graphs), tokens_only_per_s=tok,
+            encode_per_s=n / tm(lambda: tower.encode(texts), rep=3))
+        tower.close()
+    TextTower.graph_pad = default
+
+
+def hostprof_part():
+    """cProfile of the graphed tower's encode (the main thread: where it waits, where it works)."""
+    import cProfile
+    import io
+    import pstats
+
+    from models.towers import TextTower
+    m, texts = Path(os.environ["SEMALIGN_TEXT_MODEL"]), synthetic_titles(400_000)
+    tower = randomized(TextTower(m, device=dev, batch_size=2048, max_length=32, tokenize_workers=14))
+    tower.encode(texts)
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    prof.enable()
+    tower.encode(texts)
+    prof.disable()
+    out(part="hostprof", encode_per_s=len(texts) / (time.perf_counter() - t))
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    print(buf.getvalue()[-3500:], flush=True)
+    tower.close()
+
+
+def rankerprof_part():
+    """CUDA time by kernel of the full ranker's training step (eager, batch 4096, history 50, 100k items)."""
+    from models.ranker import ItemTables, Ranker, RankerConfig
+    rng = np.random.default_rng(0)
+    n, k, b, hl = 100_000, 256, 4096, 50
+    vocab = np.r_[0, np.arange(1, n + 1)]
+    vocab[int(0.8 * n):] = 0
+    tables = ItemTables(id_vocab=vocab, content=rng.standard_normal((n + 1, 128)).astype(np.float32),
+                        raw=rng.standard_normal((n + 1, 448)).astype(np.float32), codes=rng.integers(0, k, (n + 1, 3)),
+                        n_codes=k)
+    pop = rng.zipf(1.3, (b, hl + 1)) % n + 1
+    u, c, h = torch.randn(b, 2, device=dev), torch.as_tensor(pop[:, 0], device=dev), torch.as_tensor(pop[:, 1:], device=dev)
+    y = torch.randint(0, 2, (b,), device=dev).float()
+    model = Ranker(RankerConfig(variant="full"), tables, 2).to(dev).train()
+    model.view_rows = "static"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(u, c, h).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70), flush=True)
+
+
+def rankergraph_part():
+    """train_ranker on CUDA with the graphed step against the eager one: same data, AUC and loss per epoch."""
+    from models.ranker import Frame, ItemTables, RankerConfig, train_ranker
+    rng = np.random.default_rng(0)
+    n, k = 20_000, 256
+    content = rng.standard_normal((n + 1, 64)).astype(np.float32)
+    vocab = np.r_[0, np.arange(1, n + 1)]
+    vocab[int(0.8 * n):] = 0
+    tables = ItemTables(id_vocab=vocab, content=content, raw=content, codes=rng.integers(0, k, (n + 1, 3)), n_codes=k)
+
+    def frame(m, seed):
+        r = np.random.default_rng(seed)
+        cand = r.zipf(1.3, m) % n + 1
+        hist = r.zipf(1.3, (m, 50)) % n + 1
+        y = (content[cand, 0] + 0.5 * r.standard_normal(m) > 0).astype(np.float32)
+        return Frame(user_feats=r.standard_normal((m, 2)).astype(np.float32), cand=cand, hist=hist, label=y)
+    train, val = frame(400_000, 1), frame(50_000, 2)
+    for cold, graph, compiled in (("oov", False, False), ("oov", True, False), ("generated", False, False),
+                                  ("generated", True, False), ("generated", True, True)):
+        if True:
+            cfg = RankerConfig(variant="full", batch_size=4096, max_epochs=3, patience=5, cold_behavior=cold,
+                               cold_view=0.5)
+            t = time.perf_counter()
+            res = train_ranker(cfg, tables, train, val, dev, cuda_graph=graph, compile_model=compiled)
+            out(part="rankergraph", cold_behavior=cold, step_mode=res.step_mode, samples_per_s=res.samples_per_s,
+                wall_s=time.perf_counter() - t, val_auc=[round(r["val_auc"], 4) for r in res.history],
+                loss=[round(r["loss"], 4) for r in res.history])
+
+
 def kernelcheck_part():
     from models.kmeans import assign_levels as al
     for d, k in [(8, 1), (100, 300), (128, 256), (256, 1000), (300, 64)]:
@@ -316,7 +467,8 @@ if __name__ == "__main__":
     out(torch=torch.__version__, gpu=torch.cuda.get_device_name(0), cpus=os.cpu_count())
     for part in sys.argv[1:] or ["sid", "text"]:
         try:
-            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "switchinterval": switchinterval_part}[part]()
+            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "switchinterval": switchinterval_part,
+             "textgraph": textgraph_part, "textpipe": textpipe_part, "hostprof": hostprof_part, "rankerprof": rankerprof_part, "rankergraph": rankergraph_part}[part]()
         except Exception:  # noqa: BLE001 - one part failing should not hide the others' figures
             import traceback
             traceback.print_exc()

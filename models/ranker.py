@@ -90,6 +90,11 @@ class ItemTables:
         self.n_ids = int(self.id_vocab.max()) + 1
 
 
+def _at(table: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows `idx` of a per-item table; None = the whole table as it is."""
+    return table if idx is None else table[idx]
+
+
 class TargetAttention(nn.Module):
     """DIN attention. The MLP over [q, k, q-k, q*k] is split by linearity: q's share is computed once per
     row and k's share once per catalogue item (`key_table`), so only the q*k share runs per history slot."""
@@ -132,6 +137,7 @@ class Ranker(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.aux_loss = None  # set by a training forward that has an auxiliary (distillation) loss
+        self.view_rows = "auto"  # "static": no data-dependent shapes in forward (see forward), for CUDA graphs
         v = cfg.variant
         self.register_buffer("id_vocab", torch.as_tensor(tables.id_vocab, dtype=torch.long))
         self.has_ids = v != "logreg"
@@ -189,20 +195,22 @@ class Ranker(nn.Module):
         return {k: given[k] if k in given else getattr(self, k) for k in self.TABLES if hasattr(self, k)}
 
     # --- item views
-    def modal_view(self, idx: torch.Tensor, tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Modal view of item rows `idx` (1-based, 0 = padding)."""
+    def modal_view(self, idx: torch.Tensor | None, tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Modal view of item rows `idx` (1-based, 0 = padding; None = every row, no gather)."""
         tab = tab or self.tables()
         parts = []
         if self.uses_aligned:
-            parts.append(self.proj(tab["content"][idx]))
+            parts.append(self.proj(_at(tab["content"], idx)))
         if self.uses_raw:
-            parts.append(self.proj_raw(tab["raw"][idx]))
+            parts.append(self.proj_raw(_at(tab["raw"], idx)))
         m = sum(parts)
         if self.cfg.variant == "full":
-            a = torch.stack([t(tab["codes"][idx, lvl]) for lvl, t in enumerate(self.align)], -2)  # [..., L, da]
-            keep = self.level_keep(a.shape[:-1], a.device)
+            codes = _at(tab["codes"], idx)
+            a = torch.stack([t(codes[..., lvl]) for lvl, t in enumerate(self.align)], -2)  # [..., L, da]
+            # drawn per catalogue row, then read at idx: an item is kept or dropped alike in every slot it fills
+            keep = self.level_keep((tab["codes"].shape[0], a.shape[-2]), a.device)
             if keep is not None:
-                a = a * keep.unsqueeze(-1)
+                a = a * _at(keep, idx).unsqueeze(-1)
             m = m + self.fusion(a.flatten(-2))
         return m
 
@@ -214,24 +222,27 @@ class Ranker(nn.Module):
         drop[..., 0] = False
         return (torch.cumsum(drop.int(), -1) == 0).float()
 
-    def behavior_view(self, idx: torch.Tensor, dropped: torch.Tensor | None = None,
+    def behavior_view(self, idx: torch.Tensor | None, dropped: torch.Tensor | None = None,
                       tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         tab = tab or self.tables()
-        ids = tab["id_vocab"][idx]
+        ids = _at(tab["id_vocab"], idx)
         if dropped is not None:
-            ids = ids * ~dropped[idx]
+            ids = ids * ~_at(dropped, idx)
         b = self.id_emb(ids)
         if hasattr(self, "generator"):
             # items without an ID row (unseen, or dropped this step) get a behavior vector generated from their
             # SIDs + content; warm rows teach the generator (distillation against their detached ID rows)
-            g = self.generator(tab["content"][idx], tab["codes"][idx][..., : len(self.generator.codes)])
-            warm = tab["id_vocab"][idx] > 0
-            if self.training and bool(warm.any()):
-                t = self.id_emb(tab["id_vocab"][idx][warm]).detach()
-                self.aux_loss = ((g[warm] - t) ** 2).sum(-1).mean() / ((t ** 2).sum(-1).mean() + 1e-8)
+            g = self.generator(_at(tab["content"], idx), _at(tab["codes"], idx)[..., : len(self.generator.codes)])
+            if self.training:  # means over warm rows by weights, not by boolean indexing: no host sync per step
+                vocab = _at(tab["id_vocab"], idx)
+                warm = (vocab > 0).float()
+                n_warm = warm.sum().clamp_min(1.0)
+                t = self.id_emb(vocab).detach()
+                err = (((g - t) ** 2).sum(-1) * warm).sum() / n_warm
+                self.aux_loss = err / (((t ** 2).sum(-1) * warm).sum() / n_warm + 1e-8)
             b = torch.where((ids == 0).unsqueeze(-1), g.to(b.dtype), b)
         if self.uses_ngram:
-            c = tab["codes"][idx][..., : len(self.ngram)]
+            c = _at(tab["codes"], idx)[..., : len(self.ngram)]
             prefix = torch.cumsum(c * self.prefix_mult, -1) % self.cfg.ngram_buckets
             b = b + sum(t(prefix[..., lvl]) for lvl, t in enumerate(self.ngram))
         return b
@@ -250,37 +261,58 @@ class Ranker(nn.Module):
         dropped = (torch.rand(n_rows, device=cand.device) < self.cfg.id_dropout) \
             if self.training and self.cfg.id_dropout > 0 else None
         # views computed once per row, not per history slot: over the whole table when it is small next to
-        # the batch (small catalogues, CPU), else over the rows this batch touches
-        if n_rows * 4 <= hist.numel():
-            rows, inv = None, None
-            table_idx = torch.arange(n_rows, device=cand.device)
+        # the batch (small catalogues, CPU), else over the rows this batch touches. "static" (a CUDA graph replays
+        # fixed shapes, and torch.unique's size is data: a host sync) takes the smaller of the whole table and
+        # the batch's slots
+        n_slots = cand.numel() + hist.numel()
+        if self.view_rows == "static":
+            how = "table" if n_rows <= n_slots else "slots"
         else:
-            rows, inv = torch.unique(torch.cat([cand, hist.reshape(-1)]), return_inverse=True)
-            table_idx = rows
-
-        def gather(tab):  # table over `table_idx` -> (candidate rows, history rows); embedding's backward is fast
-            if rows is None:
-                return F.embedding(cand, tab), F.embedding(hist, tab)
-            return F.embedding(inv[: len(cand)], tab), F.embedding(inv[len(cand):].reshape(hist.shape), tab)
+            how = "table" if n_rows * 4 <= hist.numel() else "unique"
+        slots = torch.cat([cand.unsqueeze(1), hist], 1)  # [B, 1 + H]: the candidate, then its history
+        if how == "table":
+            table_idx = None  # every row, in order: the views need no gather
+        elif how == "slots":
+            table_idx = slots.reshape(-1)
+        else:
+            table_idx, inv = torch.unique(slots.reshape(-1), return_inverse=True)
 
         b_tab = self.behavior_view(table_idx, dropped, tab)
-        b_c, b_h = gather(b_tab)
+        att_b = self.att[1 if self.has_modal else 0]
+        # every per-row table the batch reads, side by side, so one gather (and one sorting embedding backward)
+        # serves them all: one each made the backward over skewed history rows 40% of the GPU step (H200)
+        cols = [b_tab]
+        if self.has_modal:
+            m_tab = self.modal_view(table_idx, tab)
+            cols += [m_tab, self.att[0].wk(m_tab)]
+            if self.cfg.cross_attention:
+                cols += [self.att[2].wk(m_tab), self.att[3].wk(b_tab)]
+        cols.append(att_b.wk(b_tab))
+        dt = cols[-1].dtype  # a Linear's output: autocast's dtype where it is on
+        wide = torch.cat([t.to(dt) for t in cols], -1)
+        if how == "table":
+            rows = F.embedding(slots, wide)
+        elif how == "slots":
+            rows = wide.reshape(*slots.shape, -1)
+        else:
+            rows = F.embedding(inv.reshape(slots.shape), wide)
+        pieces = torch.split(rows, [t.shape[-1] for t in cols], -1)
+        at_cand, at_hist = [x[:, 0] for x in pieces], [x[:, 1:] for x in pieces]
+        b_c, b_h = at_cand[0], at_hist[0]
         if cold is not None:
             aux = self.aux_loss  # the distillation loss stays the one over the whole batch's rows
             no_id = self.behavior_view(cand, torch.ones(n_rows, dtype=torch.bool, device=cand.device), tab)
             self.aux_loss = aux
             b_c = torch.where(cold.unsqueeze(-1), no_id.to(b_c.dtype), b_c)
-        att_b = self.att[1 if self.has_modal else 0]
         feats = [user_feats, b_c]
         if self.has_modal:
-            m_tab = self.modal_view(table_idx, tab)
-            m_c, m_h = gather(m_tab)
+            m_c, m_h = at_cand[1], at_hist[1]
             feats.append(m_c)
-            feats.append(self.att[0](m_c, m_h, m_h, mask, gather(self.att[0].wk(m_tab))[1]))          # modal
+            feats.append(self.att[0](m_c, m_h, m_h, mask, at_hist[2]))              # modal
             if self.cfg.cross_attention:
-                feats.append(self.att[2](m_c, m_h, b_h, mask, gather(self.att[2].wk(m_tab))[1]))      # modal->behavior
-                feats.append(self.att[3](b_c, b_h, m_h, mask, gather(self.att[3].wk(b_tab))[1]))      # behavior->modal
-        feats.append(att_b(b_c, b_h, b_h, mask, gather(att_b.wk(b_tab))[1]))                          # behavior
+                feats.append(self.att[2](m_c, m_h, b_h, mask, at_hist[3]))          # modal->behavior
+                feats.append(self.att[3](b_c, b_h, m_h, mask, at_hist[4]))          # behavior->modal
+        feats.append(att_b(b_c, b_h, b_h, mask, at_hist[-1]))                       # behavior
         return self.dnn(torch.cat(feats, -1)).squeeze(-1)
 
 
@@ -328,58 +360,152 @@ class TrainResult:
     best_epoch: int
     best_val_auc: float
     samples_per_s: float
+    step_mode: str = "eager"  # "cuda-graph" / "compiled cuda-graph": how TrainStep ran full batches
+
+
+class TrainStep:
+    """One Adam step of `train_ranker` on rows `idx` of device-resident training tensors (u, c, h, y); returns the
+    step's loss as a device tensor (no host sync).
+
+    cuda_graph=True (CUDA, one process): after `warmup` eager steps the whole step of a full batch (row gather,
+    forward, backward, Adam) is captured once as a CUDA graph and replayed, so the host only copies the batch's
+    indices: eager, the step is bound by launching some thousand small kernels. The forward then takes no
+    data-dependent shapes (`Ranker.view_rows = "static"`) and Adam keeps its step count on the device
+    (capturable). A smaller batch (the epoch's last) runs eagerly on the same parameters, gradients and optimizer
+    state. compile_model=True also compiles the captured step's model (torch.compile, fused kernels; compiled
+    during the warm-up steps, once, for the full batch's shape only). Random draws (dropout, ID/code dropout)
+    come from the seeded CUDA generator either way, but graph and eager runs of one seed draw differently.
+
+    H200, batch 4096, history 50, 100k items (bench/results/ranker_h200_graph.md): eager 372k samples/s, graph
+    776k, compiled graph 1.45M."""
+
+    warmup = 3
+
+    def __init__(self, model: "Ranker", opt: torch.optim.Optimizer, cfg: RankerConfig, data: tuple, device: str,
+                 step_model: nn.Module | None = None, cuda_graph: bool = False, compile_model: bool = False):
+        if cuda_graph and not str(device).startswith("cuda"):
+            raise ValueError("cuda_graph needs a CUDA device")
+        if compile_model and not cuda_graph:
+            raise ValueError("compile_model compiles the captured step: it needs cuda_graph")
+        self.model, self.opt, self.cfg = model, opt, cfg
+        self.step_model = model if step_model is None else step_model  # a compiled module has no truth value
+        self.graph_model = torch.compile(self.step_model) if compile_model else self.step_model
+        self.u, self.c, self.h, self.y = data
+        self.cuda = str(device).startswith("cuda")
+        self.cuda_graph, self.compiled, self.graph, self.warm = cuda_graph, compile_model, None, 0
+        self.cold_view = cfg.cold_view > 0 and cfg.variant != "logreg"
+        if cuda_graph:
+            model.view_rows = "static"
+
+    def _loss(self, idx: torch.Tensor, net: nn.Module, capturing: bool = False) -> torch.Tensor:
+        model, cfg = self.model, self.cfg
+        model.aux_loss = None
+        # autocast's cast cache may not outlive a graph capture
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=not capturing):
+            if self.cold_view:  # every event twice in one forward (DDP-safe): as is, then with the candidate's ID hidden
+                n = len(idx)
+                logit = net(self.u[idx].repeat(2, 1), self.c[idx].repeat(2), self.h[idx].repeat(2, 1),
+                            cold=torch.arange(2 * n, device=self.c.device) >= n)
+            else:
+                logit = net(self.u[idx], self.c[idx], self.h[idx])
+        loss = F.binary_cross_entropy_with_logits(logit[: len(idx)].float(), self.y[idx])
+        if self.cold_view:
+            loss = loss + cfg.cold_view * F.binary_cross_entropy_with_logits(logit[len(idx):].float(), self.y[idx])
+        if model.aux_loss is not None:
+            loss = loss + cfg.distill_weight * model.aux_loss.float()
+        return loss
+
+    def _eager(self, idx: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        # zeroed in place once gradients live in the graph's memory, which its replays write
+        self.opt.zero_grad(set_to_none=self.graph is None)
+        loss = self._loss(idx, net)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph or len(idx) != self.cfg.batch_size:
+            return self._eager(idx, self.step_model)  # never the compiled model: another shape would recompile it
+        if self.graph is None:
+            if self.warm < self.warmup:  # on a side stream, as capture needs (cuBLAS workspaces, autograd streams)
+                self.warm += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    loss = self._eager(idx, self.graph_model)
+                torch.cuda.current_stream().wait_stream(side)
+                return loss
+            self.static_idx = idx.clone()
+            self.opt.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it then writes
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.static_loss = self._loss(self.static_idx, self.graph_model, capturing=True)
+                    self.static_loss.backward()
+                    self.opt.step()
+            except RuntimeError as e:  # an op that syncs the host (a model change): said, and the run goes on eager
+                import warnings
+
+                warnings.warn(f"ranker training step could not be captured as a CUDA graph, training eagerly: {e}")
+                self.cuda_graph = False
+                self.opt.zero_grad(set_to_none=True)
+                return self._eager(idx, self.step_model)
+            self.graph = graph
+        self.static_idx.copy_(idx)
+        self.graph.replay()
+        return self.static_loss.detach().clone()
+
+
+COMPILE_MIN_STEPS = 10_000  # train_ranker compiles the graphed step from this many planned steps: compiling took 19 s
+# on the H200 and saves ~2.4 ms a 4096-row step (bench/results/ranker_h200_graph.md), even at ~8k steps
 
 
 def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame, device: str = "cpu",
                  on_epoch: Callable[[dict], None] | None = None,
                  distributed: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
-                 world_size: int = 1) -> TrainResult:
+                 world_size: int = 1, cuda_graph: bool | None = None, compile_model: bool | None = None
+                 ) -> TrainResult:
     """Adam on BCE; deterministic data order from the seed; early stopping on validation AUC.
 
     Data-parallel (torch DDP, e.g. under Ray Train): every rank draws the same permutation from the seed and takes
     its `rank::world_size` share of each global batch; `distributed` wraps the model (DistributedDataParallel), so
     gradients are averaged over ranks and every rank holds the same weights, sees the same validation AUC and stops
-    at the same epoch. With one rank this is exactly the single-process loop."""
+    at the same epoch. With one rank this is exactly the single-process loop.
+
+    cuda_graph: replay each full batch's step as one CUDA graph (`TrainStep`); None = on CUDA with one process.
+    compile_model: torch.compile the graphed step; None = where it is graphed and the run plans at least
+    `COMPILE_MIN_STEPS` full batches (max_epochs x batches an epoch), so compiling pays for itself."""
     import time
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Ranker(cfg, tables, train.user_feats.shape[1]).to(device)
     step_model = distributed(model) if distributed is not None else model
+    on_cuda = str(device).startswith("cuda")
+    if cuda_graph is None:
+        cuda_graph = on_cuda and distributed is None and world_size == 1
     # on CUDA one fused kernel steps every parameter (H200 bench, batch 4096: 242k -> 255k samples/s eager)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           fused=True if str(device).startswith("cuda") else None)
+                           fused=True if on_cuda else None, capturable=cuda_graph)
     u, c, h, y = train.tensors(device)
-    cold_view = cfg.cold_view > 0 and cfg.variant != "logreg"
+    if compile_model is None:
+        compile_model = cuda_graph and cfg.max_epochs * (len(y) // cfg.batch_size) >= COMPILE_MIN_STEPS
+    step = TrainStep(model, opt, cfg, (u, c, h, y), device, step_model=step_model, cuda_graph=cuda_graph,
+                     compile_model=compile_model)
     best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()
         perm = torch.randperm(len(y), generator=gen).to(device)
-        t0, total, rows = time.perf_counter(), 0.0, 0
+        t0, total, rows = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device), 0
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s: s + cfg.batch_size]
             if world_size > 1:
                 if len(idx) < world_size:  # every rank must take every step (DDP all-reduces each one)
                     break
                 idx = idx[rank::world_size]
-            model.aux_loss = None
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                if cold_view:  # every event twice in one forward (DDP-safe): as is, then with the candidate's ID hidden
-                    n = len(idx)
-                    logit = step_model(u[idx].repeat(2, 1), c[idx].repeat(2), h[idx].repeat(2, 1),
-                                       cold=torch.arange(2 * n, device=c.device) >= n)
-                else:
-                    logit = step_model(u[idx], c[idx], h[idx])
-            loss = F.binary_cross_entropy_with_logits(logit[: len(idx)].float(), y[idx])
-            if cold_view:
-                loss = loss + cfg.cold_view * F.binary_cross_entropy_with_logits(logit[len(idx):].float(), y[idx])
-            if model.aux_loss is not None:
-                loss = loss + cfg.distill_weight * model.aux_loss.float()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+            total += step(idx) * len(idx)  # summed on the device: a per-step .item() would wait for the GPU
             rows += len(idx)
+        total = float(total)
         busy += time.perf_counter() - t0
         seen += rows
         val_auc = _auc(val.label, predict(model, val, device)) if len(val) else float("nan")
@@ -395,5 +521,7 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
                 break
     model.load_state_dict(best[2])
     model.eval()
+    model.view_rows = "auto"  # as any loaded model: the static shapes were for the graph
     return TrainResult(model=model, history=history, best_epoch=best[1], best_val_auc=best[0],
-                       samples_per_s=seen / max(busy, 1e-9))
+                       samples_per_s=seen / max(busy, 1e-9),
+                       step_mode=("compiled " if step.compiled else "") + "cuda-graph" if step.graph else "eager")

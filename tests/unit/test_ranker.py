@@ -283,3 +283,55 @@ def test_ngram_lever_gives_full_sid_prefix_behavior_vectors_beside_the_block():
     assert len(Ranker(RankerConfig(variant="full", ngram=True, align_levels=1), t, 2).ngram) == 1
     with pytest.raises(ValueError, match="ngram"):
         RankerConfig(variant="aligned_content", ngram=True)
+
+
+@pytest.mark.parametrize("variant", ["full", "sid_ngram", "content"])
+def test_static_view_rows_score_like_the_default_path(variant):
+    """A CUDA graph needs shapes that do not depend on the data: view_rows="static" computes the views over the
+    whole table or over every slot of the batch (whichever is smaller) instead of over the batch's unique rows.
+    Same scores either way; code dropout still keeps or drops an item alike in every slot it fills."""
+    t, f = _frame(n=400)
+    t = _tables(400, seen=300)
+    cfg = RankerConfig(variant=variant, cold_behavior="generated" if variant == "full" else "oov")
+    m = Ranker(cfg, t, 2).eval()
+    u, c, h, _ = Frame(f.user_feats, f.cand, f.hist, f.label).tensors("cpu")
+    for rows in (8, 300):  # 8 rows: fewer slots than table rows ("slots"); 300: whole table
+        want = m(u[:rows], c[:rows], h[:rows])
+        m.view_rows = "static"
+        got = m(u[:rows], c[:rows], h[:rows])
+        m.view_rows = "auto"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if variant == "full":
+        m = Ranker(RankerConfig(variant="full", code_dropout=0.5), t, 2).train()
+        with torch.no_grad():
+            for tbl in m.align:
+                tbl.weight.normal_()
+        torch.manual_seed(0)
+        idx = torch.tensor([[7, 7, 7, 9], [9, 7, 9, 7]])
+        a = torch.stack([tb(m.codes[idx, lvl]) for lvl, tb in enumerate(m.align)], -2)
+        torch.manual_seed(0)
+        keep = m.level_keep((len(m.codes), 3), "cpu")[idx]
+        assert (keep[idx == 7] == keep[0, 0]).all() and (keep[idx == 9] == keep[0, 3]).all()
+        assert a.shape[:-1] == keep.shape
+
+
+def test_cuda_graph_training_is_refused_off_cuda():
+    t, f = _frame()
+    with pytest.raises(ValueError, match="CUDA"):
+        train_ranker(RankerConfig(variant="full", max_epochs=1), t, f, f, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["full", "id_only"])
+def test_cuda_graph_training_learns_like_eager(variant):
+    t, f = _frame(n_ev=6000)
+    val = _frame(n_ev=2000, seed=1)[1]
+    cfg = RankerConfig(variant=variant, max_epochs=4, batch_size=256, lr=3e-3, cold_behavior="generated"
+                       if variant == "full" else "oov", cold_view=0.5)
+    graphed = train_ranker(cfg, t, f, val, "cuda")
+    eager = train_ranker(cfg, t, f, val, "cuda", cuda_graph=False)
+    assert graphed.step_mode == "cuda-graph" and eager.step_mode == "eager"
+    assert graphed.history[-1]["loss"] < graphed.history[0]["loss"]
+    assert abs(graphed.best_val_auc - eager.best_val_auc) < 0.03
+    again = train_ranker(cfg, t, f, val, "cuda")  # seeded: the same run (to atomics' rounding)
+    np.testing.assert_allclose([r["loss"] for r in again.history], [r["loss"] for r in graphed.history], rtol=1e-3)

@@ -112,3 +112,42 @@ def test_a_tokenizer_worker_that_dies_is_an_error_not_a_hang():
     tower._tokens, tower.tokenize_timeout_s = _DiesOnTokenize(), 5.0    # before the pool forks: workers inherit it
     with pytest.raises(RuntimeError, match="tokenizer worker process gave no batch in 5.0 s"):
         tower.encode([f"text {i}" for i in range(12)])
+
+
+def test_batches_padded_to_a_width_multiple_encode_to_the_same_vectors(text_tower):
+    """On CUDA each full batch is padded to a multiple of 16 tokens (one captured graph per width): the extra
+    columns are masked padding, so every vector is what the batch padded to its longest text gives, and the width
+    never passes max_length."""
+    from semalign.models.towers import PaddedTokenizer
+
+    rng = np.random.default_rng(1)
+    words = ["cowboy", "toy", "space", "tax", "law", "night", "the", "Ünïcödé"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 30)))) for _ in range(40)] + ["word " * 400]
+    padded = PaddedTokenizer(text_tower.tokenizer, 256, pad_multiple=16)
+    plain = text_tower.tokenize(texts[:20])
+    wide = padded(texts[:20])
+    width = plain["input_ids"].shape[1]
+    assert wide["input_ids"].shape[1] == -(-width // 16) * 16 > width
+    assert torch.equal(wide["input_ids"][:, :width], plain["input_ids"])
+    assert wide["attention_mask"][:, width:].eq(0).all()
+    assert wide["input_ids"][:, width:].eq(text_tower.tokenizer.pad_token_id).all()
+    assert padded(texts[-1:])["input_ids"].shape[1] == 256                     # capped at max_length
+    assert PaddedTokenizer(text_tower.tokenizer, 250, pad_multiple=16)(texts[-1:])["input_ids"].shape[1] == 250
+    tower = TextTower(Settings().resolved_text_model(), batch_size=8, tokenize_workers=0)
+    tower._tokens = padded
+    np.testing.assert_allclose(tower.encode(texts), text_tower.encode(texts), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="CUDA"):
+        TextTower(Settings().resolved_text_model(), cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_text_tower_equals_the_eager_one_on_cuda():
+    rng = np.random.default_rng(2)
+    words = ["cowboy", "toy", "space", "tax", "law", "night", "the"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(1000)]
+    graphed = TextTower(Settings().resolved_text_model(), device="cuda", batch_size=128)
+    eager = TextTower(Settings().resolved_text_model(), device="cuda", batch_size=128, cuda_graphs=False)
+    got = graphed.encode(texts)
+    assert graphed.cuda_graphs and len(graphed._graphs) >= 2                   # several widths, each captured
+    assert np.min((got * eager.encode(texts)).sum(1)) > 0.999                  # bf16: same vectors to rounding
+    np.testing.assert_array_equal(graphed.encode(texts), got)                  # replays give the same bits

@@ -2,7 +2,9 @@
 
 Reference in the same process: a plain-torch DIN with the same shapes (four concat-MLP target attentions
 over gathered history embeddings, same DNN), i.e. what one writes without semalign's tricks (per-item
-key projections, per-row view tables). Ratio > 1 means semalign trains faster.
+key projections, per-row view tables). Ratio > 1 means semalign trains faster. On CUDA it also times the step
+as train_ranker runs it there (models.ranker.TrainStep: one CUDA graph, then compiled + graph) against the plain
+DIN's step captured as one CUDA graph.
 Runs unchanged on a GPU box with only torch (bf16 autocast on cuda).
 
   python bench/bench_ranker.py [--device cpu|cuda] [--steps N] [--items N]

@@ -37,8 +37,10 @@ class ItemEmbedder:
         dev = self.settings.resolved_device()
         if self._encoder is None:
             self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)
-            # onboarding batches are small and this may run inside the scoring server: no forked tokenizer processes
-            self._text = TextTower(self.settings.resolved_text_model(), device=dev, tokenize_workers=0)
+            # onboarding batches are small and this may run inside the scoring server (threads): no forked tokenizer
+            # processes, and no CUDA graphs (a replay's input and output tensors are shared by every caller)
+            self._text = TextTower(self.settings.resolved_text_model(), device=dev, tokenize_workers=0,
+                                   cuda_graphs=False)
         text = self._text.encode(items["text"].astype(str).tolist())
         image, has_image = self._images(items, dev)
         emb = embed_items(self._encoder, text, image, has_image, dev)

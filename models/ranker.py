@@ -269,35 +269,37 @@ class Ranker(nn.Module):
             how = "table" if n_rows <= n_slots else "slots"
         else:
             how = "table" if n_rows * 4 <= hist.numel() else "unique"
-        slots = torch.cat([cand.unsqueeze(1), hist], 1)  # [B, 1 + H]: the candidate, then its history
         if how == "table":
             table_idx = None  # every row, in order: the views need no gather
         elif how == "slots":
-            table_idx = slots.reshape(-1)
+            table_idx = torch.cat([cand, hist.reshape(-1)])
         else:
-            table_idx, inv = torch.unique(slots.reshape(-1), return_inverse=True)
+            table_idx, inv = torch.unique(torch.cat([cand, hist.reshape(-1)]), return_inverse=True)
 
         b_tab = self.behavior_view(table_idx, dropped, tab)
         att_b = self.att[1 if self.has_modal else 0]
-        # every per-row table the batch reads, side by side, so one gather (and one sorting embedding backward)
-        # serves them all: one each made the backward over skewed history rows 40% of the GPU step (H200)
-        cols = [b_tab]
+        cols = [b_tab]  # every per-row table the batch reads
         if self.has_modal:
             m_tab = self.modal_view(table_idx, tab)
             cols += [m_tab, self.att[0].wk(m_tab)]
             if self.cfg.cross_attention:
                 cols += [self.att[2].wk(m_tab), self.att[3].wk(b_tab)]
         cols.append(att_b.wk(b_tab))
-        dt = cols[-1].dtype  # a Linear's output: autocast's dtype where it is on
-        wide = torch.cat([t.to(dt) for t in cols], -1)
-        if how == "table":
-            rows = F.embedding(slots, wide)
-        elif how == "slots":
-            rows = wide.reshape(*slots.shape, -1)
+
+        def gather(t):  # per-row table -> (candidate rows [B, w], history rows [B, H, w])
+            if how == "table":
+                return F.embedding(cand, t), F.embedding(hist, t)
+            if how == "slots":
+                return t[: len(cand)], t[len(cand):].reshape(*hist.shape, -1)
+            return F.embedding(inv[: len(cand)], t), F.embedding(inv[len(cand):].reshape(hist.shape), t)
+
+        if cand.is_cuda:
+            # side by side, so one gather (and one sorting embedding backward) serves them all: one each made the
+            # backward over skewed history rows 40% of the GPU step (H200). Not on CPU, where it ran slower
+            dt, widths = cols[-1].dtype, [t.shape[-1] for t in cols]  # a Linear's output: autocast's dtype
+            at_cand, at_hist = (torch.split(x, widths, -1) for x in gather(torch.cat([t.to(dt) for t in cols], -1)))
         else:
-            rows = F.embedding(inv.reshape(slots.shape), wide)
-        pieces = torch.split(rows, [t.shape[-1] for t in cols], -1)
-        at_cand, at_hist = [x[:, 0] for x in pieces], [x[:, 1:] for x in pieces]
+            at_cand, at_hist = zip(*map(gather, cols))
         b_c, b_h = at_cand[0], at_hist[0]
         if cold is not None:
             aux = self.aux_loss  # the distillation loss stays the one over the whole batch's rows
@@ -369,15 +371,15 @@ class TrainStep:
 
     cuda_graph=True (CUDA, one process): after `warmup` eager steps the whole step of a full batch (row gather,
     forward, backward, Adam) is captured once as a CUDA graph and replayed, so the host only copies the batch's
-    indices: eager, the step is bound by launching some thousand small kernels. The forward then takes no
+    indices: eager, the step is bound by launching hundreds of small kernels. The forward then takes no
     data-dependent shapes (`Ranker.view_rows = "static"`) and Adam keeps its step count on the device
     (capturable). A smaller batch (the epoch's last) runs eagerly on the same parameters, gradients and optimizer
     state. compile_model=True also compiles the captured step's model (torch.compile, fused kernels; compiled
     during the warm-up steps, once, for the full batch's shape only). Random draws (dropout, ID/code dropout)
     come from the seeded CUDA generator either way, but graph and eager runs of one seed draw differently.
 
-    H200, batch 4096, history 50, 100k items (bench/results/ranker_h200_graph.md): eager 372k samples/s, graph
-    776k, compiled graph 1.45M."""
+    H200, batch 4096, history 50, 100k items (bench/results/ranker_h200_graph.md): graph 790k samples/s, compiled
+    graph 1.43M (an eager loop: 314k)."""
 
     warmup = 3
 
@@ -456,8 +458,8 @@ class TrainStep:
         return self.static_loss.detach().clone()
 
 
-COMPILE_MIN_STEPS = 10_000  # train_ranker compiles the graphed step from this many planned steps: compiling took 19 s
-# on the H200 and saves ~2.4 ms a 4096-row step (bench/results/ranker_h200_graph.md), even at ~8k steps
+COMPILE_MIN_STEPS = 10_000  # train_ranker compiles the graphed step from this many planned steps: compiling took 18 s
+# on the H200 and saves ~2.3 ms a 4096-row step (bench/results/ranker_h200_graph.md), even at ~8k steps
 
 
 def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame, device: str = "cpu",

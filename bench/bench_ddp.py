@@ -1,0 +1,125 @@
+"""Benchmark: ranker training with torch DDP on several GPUs of one host against one GPU, in the same run.
+
+Every figure is `train_ranker` itself (models/ranker.py: the loop the refresh and Ray Train run), on the same
+synthetic frame (bench_ranker.py's shapes: 100k items, history 50, zipf popularity), samples/s over the epochs'
+training steps (validation excluded). One GPU: the eager step and the CUDA-graph step (train_ranker's default there).
+N GPUs (one process each, NCCL): DDP ranks run the eager step; "same global batch" splits 4096 rows over the ranks,
+"same batch per GPU" gives each rank 4096 rows (global 4096 x N), the usual weak-scaling figure.
+
+  python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--out DIR] [--tag T]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.ranker import Frame, ItemTables, RankerConfig, train_ranker  # noqa: E402
+
+ITEMS, HIST = 100_000, 50
+
+
+def data(events: int):
+    rng = np.random.default_rng(0)
+    vocab = np.r_[0, np.arange(1, ITEMS + 1)]
+    vocab[int(0.8 * ITEMS):] = 0
+    content = rng.standard_normal((ITEMS + 1, 128)).astype(np.float32)
+    tables = ItemTables(id_vocab=vocab, content=content, raw=rng.standard_normal((ITEMS + 1, 448)).astype(np.float32),
+                        codes=rng.integers(0, 256, (ITEMS + 1, 3)), n_codes=256)
+
+    def frame(n):
+        cand = rng.zipf(1.3, n) % ITEMS + 1
+        hist = rng.zipf(1.3, (n, HIST)) % ITEMS + 1
+        y = (content[cand, 0] + rng.standard_normal(n) > 0).astype(np.float32)
+        return Frame(user_feats=rng.standard_normal((n, 2)).astype(np.float32), cand=cand, hist=hist, label=y)
+    return tables, frame(events), frame(20_000)
+
+
+def config(batch: int, epochs: int) -> RankerConfig:
+    return RankerConfig(variant="full", batch_size=batch, max_epochs=epochs, patience=epochs)
+
+
+def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        tables, train, val = data(args.events)
+        res = train_ranker(config(batch, args.epochs), tables, train, val, f"cuda:{rank}",
+                           distributed=lambda m: DistributedDataParallel(m, device_ids=[rank]), rank=rank,
+                           world_size=world)
+        if rank == 0:  # every rank steps the same number of rows: the global rate is the rank's x world
+            Path(out_file).write_text(json.dumps({"per_rank_samples_per_s": res.samples_per_s,
+                                                  "samples_per_s": res.samples_per_s * world,
+                                                  "best_val_auc": res.best_val_auc, "step_mode": res.step_mode}))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp(world: int, batch: int, args, tag: str) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out_file = os.path.join(tempfile.mkdtemp(), f"{tag}.json")
+    mp.spawn(rank_main, args=(world, batch, args, 29500 + world + batch % 97, out_file), nprocs=world, join=True)
+    return json.loads(Path(out_file).read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--tag", default="ddp_h200x2")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    if torch.cuda.device_count() < args.gpus:
+        raise SystemExit(f"needs {args.gpus} GPUs, sees {torch.cuda.device_count()}")
+    tables, train, val = data(args.events)
+    rows = {}
+    for name, graph in (("1 GPU, eager step", False), ("1 GPU, CUDA-graph step (train_ranker's default)", True)):
+        r = train_ranker(config(args.batch, args.epochs), tables, train, val, "cuda:0", cuda_graph=graph,
+                         compile_model=False)
+        rows[name] = {"samples_per_s": r.samples_per_s, "best_val_auc": r.best_val_auc, "step_mode": r.step_mode}
+        print(name, rows[name], flush=True)
+    del tables, train, val
+    n = args.gpus
+    rows[f"{n} GPUs DDP, same global batch ({args.batch // n} a GPU)"] = ddp(n, args.batch, args, "strong")
+    rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
+    eager = rows["1 GPU, eager step"]["samples_per_s"]
+    graph = rows["1 GPU, CUDA-graph step (train_ranker's default)"]["samples_per_s"]
+    res = {"tag": args.tag, "command": "python " + " ".join(["bench/bench_ddp.py"] + sys.argv[1:]),
+           "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
+                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+           "events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows}
+    md = [f"# {args.tag}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
+          "| ranker training (train_ranker), full variant | step | samples/s | vs 1 GPU eager | vs 1 GPU graph | best val AUC |",
+          "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {r['step_mode']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / eager:.2f} | "
+                  f"{r['samples_per_s'] / graph:.2f} | {r['best_val_auc']:.4f} |")
+    md.append(f"\n{args.events:,} training events, {args.epochs} epochs, {ITEMS:,} items (20% cold), history {HIST}, "
+              "3x256 SIDs; samples/s over the training steps (validation excluded).")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

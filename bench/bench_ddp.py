@@ -3,8 +3,9 @@
 Every figure is `train_ranker` itself (models/ranker.py: the loop the refresh and Ray Train run), on the same
 synthetic frame (bench_ranker.py's shapes: 100k items, history 50, zipf popularity), samples/s over the epochs'
 training steps (validation excluded). One GPU: the eager step and the CUDA-graph step (train_ranker's default there).
-N GPUs (one process each, NCCL): DDP ranks run the eager step; "same global batch" splits 4096 rows over the ranks,
-"same batch per GPU" gives each rank 4096 rows (global 4096 x N), the usual weak-scaling figure.
+N GPUs (one process each, NCCL): DDP ranks run the eager step (train_ranker's default under DDP); "same global
+batch" splits 4096 rows over the ranks, "same batch per GPU" gives each rank 4096 rows (global 4096 x N), the usual
+weak-scaling figure; a last row asks train_ranker for the CUDA-graph step under DDP (cuda_graph=True).
 
   python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--out DIR] [--tag T]
 """
@@ -48,18 +49,20 @@ def config(batch: int, epochs: int) -> RankerConfig:
     return RankerConfig(variant="full", batch_size=batch, max_epochs=epochs, patience=epochs)
 
 
-def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str):
+def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str, graph: bool):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if graph:  # NCCL's async error handling polls events a graph capture forbids (PyTorch's CUDA graph notes)
+        os.environ.update(TORCH_NCCL_ASYNC_ERROR_HANDLING="0", NCCL_ASYNC_ERROR_HANDLING="0")
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world)
     try:
         tables, train, val = data(args.events)
         res = train_ranker(config(batch, args.epochs), tables, train, val, f"cuda:{rank}",
                            distributed=lambda m: DistributedDataParallel(m, device_ids=[rank]), rank=rank,
-                           world_size=world)
+                           world_size=world, cuda_graph=graph, compile_model=False)
         if rank == 0:  # every rank steps the same number of rows: the global rate is the rank's x world
             Path(out_file).write_text(json.dumps({"per_rank_samples_per_s": res.samples_per_s,
                                                   "samples_per_s": res.samples_per_s * world,
@@ -68,13 +71,14 @@ def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str)
         dist.destroy_process_group()
 
 
-def ddp(world: int, batch: int, args, tag: str) -> dict:
+def ddp(world: int, batch: int, args, tag: str, graph: bool = False) -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
 
     out_file = os.path.join(tempfile.mkdtemp(), f"{tag}.json")
-    mp.spawn(rank_main, args=(world, batch, args, 29500 + world + batch % 97, out_file), nprocs=world, join=True)
+    mp.spawn(rank_main, args=(world, batch, args, 29500 + world + batch % 97 + int(graph), out_file, graph),
+             nprocs=world, join=True)
     return json.loads(Path(out_file).read_text())
 
 
@@ -85,6 +89,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--tag", default="ddp_h200x2")
+    ap.add_argument("--eager-only", action="store_true", help="no DDP + CUDA graph row")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     if torch.cuda.device_count() < args.gpus:
@@ -100,25 +105,37 @@ def main():
     n = args.gpus
     rows[f"{n} GPUs DDP, same global batch ({args.batch // n} a GPU)"] = ddp(n, args.batch, args, "strong")
     rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
+    emit(args, rows, {})
+    if not args.eager_only:  # written before and after: a hung or failed graphed run leaves the eager rows
+        try:
+            rows[f"{n} GPUs DDP, CUDA-graph step, {args.batch} a GPU"] = ddp(n, args.batch * n, args, "graph", True)
+            emit(args, rows, {})
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            emit(args, rows, {"ddp_graph_error": repr(e)[:300]})
+
+
+def emit(args, rows: dict, extra: dict) -> None:
     eager = rows["1 GPU, eager step"]["samples_per_s"]
     graph = rows["1 GPU, CUDA-graph step (train_ranker's default)"]["samples_per_s"]
     res = {"tag": args.tag, "command": "python " + " ".join(["bench/bench_ddp.py"] + sys.argv[1:]),
            "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
                        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
-           "events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows}
+           "events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows, **extra}
     md = [f"# {args.tag}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
           "| ranker training (train_ranker), full variant | step | samples/s | vs 1 GPU eager | vs 1 GPU graph | best val AUC |",
           "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         md.append(f"| {name} | {r['step_mode']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / eager:.2f} | "
                   f"{r['samples_per_s'] / graph:.2f} | {r['best_val_auc']:.4f} |")
+    if extra:
+        md.append(f"\nDDP with the CUDA-graph step failed: `{extra['ddp_graph_error']}`")
     md.append(f"\n{args.events:,} training events, {args.epochs} epochs, {ITEMS:,} items (20% cold), history {HIST}, "
               "3x256 SIDs; samples/s over the training steps (validation excluded).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(res, indent=2))
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print("\n".join(md), flush=True)
 
 
 if __name__ == "__main__":

@@ -384,7 +384,10 @@ class TrainStep:
     warmup = 3
 
     def __init__(self, model: "Ranker", opt: torch.optim.Optimizer, cfg: RankerConfig, data: tuple, device: str,
-                 step_model: nn.Module | None = None, cuda_graph: bool = False, compile_model: bool = False):
+                 step_model: nn.Module | None = None, cuda_graph: bool = False, compile_model: bool = False,
+                 world_size: int = 1):
+        """world_size > 1 (step_model a DistributedDataParallel built on a side stream): a rank's full share of a
+        batch is graphed, after 11 eager warm-up steps (DDP settles its gradient buckets first)."""
         if cuda_graph and not str(device).startswith("cuda"):
             raise ValueError("cuda_graph needs a CUDA device")
         if compile_model and not cuda_graph:
@@ -395,6 +398,10 @@ class TrainStep:
         self.u, self.c, self.h, self.y = data
         self.cuda = str(device).startswith("cuda")
         self.cuda_graph, self.compiled, self.graph, self.warm = cuda_graph, compile_model, None, 0
+        # a rank's share of a full batch; every rank's the same or none is graphed (their collectives must match)
+        self.graph_rows = cfg.batch_size // world_size if cfg.batch_size % world_size == 0 else -1
+        if world_size > 1:
+            self.warmup = 11
         self.cold_view = cfg.cold_view > 0 and cfg.variant != "logreg"
         if cuda_graph:
             model.view_rows = "static"
@@ -426,7 +433,7 @@ class TrainStep:
         return loss.detach()
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        if not self.cuda_graph or len(idx) != self.cfg.batch_size:
+        if not self.cuda_graph or len(idx) != self.graph_rows:
             return self._eager(idx, self.step_model)  # never the compiled model: another shape would recompile it
         if self.graph is None:
             if self.warm < self.warmup:  # on a side stream, as capture needs (cuBLAS workspaces, autograd streams)
@@ -474,7 +481,8 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     gradients are averaged over ranks and every rank holds the same weights, sees the same validation AUC and stops
     at the same epoch. With one rank this is exactly the single-process loop.
 
-    cuda_graph: replay each full batch's step as one CUDA graph (`TrainStep`); None = on CUDA with one process.
+    cuda_graph: replay each full batch's step as one CUDA graph (`TrainStep`); None = on CUDA with one process
+    (under DDP only when asked: measured with plain torch DDP on two GPUs, bench/results/ddp_h200x2.md).
     compile_model: torch.compile the graphed step; None = where it is graphed and the run plans at least
     `COMPILE_MIN_STEPS` full batches (max_epochs x batches an epoch), so compiling pays for itself."""
     import time
@@ -482,10 +490,19 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Ranker(cfg, tables, train.user_feats.shape[1]).to(device)
-    step_model = distributed(model) if distributed is not None else model
     on_cuda = str(device).startswith("cuda")
     if cuda_graph is None:
         cuda_graph = on_cuda and distributed is None and world_size == 1
+    if distributed is None:
+        step_model = model
+    elif cuda_graph:  # a DDP whose backward is captured must be built on a side stream
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step_model = distributed(model)
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        step_model = distributed(model)
     # on CUDA one fused kernel steps every parameter (H200 bench, batch 4096: 242k -> 255k samples/s eager)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True if on_cuda else None, capturable=cuda_graph)
@@ -493,7 +510,7 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     if compile_model is None:
         compile_model = cuda_graph and cfg.max_epochs * (len(y) // cfg.batch_size) >= COMPILE_MIN_STEPS
     step = TrainStep(model, opt, cfg, (u, c, h, y), device, step_model=step_model, cuda_graph=cuda_graph,
-                     compile_model=compile_model)
+                     compile_model=compile_model, world_size=world_size)
     best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
     for epoch in range(cfg.max_epochs):
         model.train()

@@ -369,7 +369,7 @@ class TrainStep:
     """One Adam step of `train_ranker` on rows `idx` of device-resident training tensors (u, c, h, y); returns the
     step's loss as a device tensor (no host sync).
 
-    cuda_graph=True (CUDA, one process): after `warmup` eager steps the whole step of a full batch (row gather,
+    cuda_graph=True (CUDA; one process, or DDP ranks, see __init__): after `warmup` eager steps the whole step of a full batch (row gather,
     forward, backward, Adam) is captured once as a CUDA graph and replayed, so the host only copies the batch's
     indices: eager, the step is bound by launching hundreds of small kernels. The forward then takes no
     data-dependent shapes (`Ranker.view_rows = "static"`) and Adam keeps its step count on the device

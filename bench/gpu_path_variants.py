@@ -2,7 +2,9 @@
 (CUDA events via synchronize, median of repeats) and printed as one JSON line. Parts (arguments): sid (assignment
 variants against the bare matmul), text (the tower's pieces: tokenizing, forward only, reference), textprof
 (tokenizer processes x batch size), refreshtext (refresh-shaped texts, batch 64 / 1024 / 2048), kernelcheck (the
-Triton kernel against the GEMM path on odd shapes). Needs CUDA; SEMALIGN_TEXT_MODEL names the text model folder
+Triton kernel against the GEMM path on odd shapes), textgraph / textpipe / hostprof (the tower's CUDA-graph forward:
+speed, agreement, where the host's time goes), rankerprof (CUDA time by kernel of a ranker step), rankergraph
+(train_ranker eager vs graphed vs compiled + graphed). Needs CUDA; SEMALIGN_TEXT_MODEL names the text model folder
 (bench/device_scaling.sh builds MiniLM's shape with zeroed weights on the device machine). Results:
 bench/results/gpu_path_variants_h200.md."""
 import json

@@ -318,6 +318,7 @@ def textgraph_part():
     out(part="textgraph", what="eager", batch=2048, workers=eager.tokenize_workers,
         per_s=n / tm(lambda: eager.encode(texts), rep=2))
     eager.close()
+    default = TextTower.graph_pad
     for bs, pad, workers in ((2048, 16, None), (2048, 8, None), (4096, 16, None), (2048, 16, 14), (8192, 16, None)):
         TextTower.graph_pad = pad
         tower = randomized(TextTower(m, device=dev, batch_size=bs, max_length=32, tokenize_workers=workers))
@@ -338,7 +339,7 @@ def textgraph_part():
             row["replay_only_per_s"] = n / tm(replay_only, rep=3)
         out(**row)
         tower.close()
-    TextTower.graph_pad = 16
+    TextTower.graph_pad = default
 
 
 def textpipe_part():
@@ -438,14 +439,13 @@ def rankergraph_part():
     train, val = frame(400_000, 1), frame(50_000, 2)
     for cold, graph, compiled in (("oov", False, False), ("oov", True, False), ("generated", False, False),
                                   ("generated", True, False), ("generated", True, True)):
-        if True:
-            cfg = RankerConfig(variant="full", batch_size=4096, max_epochs=3, patience=5, cold_behavior=cold,
-                               cold_view=0.5)
-            t = time.perf_counter()
-            res = train_ranker(cfg, tables, train, val, dev, cuda_graph=graph, compile_model=compiled)
-            out(part="rankergraph", cold_behavior=cold, step_mode=res.step_mode, samples_per_s=res.samples_per_s,
-                wall_s=time.perf_counter() - t, val_auc=[round(r["val_auc"], 4) for r in res.history],
-                loss=[round(r["loss"], 4) for r in res.history])
+        cfg = RankerConfig(variant="full", batch_size=4096, max_epochs=3, patience=5, cold_behavior=cold,
+                           cold_view=0.5)
+        t = time.perf_counter()
+        res = train_ranker(cfg, tables, train, val, dev, cuda_graph=graph, compile_model=compiled)
+        out(part="rankergraph", cold_behavior=cold, step_mode=res.step_mode, samples_per_s=res.samples_per_s,
+            wall_s=time.perf_counter() - t, val_auc=[round(r["val_auc"], 4) for r in res.history],
+            loss=[round(r["loss"], 4) for r in res.history])
 
 
 def kernelcheck_part():

@@ -2,12 +2,19 @@
 
 Every figure is `train_ranker` itself (models/ranker.py: the loop the refresh and Ray Train run), on the same
 synthetic frame (bench_ranker.py's shapes: 100k items, history 50, zipf popularity), samples/s over the epochs'
-training steps (validation excluded). One GPU: the eager step and the CUDA-graph step (train_ranker's default there).
+training steps (validation excluded), and the steady rate (the last epoch's: the first holds graph capture and
+DDP's warm-up). One GPU: the eager step and the CUDA-graph step (train_ranker's default there).
 N GPUs (one process each, NCCL): DDP ranks run the eager step (train_ranker's default under DDP); "same global
 batch" splits 4096 rows over the ranks, "same batch per GPU" gives each rank 4096 rows (global 4096 x N), the usual
-weak-scaling figure; a last row asks train_ranker for the CUDA-graph step under DDP (cuda_graph=True).
+weak-scaling figure; the last rows ask train_ranker for the CUDA-graph step under DDP (cuda_graph=True), once per
+DDP variant (--variants: plain; bucket-view = gradient_as_bucket_view; bf16 = gradients all-reduced in bf16;
+one-bucket = every gradient in one bucket).
 
-  python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--out DIR] [--tag T]
+--overhead needs one GPU: DDP over a one-rank NCCL group, so no bytes cross a link, against the same step without
+DDP; what DDP itself costs a step (its reducer, bucket copies, the collective's launch), per variant.
+
+  python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--variants plain,bf16] [--out DIR] [--tag T]
+  python bench/bench_ddp.py --overhead [--tag ddp_overhead_h200]
 """
 from __future__ import annotations
 
@@ -49,9 +56,28 @@ def config(batch: int, epochs: int) -> RankerConfig:
     return RankerConfig(variant="full", batch_size=batch, max_epochs=epochs, patience=epochs)
 
 
-def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str, graph: bool):
-    import torch.distributed as dist
+VARIANTS = {"plain": {}, "bucket-view": {"gradient_as_bucket_view": True}, "bf16": {"hook": "bf16"},
+            "one-bucket": {"bucket_cap_mb": 64}}
+
+
+def wrap_ddp(rank: int, variant: str):
     from torch.nn.parallel import DistributedDataParallel
+
+    opts = dict(VARIANTS[variant])
+    hook = opts.pop("hook", None)
+
+    def wrap(model):
+        ddp_model = DistributedDataParallel(model, device_ids=[rank], **opts)
+        if hook == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        return ddp_model
+    return wrap
+
+
+def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str, graph: bool, variant: str):
+    import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if graph:  # NCCL's async error handling polls events a graph capture forbids (PyTorch's CUDA graph notes)
@@ -61,25 +87,35 @@ def rank_main(rank: int, world: int, batch: int, args, port: int, out_file: str,
     try:
         tables, train, val = data(args.events)
         res = train_ranker(config(batch, args.epochs), tables, train, val, f"cuda:{rank}",
-                           distributed=lambda m: DistributedDataParallel(m, device_ids=[rank]), rank=rank,
+                           distributed=wrap_ddp(rank, variant), rank=rank,
                            world_size=world, cuda_graph=graph, compile_model=False)
         if rank == 0:  # every rank steps the same number of rows: the global rate is the rank's x world
-            Path(out_file).write_text(json.dumps({"per_rank_samples_per_s": res.samples_per_s,
-                                                  "samples_per_s": res.samples_per_s * world,
-                                                  "best_val_auc": res.best_val_auc, "step_mode": res.step_mode}))
+            Path(out_file).write_text(json.dumps(
+                {"per_rank_samples_per_s": res.samples_per_s, "samples_per_s": res.samples_per_s * world,
+                 "steady_samples_per_s": res.epoch_samples_per_s[-1] * world,
+                 "epoch_samples_per_s": [r * world for r in res.epoch_samples_per_s],
+                 "best_val_auc": res.best_val_auc, "step_mode": res.step_mode, "ddp": variant}))
     finally:
         dist.destroy_process_group()
 
 
-def ddp(world: int, batch: int, args, tag: str, graph: bool = False) -> dict:
+def ddp(world: int, batch: int, args, tag: str, graph: bool = False, variant: str = "plain") -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
 
     out_file = os.path.join(tempfile.mkdtemp(), f"{tag}.json")
-    mp.spawn(rank_main, args=(world, batch, args, 29500 + world + batch % 97 + int(graph), out_file, graph),
-             nprocs=world, join=True)
+    port = 29500 + world + batch % 97 + int(graph) + 3 * list(VARIANTS).index(variant)
+    mp.spawn(rank_main, args=(world, batch, args, port, out_file, graph, variant), nprocs=world, join=True)
     return json.loads(Path(out_file).read_text())
+
+
+def one_gpu(args, tables, train, val, graph: bool) -> dict:
+    r = train_ranker(config(args.batch, args.epochs), tables, train, val, "cuda:0", cuda_graph=graph,
+                     compile_model=False)
+    return {"samples_per_s": r.samples_per_s, "steady_samples_per_s": r.epoch_samples_per_s[-1],
+            "epoch_samples_per_s": r.epoch_samples_per_s, "best_val_auc": r.best_val_auc,
+            "step_mode": r.step_mode, "ddp": "-"}
 
 
 def main():
@@ -88,49 +124,64 @@ def main():
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--tag", default="ddp_h200x2")
-    ap.add_argument("--eager-only", action="store_true", help="no DDP + CUDA graph row")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--variants", default="plain,bf16", help=f"DDP variants of the graphed rows, from {list(VARIANTS)}")
+    ap.add_argument("--eager-only", action="store_true", help="no DDP + CUDA graph rows")
+    ap.add_argument("--overhead", action="store_true", help="one GPU: DDP over one rank against no DDP")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    if torch.cuda.device_count() < args.gpus:
-        raise SystemExit(f"needs {args.gpus} GPUs, sees {torch.cuda.device_count()}")
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown DDP variants {sorted(unknown)}: expected some of {list(VARIANTS)}")
+    args.tag = args.tag or ("ddp_overhead_h200" if args.overhead else "ddp_h200x2")
+    n = 1 if args.overhead else args.gpus
+    if torch.cuda.device_count() < n:
+        raise SystemExit(f"needs {n} GPUs, sees {torch.cuda.device_count()}")
     tables, train, val = data(args.events)
-    rows = {}
-    for name, graph in (("1 GPU, eager step", False), ("1 GPU, CUDA-graph step (train_ranker's default)", True)):
-        r = train_ranker(config(args.batch, args.epochs), tables, train, val, "cuda:0", cuda_graph=graph,
-                         compile_model=False)
-        rows[name] = {"samples_per_s": r.samples_per_s, "best_val_auc": r.best_val_auc, "step_mode": r.step_mode}
-        print(name, rows[name], flush=True)
+    rows = {"1 GPU, eager step": one_gpu(args, tables, train, val, False),
+            "1 GPU, CUDA-graph step (train_ranker's default)": one_gpu(args, tables, train, val, True)}
     del tables, train, val
-    n = args.gpus
+    emit(args, rows, {})
+    if args.overhead:  # the same step inside DDP over one rank: DDP's own cost, no link crossed
+        rows["DDP over 1 rank, eager step"] = ddp(1, args.batch, args, "overhead-eager")
+        emit(args, rows, {})
+        for v in variants:
+            rows[f"DDP over 1 rank ({v}), CUDA-graph step"] = ddp(1, args.batch, args, f"overhead-{v}", True, v)
+            emit(args, rows, {})
+        return
     rows[f"{n} GPUs DDP, same global batch ({args.batch // n} a GPU)"] = ddp(n, args.batch, args, "strong")
     rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
     emit(args, rows, {})
-    if not args.eager_only:  # written before and after: a hung or failed graphed run leaves the eager rows
-        try:
-            rows[f"{n} GPUs DDP, CUDA-graph step, {args.batch} a GPU"] = ddp(n, args.batch * n, args, "graph", True)
-            emit(args, rows, {})
-        except Exception as e:  # noqa: BLE001 - reported, not hidden
-            emit(args, rows, {"ddp_graph_error": repr(e)[:300]})
+    if not args.eager_only:  # written after each row: a hung or failed graphed run leaves the rows before it
+        for v in variants:
+            try:
+                rows[f"{n} GPUs DDP ({v}), CUDA-graph step, {args.batch} a GPU"] = ddp(n, args.batch * n, args,
+                                                                                     f"graph-{v}", True, v)
+                emit(args, rows, {})
+            except Exception as e:  # noqa: BLE001 - reported, not hidden
+                emit(args, rows, {f"ddp_graph_error_{v}": repr(e)[:300]})
 
 
 def emit(args, rows: dict, extra: dict) -> None:
-    eager = rows["1 GPU, eager step"]["samples_per_s"]
-    graph = rows["1 GPU, CUDA-graph step (train_ranker's default)"]["samples_per_s"]
+    eager = rows["1 GPU, eager step"]
+    graph = rows["1 GPU, CUDA-graph step (train_ranker's default)"]
     res = {"tag": args.tag, "command": "python " + " ".join(["bench/bench_ddp.py"] + sys.argv[1:]),
            "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
                        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
            "events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows, **extra}
     md = [f"# {args.tag}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
-          "| ranker training (train_ranker), full variant | step | samples/s | vs 1 GPU eager | vs 1 GPU graph | best val AUC |",
-          "|---|---|---|---|---|---|"]
+          "| ranker training (train_ranker), full variant | step | samples/s (all epochs) | steady (last epoch) | "
+          "vs 1 GPU eager | vs 1 GPU graph | steady vs 1 GPU graph steady | best val AUC |",
+          "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        md.append(f"| {name} | {r['step_mode']} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / eager:.2f} | "
-                  f"{r['samples_per_s'] / graph:.2f} | {r['best_val_auc']:.4f} |")
-    if extra:
-        md.append(f"\nDDP with the CUDA-graph step failed: `{extra['ddp_graph_error']}`")
+        md.append(f"| {name} | {r['step_mode']} | {r['samples_per_s']:,.0f} | {r['steady_samples_per_s']:,.0f} | "
+                  f"{r['samples_per_s'] / eager['samples_per_s']:.2f} | {r['samples_per_s'] / graph['samples_per_s']:.2f} | "
+                  f"{r['steady_samples_per_s'] / graph['steady_samples_per_s']:.2f} | {r['best_val_auc']:.4f} |")
+    for key, err in extra.items():
+        md.append(f"\n{key}: `{err}`")
     md.append(f"\n{args.events:,} training events, {args.epochs} epochs, {ITEMS:,} items (20% cold), history {HIST}, "
-              "3x256 SIDs; samples/s over the training steps (validation excluded).")
+              "3x256 SIDs; samples/s over the training steps (validation excluded); the steady rate is the last "
+              "epoch's (the first holds warm-up and graph capture). Multi-GPU rows: global samples/s (a rank's x ranks).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(res, indent=2))

@@ -436,7 +436,8 @@ def stage_ranker_epoch(w: Work, m: PeakRss, max_train: int) -> dict:
             res = train_ranker(cfg, tables, train, val, w.device)
     torch.save(res.model.state_dict(), w.path("ranker.pt"))
     out = {"variant": cfg.variant, "train_events": len(frames["train"]), "samples_per_s": round(res.samples_per_s),
-           "val_auc": round(res.best_val_auc, 4)}
+           "val_auc": round(res.best_val_auc, 4), "step_mode": res.step_mode,
+           "epoch_samples_per_s": [round(r) for r in res.epoch_samples_per_s]}
     if scale > 1:
         out.update(extrapolated=True, measured_s=round(m.seconds, 2), trained_events=len(train))
         m.seconds *= scale

@@ -278,6 +278,32 @@ def refreshtext_part():
             tower.close()
 
 
+def refreshgraph_part():
+    """Refresh-shaped texts with the tower's CUDA graphs on and off, in the main process's tokenizer processes
+    (the refresh) and in one thread (a Ray actor)."""
+    from models.towers import TextTower
+    m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(300)] + "the of a dark night love story man city war last return house".split()
+    n = 100_000
+    texts = [" ".join(rng.choice(vocab, rng.integers(2, 7))) + ". " + " ".join(rng.choice(vocab, rng.integers(10, 80)))
+             for _ in range(n)]
+    for bs in (1024, 2048):
+        for workers in (0, None):
+            for graphs in (False, True):
+                tower = TextTower(m, device=dev, batch_size=bs, tokenize_workers=workers, cuda_graphs=graphs)
+                tower.encode(texts[: 4 * bs])
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                tower.encode(texts)  # the first pass captures each width's graph
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                t = tm(lambda: tower.encode(texts), rep=1)
+                out(part="refreshgraph", batch=bs, workers=tower.tokenize_workers, cuda_graphs=graphs,
+                    first_pass_per_s=n / first, encode_per_s=n / t)
+                tower.close()
+
+
 def switchinterval_part():
     """The GIL's switch interval during encode (the main process's forward and the pool's result threads share
     one GIL; the default interval is 5 ms)."""
@@ -469,7 +495,7 @@ if __name__ == "__main__":
     out(torch=torch.__version__, gpu=torch.cuda.get_device_name(0), cpus=os.cpu_count())
     for part in sys.argv[1:] or ["sid", "text"]:
         try:
-            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "switchinterval": switchinterval_part,
+            {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "refreshgraph": refreshgraph_part, "switchinterval": switchinterval_part,
              "textgraph": textgraph_part, "textpipe": textpipe_part, "hostprof": hostprof_part, "rankerprof": rankerprof_part, "rankergraph": rankergraph_part}[part]()
         except Exception:  # noqa: BLE001 - one part failing should not hide the others' figures
             import traceback

@@ -372,7 +372,8 @@ def _train_loop(config: dict) -> dict:
         return {}
     # numpy, not tensors: Ray Train refuses to return tensors (same bytes either way)
     return {"state": {k: v.detach().cpu().numpy() for k, v in res.model.state_dict().items()}, "history": res.history,
-            "best_epoch": res.best_epoch, "best_val_auc": res.best_val_auc, "samples_per_s": res.samples_per_s}
+            "best_epoch": res.best_epoch, "best_val_auc": res.best_val_auc, "samples_per_s": res.samples_per_s,
+            "epoch_samples_per_s": res.epoch_samples_per_s, "step_mode": res.step_mode}
 
 
 def train_ranker(settings: Settings, cfg, tables, train, val):
@@ -416,4 +417,5 @@ def train_ranker(settings: Settings, cfg, tables, train, val):
     model.eval()
     _record("ranker", samples=len(train), workers=workers, cpus_per_worker=cpus, gpus_per_worker=gpus)
     return TrainResult(model=model, history=out["history"], best_epoch=out["best_epoch"],
-                       best_val_auc=out["best_val_auc"], samples_per_s=out["samples_per_s"])
+                       best_val_auc=out["best_val_auc"], samples_per_s=out["samples_per_s"],
+                       epoch_samples_per_s=out["epoch_samples_per_s"], step_mode=out["step_mode"])

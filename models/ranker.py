@@ -363,6 +363,8 @@ class TrainResult:
     best_val_auc: float
     samples_per_s: float
     step_mode: str = "eager"  # "cuda-graph" / "compiled cuda-graph": how TrainStep ran full batches
+    epoch_samples_per_s: list[float] = field(default_factory=list)  # each epoch's training steps; the first
+    # holds the warm-up (graph capture, compiling), the later ones are the steady rate
 
 
 class TrainStep:
@@ -400,7 +402,7 @@ class TrainStep:
         self.cuda_graph, self.compiled, self.graph, self.warm = cuda_graph, compile_model, None, 0
         # a rank's share of a full batch; every rank's the same or none is graphed (their collectives must match)
         self.graph_rows = cfg.batch_size // world_size if cfg.batch_size % world_size == 0 else -1
-        if world_size > 1:
+        if world_size > 1 or isinstance(self.step_model, nn.parallel.DistributedDataParallel):
             self.warmup = 11
         self.cold_view = cfg.cold_view > 0 and cfg.variant != "logreg"
         if cuda_graph:
@@ -511,7 +513,7 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
         compile_model = cuda_graph and cfg.max_epochs * (len(y) // cfg.batch_size) >= COMPILE_MIN_STEPS
     step = TrainStep(model, opt, cfg, (u, c, h, y), device, step_model=step_model, cuda_graph=cuda_graph,
                      compile_model=compile_model, world_size=world_size)
-    best, history, bad, seen, busy = (-1.0, 0, None), [], 0, 0, 0.0
+    best, history, bad, seen, busy, rates = (-1.0, 0, None), [], 0, 0, 0.0, []
     for epoch in range(cfg.max_epochs):
         model.train()
         perm = torch.randperm(len(y), generator=gen).to(device)
@@ -525,8 +527,10 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
             total += step(idx) * len(idx)  # summed on the device: a per-step .item() would wait for the GPU
             rows += len(idx)
         total = float(total)
-        busy += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        busy += took
         seen += rows
+        rates.append(rows / max(took, 1e-9))
         val_auc = _auc(val.label, predict(model, val, device)) if len(val) else float("nan")
         rec = {"epoch": epoch + 1, "loss": total / max(rows, 1), "val_auc": val_auc}
         history.append(rec)
@@ -542,5 +546,5 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     model.eval()
     model.view_rows = "auto"  # as any loaded model: the static shapes were for the graph
     return TrainResult(model=model, history=history, best_epoch=best[1], best_val_auc=best[0],
-                       samples_per_s=seen / max(busy, 1e-9),
+                       samples_per_s=seen / max(busy, 1e-9), epoch_samples_per_s=rates,
                        step_mode=("compiled " if step.compiled else "") + "cuda-graph" if step.graph else "eager")

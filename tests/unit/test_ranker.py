@@ -87,6 +87,8 @@ def test_every_variant_trains_and_beats_chance(variant):
     if variant != "id_only":  # content-driven labels
         assert auc(val.label, p) > 0.65
     assert 1 <= res.best_epoch <= 6 and res.samples_per_s > 0
+    # one steady rate per epoch trained, for whoever reads throughput past the first (warm-up) epoch
+    assert len(res.epoch_samples_per_s) == len(res.history) and min(res.epoch_samples_per_s) > 0
 
 
 def test_no_cross_attention_ablation_has_two_attentions():

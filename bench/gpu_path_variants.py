@@ -260,14 +260,19 @@ def textprof_part():
             tower.close()
 
 
+def refresh_texts(n: int = 100_000) -> list[str]:
+    """Refresh-shaped texts: a title and a 10-80 word description each."""
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(300)] + "the of a dark night love story man city war last return house".split()
+    return [" ".join(rng.choice(vocab, rng.integers(2, 7))) + ". " + " ".join(rng.choice(vocab, rng.integers(10, 80)))
+            for _ in range(n)]
+
+
 def refreshtext_part():
     from models.towers import TextTower
     m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
-    rng = np.random.default_rng(1)
-    vocab = [f"w{i}" for i in range(300)] + "the of a dark night love story man city war last return house".split()
-    n = 100_000
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 7))) + ". " + " ".join(rng.choice(vocab, rng.integers(10, 80)))
-             for _ in range(n)]
+    texts = refresh_texts()
+    n = len(texts)
     for bs in (64, 1024, 2048):
         for workers in (0, None):
             tower = TextTower(m, device=dev, batch_size=bs, tokenize_workers=workers)
@@ -283,11 +288,8 @@ def refreshgraph_part():
     (the refresh) and in one thread (a Ray actor)."""
     from models.towers import TextTower
     m = Path(os.environ["SEMALIGN_TEXT_MODEL"])
-    rng = np.random.default_rng(1)
-    vocab = [f"w{i}" for i in range(300)] + "the of a dark night love story man city war last return house".split()
-    n = 100_000
-    texts = [" ".join(rng.choice(vocab, rng.integers(2, 7))) + ". " + " ".join(rng.choice(vocab, rng.integers(10, 80)))
-             for _ in range(n)]
+    texts = refresh_texts()
+    n = len(texts)
     for bs in (1024, 2048):
         for workers in (0, None):
             for graphs in (False, True):

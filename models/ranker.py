@@ -389,7 +389,8 @@ class TrainStep:
                  step_model: nn.Module | None = None, cuda_graph: bool = False, compile_model: bool = False,
                  world_size: int = 1):
         """world_size > 1 (step_model a DistributedDataParallel built on a side stream): a rank's full share of a
-        batch is graphed, after 11 eager warm-up steps (DDP settles its gradient buckets first)."""
+        batch is graphed. A DDP step_model (any world size) takes 11 eager warm-up steps before the capture (DDP
+        settles its gradient buckets first)."""
         if cuda_graph and not str(device).startswith("cuda"):
             raise ValueError("cuda_graph needs a CUDA device")
         if compile_model and not cuda_graph:

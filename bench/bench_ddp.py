@@ -7,13 +7,15 @@ DDP's warm-up). One GPU: the eager step and the CUDA-graph step (train_ranker's 
 N GPUs (one process each, NCCL): DDP ranks run the eager step (train_ranker's default under DDP); "same global
 batch" splits 4096 rows over the ranks, "same batch per GPU" gives each rank 4096 rows (global 4096 x N), the usual
 weak-scaling figure; the last rows ask train_ranker for the CUDA-graph step under DDP (cuda_graph=True), once per
-DDP variant (--variants: plain; bucket-view = gradient_as_bucket_view; bf16 = gradients all-reduced in bf16;
-one-bucket = every gradient in one bucket).
+DDP variant (--variants: plain = DDP's defaults; bucket-view = gradient_as_bucket_view; bf16 = gradients
+all-reduced in bf16; one-bucket = every gradient in one bucket; no-buffer-sync = broadcast_buffers=False, as
+train_ranker's callers wrap it, since the ranker's buffers are constant item tables; no-buffer-sync-bf16). The
+eager DDP rows use DDP's defaults; --graph-only leaves them out.
 
 --overhead needs one GPU: DDP over a one-rank NCCL group, so no bytes cross a link, against the same step without
 DDP; what DDP itself costs a step (its reducer, bucket copies, the collective's launch), per variant.
 
-  python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--variants plain,bf16] [--out DIR] [--tag T]
+  python bench/bench_ddp.py [--gpus 2] [--events 1000000] [--epochs 3] [--variants plain,no-buffer-sync] [--out DIR] [--tag T]
   python bench/bench_ddp.py --overhead [--tag ddp_overhead_h200]
 """
 from __future__ import annotations
@@ -56,8 +58,11 @@ def config(batch: int, epochs: int) -> RankerConfig:
     return RankerConfig(variant="full", batch_size=batch, max_epochs=epochs, patience=epochs)
 
 
+# DDP's keyword arguments per variant; "plain" is DDP's defaults, which re-broadcast every buffer from rank 0 before
+# each forward: the ranker's buffers are its constant item tables (~230 MB at 100k items)
 VARIANTS = {"plain": {}, "bucket-view": {"gradient_as_bucket_view": True}, "bf16": {"hook": "bf16"},
-            "one-bucket": {"bucket_cap_mb": 64}}
+            "one-bucket": {"bucket_cap_mb": 64}, "no-buffer-sync": {"broadcast_buffers": False},
+            "no-buffer-sync-bf16": {"broadcast_buffers": False, "hook": "bf16"}}
 
 
 def wrap_ddp(rank: int, variant: str):
@@ -125,8 +130,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--variants", default="plain,bf16", help=f"DDP variants of the graphed rows, from {list(VARIANTS)}")
+    ap.add_argument("--variants", default="plain,no-buffer-sync", help=f"DDP variants of the graphed rows, from {list(VARIANTS)}")
     ap.add_argument("--eager-only", action="store_true", help="no DDP + CUDA graph rows")
+    ap.add_argument("--graph-only", action="store_true", help="no eager DDP rows")
     ap.add_argument("--overhead", action="store_true", help="one GPU: DDP over one rank against no DDP")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -149,9 +155,10 @@ def main():
             rows[f"DDP over 1 rank ({v}), CUDA-graph step"] = ddp(1, args.batch, args, f"overhead-{v}", True, v)
             emit(args, rows, {})
         return
-    rows[f"{n} GPUs DDP, same global batch ({args.batch // n} a GPU)"] = ddp(n, args.batch, args, "strong")
-    rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
-    emit(args, rows, {})
+    if not args.graph_only:
+        rows[f"{n} GPUs DDP, same global batch ({args.batch // n} a GPU)"] = ddp(n, args.batch, args, "strong")
+        rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
+        emit(args, rows, {})
     if not args.eager_only:  # written after each row: a hung or failed graphed run leaves the rows before it
         for v in variants:
             try:

@@ -414,19 +414,71 @@ def hostprof_part():
     tower.close()
 
 
-def rankerprof_part():
-    """CUDA time by kernel of the full ranker's training step (eager, batch 4096, history 50, 100k items)."""
-    from models.ranker import ItemTables, Ranker, RankerConfig
+def ranker_rows(rows: int):
+    """The ranker benches' shapes: 100k items (20% cold), 3x256 SIDs, zipf candidates and histories of 50; `rows`
+    training rows on the GPU as (user features, candidate, history, label)."""
+    from models.ranker import ItemTables
     rng = np.random.default_rng(0)
-    n, k, b, hl = 100_000, 256, 4096, 50
+    n, k, hl = 100_000, 256, 50
     vocab = np.r_[0, np.arange(1, n + 1)]
     vocab[int(0.8 * n):] = 0
     tables = ItemTables(id_vocab=vocab, content=rng.standard_normal((n + 1, 128)).astype(np.float32),
                         raw=rng.standard_normal((n + 1, 448)).astype(np.float32), codes=rng.integers(0, k, (n + 1, 3)),
                         n_codes=k)
-    pop = rng.zipf(1.3, (b, hl + 1)) % n + 1
-    u, c, h = torch.randn(b, 2, device=dev), torch.as_tensor(pop[:, 0], device=dev), torch.as_tensor(pop[:, 1:], device=dev)
-    y = torch.randint(0, 2, (b,), device=dev).float()
+    pop = rng.zipf(1.3, (rows, hl + 1)) % n + 1
+    return tables, (torch.randn(rows, 2, device=dev), torch.as_tensor(pop[:, 0], device=dev),
+                    torch.as_tensor(pop[:, 1:], device=dev), torch.randint(0, 2, (rows,), device=dev).float())
+
+
+def ddpprof_part():
+    """Where DDP's cost in the graphed training step goes: TrainStep (batch 4096) with and without DDP over a one-rank
+    NCCL group (no bytes cross a link); ms a step from CUDA events over 200 replays, then CUDA time by kernel."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.ranker import Ranker, RankerConfig, TrainStep
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29650", TORCH_NCCL_ASYNC_ERROR_HANDLING="0",
+                      NCCL_ASYNC_ERROR_HANDLING="0")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    tables, data = ranker_rows(4096 * 50)
+    cfg = RankerConfig(variant="full", batch_size=4096)
+    batches = torch.randint(0, len(data[3]), (250, 4096), device=dev)
+    for wrap in (False, True):
+        torch.manual_seed(0)
+        model = Ranker(cfg, tables, 2).to(dev)
+        step_model = None
+        if wrap:  # as train_ranker builds it for a graphed DDP step
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step_model = DistributedDataParallel(model, device_ids=[0])
+            torch.cuda.current_stream().wait_stream(side)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)
+        step = TrainStep(model, opt, cfg, data, dev, step_model=step_model, cuda_graph=True)
+        for i in range(20):  # warm-up and capture
+            step(batches[i])
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(20, 220):
+            step(batches[i])
+        end.record()
+        torch.cuda.synchronize()
+        out(part="ddpprof", ddp=wrap, graphed=step.graph is not None, ms_per_step=start.elapsed_time(end) / 200)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(220, 250):
+                step(batches[i])
+            torch.cuda.synchronize()
+        print(f"ddp={wrap}, 30 graphed steps", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    dist.destroy_process_group()
+
+
+def rankerprof_part():
+    """CUDA time by kernel of the full ranker's training step (eager, batch 4096, history 50, 100k items)."""
+    from models.ranker import Ranker, RankerConfig
+    tables, (u, c, h, y) = ranker_rows(4096)
     model = Ranker(RankerConfig(variant="full"), tables, 2).to(dev).train()
     model.view_rows = "static"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
@@ -498,7 +550,7 @@ if __name__ == "__main__":
     for part in sys.argv[1:] or ["sid", "text"]:
         try:
             {"sid": sid_part, "text": text_part, "kernelcheck": kernelcheck_part, "textprof": textprof_part, "refreshtext": refreshtext_part, "refreshgraph": refreshgraph_part, "switchinterval": switchinterval_part,
-             "textgraph": textgraph_part, "textpipe": textpipe_part, "hostprof": hostprof_part, "rankerprof": rankerprof_part, "rankergraph": rankergraph_part}[part]()
+             "textgraph": textgraph_part, "textpipe": textpipe_part, "hostprof": hostprof_part, "rankerprof": rankerprof_part, "ddpprof": ddpprof_part, "rankergraph": rankergraph_part}[part]()
         except Exception:  # noqa: BLE001 - one part failing should not hide the others' figures
             import traceback
             traceback.print_exc()

@@ -365,7 +365,10 @@ def _train_loop(config: dict) -> dict:
     dev = str(ray.train.torch.get_device()) if config["device"] == "cuda" else "cpu"
     wrap = None
     if world > 1:
-        wrap = lambda m: ray.train.torch.prepare_model(m, move_to_device=False)  # noqa: E731 (DDP)
+        # the ranker's buffers are constant item tables (~230 MB at 100k items): DDP's default re-broadcast of
+        # them before every forward cost more than the gradient all-reduce (bench/results/ddp_h200x2_steady*.md)
+        wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731 (DDP)
+            m, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
     res = train_ranker(cfg, tables, train, val, dev,
                        distributed=wrap, rank=rank, world_size=world)
     if rank != 0:

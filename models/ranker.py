@@ -482,7 +482,9 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     Data-parallel (torch DDP, e.g. under Ray Train): every rank draws the same permutation from the seed and takes
     its `rank::world_size` share of each global batch; `distributed` wraps the model (DistributedDataParallel), so
     gradients are averaged over ranks and every rank holds the same weights, sees the same validation AUC and stops
-    at the same epoch. With one rank this is exactly the single-process loop.
+    at the same epoch. With one rank this is exactly the single-process loop. Wrap with
+    `broadcast_buffers=False`: the model's buffers are constant item tables, which DDP's default re-broadcasts
+    before every forward (~230 MB a step at 100k items; on two H200s 1.59x one GPU with it, 1.88x without).
 
     cuda_graph: replay each full batch's step as one CUDA graph (`TrainStep`); None = on CUDA with one process
     (under DDP only when asked: measured with plain torch DDP on two GPUs, bench/results/ddp_h200x2.md).

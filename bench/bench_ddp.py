@@ -160,13 +160,14 @@ def main():
         rows[f"{n} GPUs DDP, same batch per GPU ({args.batch} a GPU)"] = ddp(n, args.batch * n, args, "weak")
         emit(args, rows, {})
     if not args.eager_only:  # written after each row: a hung or failed graphed run leaves the rows before it
+        errors = {}
         for v in variants:
             try:
                 rows[f"{n} GPUs DDP ({v}), CUDA-graph step, {args.batch} a GPU"] = ddp(n, args.batch * n, args,
                                                                                      f"graph-{v}", True, v)
-                emit(args, rows, {})
             except Exception as e:  # noqa: BLE001 - reported, not hidden
-                emit(args, rows, {f"ddp_graph_error_{v}": repr(e)[:300]})
+                errors[f"ddp_graph_error_{v}"] = repr(e)[:300]
+            emit(args, rows, errors)
 
 
 def emit(args, rows: dict, extra: dict) -> None:

@@ -3,7 +3,8 @@
 variants against the bare matmul), text (the tower's pieces: tokenizing, forward only, reference), textprof
 (tokenizer processes x batch size), refreshtext (refresh-shaped texts, batch 64 / 1024 / 2048), kernelcheck (the
 Triton kernel against the GEMM path on odd shapes), textgraph / textpipe / hostprof (the tower's CUDA-graph forward:
-speed, agreement, where the host's time goes), rankerprof (CUDA time by kernel of a ranker step), rankergraph
+speed, agreement, where the host's time goes), refreshgraph (refresh-shaped texts, graphs on and off), rankerprof
+(CUDA time by kernel of a ranker step), ddpprof (what DDP adds to the graphed step, over one rank), rankergraph
 (train_ranker eager vs graphed vs compiled + graphed). Needs CUDA; SEMALIGN_TEXT_MODEL names the text model folder
 (bench/device_scaling.sh builds MiniLM's shape with zeroed weights on the device machine). Results:
 bench/results/gpu_path_variants_h200.md."""

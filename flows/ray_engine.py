@@ -366,7 +366,8 @@ def _train_loop(config: dict) -> dict:
     wrap = None
     if world > 1:
         # the ranker's buffers are constant item tables (~230 MB at 100k items): DDP's default re-broadcast of
-        # them before every forward cost more than the gradient all-reduce (bench/results/ddp_h200x2_steady*.md)
+        # them before every forward cost more than the gradient all-reduce: two H200s 1.59x -> 1.88x one GPU
+        # (bench/results/ddp_h200x2_steady.md, ddp_h200x2_no_buffer_sync.md)
         wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731 (DDP)
             m, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
     res = train_ranker(cfg, tables, train, val, dev,

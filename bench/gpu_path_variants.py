@@ -438,7 +438,7 @@ def ddpprof_part():
     from torch.nn.parallel import DistributedDataParallel
     from torch.profiler import ProfilerActivity, profile
 
-    from models.ranker import Ranker, RankerConfig, TrainStep
+    from models.ranker import Ranker, RankerConfig, TrainStep, wrap_for_graph
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29650", TORCH_NCCL_ASYNC_ERROR_HANDLING="0",
                       NCCL_ASYNC_ERROR_HANDLING="0")
     dist.init_process_group("nccl", rank=0, world_size=1)
@@ -448,13 +448,8 @@ def ddpprof_part():
     for wrap in (False, True):
         torch.manual_seed(0)
         model = Ranker(cfg, tables, 2).to(dev)
-        step_model = None
-        if wrap:  # as train_ranker builds it for a graphed DDP step
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step_model = DistributedDataParallel(model, device_ids=[0])
-            torch.cuda.current_stream().wait_stream(side)
+        # as train_ranker builds it for a graphed DDP step (DDP's defaults: what it adds at one rank)
+        step_model = wrap_for_graph(lambda m: DistributedDataParallel(m, device_ids=[0]), model) if wrap else None
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, capturable=True)
         step = TrainStep(model, opt, cfg, data, dev, step_model=step_model, cuda_graph=True)
         for i in range(20):  # warm-up and capture

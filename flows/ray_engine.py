@@ -356,7 +356,7 @@ def _train_loop(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from semalign.models.ranker import train_ranker
+    from semalign.models.ranker import DDP_OPTIONS, train_ranker
 
     _set_threads(config["threads"])
     cfg, tables, train, val = (_writable(x) for x in ray.get(config["inputs"][0]))
@@ -365,11 +365,8 @@ def _train_loop(config: dict) -> dict:
     dev = str(ray.train.torch.get_device()) if config["device"] == "cuda" else "cpu"
     wrap = None
     if world > 1:
-        # the ranker's buffers are constant item tables (~230 MB at 100k items): DDP's default re-broadcast of
-        # them before every forward cost more than the gradient all-reduce: two H200s 1.59x -> 1.88x one GPU
-        # (bench/results/ddp_h200x2_steady.md, ddp_h200x2_no_buffer_sync.md)
         wrap = lambda m: ray.train.torch.prepare_model(  # noqa: E731 (DDP)
-            m, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False})
+            m, move_to_device=False, parallel_strategy_kwargs=dict(DDP_OPTIONS))
     res = train_ranker(cfg, tables, train, val, dev,
                        distributed=wrap, rank=rank, world_size=world)
     if rank != 0:

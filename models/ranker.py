@@ -468,6 +468,22 @@ class TrainStep:
         return self.static_loss.detach().clone()
 
 
+# DistributedDataParallel's options for the ranker: its buffers are constant item tables (~230 MB at 100k items),
+# which DDP's default re-broadcasts from rank 0 before every forward (two H200s: 1.59x one GPU with it, 1.88x
+# without; bench/results/ddp_h200x2_steady.md, ddp_h200x2_no_buffer_sync.md)
+DDP_OPTIONS = {"broadcast_buffers": False}
+
+
+def wrap_for_graph(distributed: Callable[[nn.Module], nn.Module], model: nn.Module) -> nn.Module:
+    """`distributed(model)` (a DDP) built on a side stream, as a DDP whose backward a CUDA graph captures must be."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        wrapped = distributed(model)
+    torch.cuda.current_stream().wait_stream(side)
+    return wrapped
+
+
 COMPILE_MIN_STEPS = 10_000  # train_ranker compiles the graphed step from this many planned steps: compiling took 18 s
 # on the H200 and saves ~2.3 ms a 4096-row step (bench/results/ranker_h200_graph.md), even at ~8k steps
 
@@ -482,9 +498,8 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     Data-parallel (torch DDP, e.g. under Ray Train): every rank draws the same permutation from the seed and takes
     its `rank::world_size` share of each global batch; `distributed` wraps the model (DistributedDataParallel), so
     gradients are averaged over ranks and every rank holds the same weights, sees the same validation AUC and stops
-    at the same epoch. With one rank this is exactly the single-process loop. Wrap with
-    `broadcast_buffers=False`: the model's buffers are constant item tables, which DDP's default re-broadcasts
-    before every forward (~230 MB a step at 100k items; on two H200s 1.59x one GPU with it, 1.88x without).
+    at the same epoch. With one rank this is exactly the single-process loop. Wrap with `DDP_OPTIONS`
+    (no buffer re-broadcast: the buffers are constant item tables).
 
     cuda_graph: replay each full batch's step as one CUDA graph (`TrainStep`); None = on CUDA with one process
     (under DDP only when asked: measured with plain torch DDP on two GPUs, bench/results/ddp_h200x2.md).
@@ -500,12 +515,8 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
         cuda_graph = on_cuda and distributed is None and world_size == 1
     if distributed is None:
         step_model = model
-    elif cuda_graph:  # a DDP whose backward is captured must be built on a side stream
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step_model = distributed(model)
-        torch.cuda.current_stream().wait_stream(side)
+    elif cuda_graph:
+        step_model = wrap_for_graph(distributed, model)
     else:
         step_model = distributed(model)
     # on CUDA one fused kernel steps every parameter (H200 bench, batch 4096: 242k -> 255k samples/s eager)

@@ -60,12 +60,15 @@ class RankerScorer:
         vocab = json.loads((folder / "vocab.json").read_text())
         self.id_row = {iid: i + 1 for i, iid in enumerate(vocab)}
         dim = int(self.meta["content_dim"])
-        self.raw_dim = int(self.meta.get("raw_dim", 0)) if self.cfg.keep_raw_content else 0
-        if self.cfg.keep_raw_content and not self.raw_dim:
+        self.raw_dim = int(self.meta.get("raw_dim", 0)) if self.cfg.reads_raw else 0
+        if self.cfg.reads_raw and not self.raw_dim:
             raise ValueError(f"{folder}: the ranker reads text-tower vectors but ranker.json records no raw_dim")
         tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32),
                             raw=np.zeros((1, self.raw_dim), np.float32) if self.raw_dim else None,
-                            codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]))
+                            codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]),
+                            dedup=np.zeros(1, np.int64),
+                            code_vectors=np.zeros((self.levels, int(self.meta["n_codes"]),
+                                                   int(self.meta.get("code_dim", dim))), np.float32))
         self.model = Ranker(self.cfg, tables, int(self.meta["n_user_feats"]))
         try:
             state = load_file(str(folder / "ranker.safetensors"))
@@ -158,8 +161,10 @@ class RankerScorer:
         emb, raw = [None] * len(items), [None] * len(items)
         for k, i in enumerate(items):
             if i in extra:
-                codes[k, : self.levels] = extra[i][0][: self.levels]
-                found[k], emb[k] = True, np.asarray(extra[i][1], np.float32)
+                given = np.asarray(extra[i][0])[: self.levels + 1]  # the dedup level where the caller has one
+                codes[k, : len(given)] = given
+                found[k] = True
+                emb[k] = None if extra[i][1] is None else np.asarray(extra[i][1], np.float32)
                 raw[k] = None if extra[i][2] is None else np.asarray(extra[i][2], np.float32)
             else:
                 codes[k], found[k], emb[k], raw[k] = look[i]
@@ -183,16 +188,27 @@ class RankerScorer:
         content = np.zeros((n, int(self.meta["content_dim"])), np.float32)
         raw_tab = np.zeros((n, self.raw_dim), np.float32)
         code_tab = np.zeros((n, self.levels), np.int64)
+        dedup = np.zeros(n, np.int64)
         id_vocab = np.zeros(n, np.int64)
-        for k in np.flatnonzero(found):
-            content[k + 1] = emb[k]
+        rows = np.flatnonzero(found)
+        from semalign.models.ranker import SID_ROWS
+
+        if self.cfg.id_buckets and self.cfg.variant not in SID_ROWS:  # a bounded table: every item's ID hashes
+            from semalign.models.compact import hash_item_rows
+
+            id_vocab[rows + 1] = hash_item_rows([items[k] for k in rows], self.cfg.id_buckets, self.cfg.seed)
+        else:
+            id_vocab[rows + 1] = [self.id_row.get(items[k], 0) for k in rows]
+        for k in rows:
+            if self.cfg.reads_aligned:
+                content[k + 1] = emb[k]
             if self.raw_dim:
                 raw_tab[k + 1] = raw[k]
             code_tab[k + 1] = codes[k, : self.levels]
-            id_vocab[k + 1] = self.id_row.get(items[k], 0)
+            dedup[k + 1] = max(int(codes[k, self.levels]), 0)
         t = self.torch
         tables = {"id_vocab": t.as_tensor(id_vocab), "content": t.as_tensor(content), "raw": t.as_tensor(raw_tab),
-                  "codes": t.as_tensor(code_tab)}
+                  "codes": t.as_tensor(code_tab), "dedup": t.as_tensor(dedup)}
         return tables, {items[k]: k + 1 for k in np.flatnonzero(found)}
 
     def item_features(self, items: list[str]) -> dict:
@@ -200,8 +216,11 @@ class RankerScorer:
         the online store (the text-tower vector only where this ranker reads it)."""
         if not items:
             return {}
+        # a ranker whose items are their codes (compact profile) reads no vector: none is fetched
         codes, found, emb, raw = self.store.read_online(items, self.codebook_version, self.levels,
-                                                        with_embedding=True, with_content=bool(self.raw_dim))
+                                                        with_embedding=self.cfg.reads_aligned,
+                                                        with_content=bool(self.raw_dim))
+        emb = emb or [None] * len(items)
         raw = raw or [None] * len(items)
         return {i: (c, f, e, r) for i, c, f, e, r in zip(items, codes, found, emb, raw)}
 

@@ -86,6 +86,13 @@ class SemanticIdStore:
             self._views[name] = self.fs.get_feature_view(name)
         return self._views[name]
 
+    def _served(self, frames: dict) -> dict:
+        """The item rows the online store holds under the serving profile: all of them (dense), or the SID rows and
+        the reverse index without float vectors (compact). The offline store keeps every view either way."""
+        if self.settings.serving_profile == "compact":
+            return {k: v for k, v in frames.items() if k != EMB_VIEW}
+        return frames
+
     def _online(self, what: str = ""):
         return reaching(f"the {self.settings.feast_online} online store{what}")
 
@@ -148,7 +155,7 @@ class SemanticIdStore:
         self.offline.write(frames, batch=f"{version}")           # 2. offline (atomic per store)
         checkpoint("publish.after_offline")
         with self._online():                                     # 3. online
-            online.write_rows(self.fs, frames, between=lambda: checkpoint("publish.online"))
+            online.write_rows(self.fs, self._served(frames), between=lambda: checkpoint("publish.online"))
         self.catalogue.finish_publish(version)                   # 4. readable from here on
         if codebook.parent and self.catalogue.row(codebook.parent) is not None:
             self.write_diff(codebook.parent, version)
@@ -183,6 +190,10 @@ class SemanticIdStore:
         published. Returns (codes [n, levels+1] with -1 where missing, found, emb, content): emb and content are
         lists of vectors (None where missing; content is empty where the version was published without it), or
         None when not asked for."""
+        if (with_embedding or with_content) and self.settings.serving_profile == "compact":
+            raise FeatureStoreError("this store serves the compact profile (SEMALIGN_SERVING_PROFILE=compact): "
+                                    "its online store holds SID codes only, no vectors; read vectors offline "
+                                    "(historical) or serve the dense profile")
         fs = self.fs
         with self._online():
             return online.read_items(fs, self.view(SID_VIEW), self.view(EMB_VIEW), item_ids, version, levels,
@@ -343,7 +354,7 @@ class SemanticIdStore:
             frames = item_frames(version, [ids[j] for j in sel], codes[sel], dedup[sel], emb[sel],
                                  None if raw is None else raw[sel], ts, ts)
             with self._online():
-                online.push_rows(self.fs, frames)
+                online.push_rows(self.fs, self._served(frames))
             self.offline.write(frames, batch=f"{version}-onboard-{int(now * 1e6)}-{os.getpid()}")
             checkpoint("onboard.before_confirm")
             self.catalogue.confirm(version, [ids[j] for j in sel])

@@ -20,7 +20,7 @@ from semalign.data import ALL_BUCKETS, item_buckets, settings_split
 from semalign.features import build_frames, item_tables, user_features
 from semalign.progress import Reporter
 
-from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, tower_features
+from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, load_codebook, tower_features
 
 METRICS = ("auc", "gauc", "logloss")
 DEFAULT_MODELS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg")
@@ -133,15 +133,33 @@ def parse_model(name: str) -> tuple[str, dict]:
 
     variant, _, rest = name.partition("@")
     types = {f.name: f.type for f in fields(RankerConfig)}
+    types["items_per_row"] = "float"  # the bounded ID table's budget as a ratio: run_experiment turns it into rows
     levers = {}
     for kv in filter(None, rest.split("+")):
         k, sep, v = kv.partition("=")
         if not sep or k not in types or k in ("variant", "seed", "hidden"):
             raise ValueError(f"model '{name}': '{kv}' is not lever=value with a RankerConfig lever")
         t = str(types[k])
-        levers[k] = (v.lower() in ("1", "true", "yes")) if t == "bool" else int(v) if t == "int" \
-            else float(v) if t == "float" else v
+        try:
+            levers[k] = (v.lower() in ("1", "true", "yes")) if t == "bool" else int(v) if t == "int" \
+                else float(v) if t == "float" else v
+        except ValueError:
+            raise ValueError(f"model '{name}': lever {k} expects a {t}, got '{v}'") from None
     return variant, levers
+
+
+def id_budget(levers: dict, n_items: int) -> dict:
+    """Levers with `items_per_row` (items per ID-table row, over the whole catalogue) turned into `id_buckets`;
+    items_per_row = 0 means one row per item (id_buckets 0)."""
+    import math
+
+    levers = dict(levers)
+    ratio = levers.pop("items_per_row", None)
+    if ratio is not None:
+        if ratio < 0:
+            raise ValueError(f"items_per_row must be >= 0, got {ratio}")
+        levers["id_buckets"] = math.ceil(n_items / ratio) if ratio else 0
+    return levers
 
 
 def run_experiment(settings: Settings, data: str | Path | None = None, split_kind: str = "cold-items",
@@ -153,10 +171,11 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     With `json_path`, per-event test predictions go to `<json>.preds.npz` so runs over disjoint seed ranges
     can be merged (`merge_experiments`) into one table with intervals over all seeds."""
     from semalign.models.metrics import metric_set
-    from semalign.models.ranker import predict, train_ranker
-    from semalign.spec import ranker_config
+    from semalign.models.ranker import SID_ROWS, predict, train_ranker
+    from semalign.spec import ranker_config, served_model
 
     rep = rep or Reporter(quiet=True)
+    served = served_model(settings)
     models = list(models or DEFAULT_MODELS)
     device = settings.resolved_device()
     t0 = time.perf_counter()
@@ -171,9 +190,19 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         enc = encoder_stage(s, ds, split, feats, rep)
         cb = codebook_stage(s, ds, split, enc, parent=None, rep=rep, move_latest=False)
         codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
-        # aligned variants read the served text-tower vector beside the aligned one (keep_raw_content)
-        tables = {raw_name: item_tables(ds, split, enc.embeddings, raw, codes, int(codes.max()) + 1)
-                  for raw_name, raw in (("generic", generic), ("text", feats.text))}
+        codebook = load_codebook(s, cb.version)  # its size sizes the tables, as in the refresh; sid decodes with it
+        tables = {}
+
+        def tables_for(cfg):
+            # aligned variants read the served text-tower vector beside the aligned one (keep_raw_content); a
+            # bounded ID table and a vector codec change the tables, so each distinct one is built once a seed
+            raw_name = "generic" if cfg.variant in ("content", "logreg") else "text"
+            key = (raw_name, cfg.id_buckets if cfg.variant not in SID_ROWS else 0, cfg.content_codec)
+            if key not in tables:
+                tables[key] = item_tables(ds, split, enc.embeddings, generic if raw_name == "generic" else feats.text,
+                                          codes, codebook.codes, cb.sids["sid_dedup"].to_numpy(), cfg,
+                                          [c.numpy() for c in codebook.centroids])
+            return tables[key]
         frames = build_frames(split, user_features(split, ds.n_users), s.hist_len)
         test, val = split.part("test"), split.part("val")
         val_cold = val["item_idx"].isin(split.val_cold_items).to_numpy()
@@ -181,10 +210,10 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         with rep.stage(f"seed {seed}: rankers", len(models)) as adv:
             for m in models:
                 variant, levers = parse_model(m)
-                cfg = ranker_config(s, variant, seed, **{**(rank_overrides or {}), **levers})
+                cfg = ranker_config(s, variant, seed, **{**id_budget(rank_overrides or {}, ds.n_items),
+                                                           **id_budget(levers, ds.n_items)})
                 configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
-                res = train_ranker(cfg, tables["generic" if variant in ("content", "logreg") else "text"],
-                                   frames["train"], frames["val"], device)
+                res = train_ranker(cfg, tables_for(cfg), frames["train"], frames["val"], device)
                 preds[m] = predict(res.model, frames["test"], device)
                 pv = predict(res.model, frames["val"], device)
                 vc = metric_set(frames["val"].label[val_cold], pv[val_cold], val["user_idx"].to_numpy()[val_cold]) \
@@ -198,10 +227,10 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         rep.log(f"seed {seed}: encoder hit@30 {enc.metrics['hit@30']['encoder']:.4f} (raw text "
                 f"{enc.metrics['hit@30']['raw_text']:.4f}); codebook {cb.version}")
     out = {"dataset": ds.name, "split": split_kind, "seeds": list(saved), "models": models, "device": device,
-           "served": settings.ranker_variant, "configs": configs,
+           "served": served, "configs": configs,
            "rank_config": {k: v for k, v in (rank_overrides or {}).items()}, "fits": fits,
            "wall_s": round(time.perf_counter() - t0, 1)}
-    out.update(summarise(saved, models, settings.ranker_variant, n_boot, rep))
+    out.update(summarise(saved, models, served, n_boot, rep))
     out["markdown"] += "\n\n" + markdown_selection(fits, models)
     if json_path is not None:
         write_results(out, saved, Path(json_path))

@@ -24,7 +24,7 @@ def _metric_key(bucket: str) -> str:  # MLflow metric names allow no '+'
 
 def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, input_verdict, gates,
                     evaluation: dict, plots_dir: Path) -> RunPayload:
-    from semalign.spec import ranker_config
+    from semalign.spec import ranker_config, selected_spec
 
     challenger, champion_metrics = evaluation["challenger"], evaluation.get("champion")
 
@@ -60,4 +60,9 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
     json_artifacts = {"validation_report.json": {"input": input_verdict.as_dict(), **gates.verdict()},
                       "reference_profile.json": gates.profile,
                       "evaluation.json": evaluation}
+    spec = selected_spec(settings)
+    params["ranker.spec"] = spec["model"] if spec else "settings"
+    params["serving_profile"] = settings.serving_profile
+    if spec:  # why this model: the selection's pseudo-cold validation table
+        json_artifacts["ranker_spec.json"] = spec
     return RunPayload(params, metrics, tags, artifacts, json_artifacts)

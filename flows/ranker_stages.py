@@ -58,7 +58,8 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
     seen = split.train_items
     cfg = ranker_config(settings)
     # the text-tower vectors the store serves beside the aligned ones (`content` of the embedding view)
-    tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes)
+    tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes,
+                         cb.sids["sid_dedup"].to_numpy(), cfg, [c.numpy() for c in codebook.centroids])
     frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
     if settings.ray_address:  # the same training function, as a Ray Train job on the cluster
         from semalign.flows import ray_engine
@@ -72,10 +73,13 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
             "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,
+            "code_dim": int(codebook.centroids[0].shape[1]),
             "raw_dim": int(feats.text.shape[1]) if cfg.keep_raw_content else 0,
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
-            "users_version": users_version,
+            "users_version": users_version, "serving_profile": settings.serving_profile,
+            "bytes_per_item": served_bytes_per_item(cfg, codebook.levels, codebook.codes, int(aligned.shape[1]),
+                                                    int(feats.text.shape[1]), int(cb.sids["sid_dedup"].max())),
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
     with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
         save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
@@ -93,6 +97,20 @@ def publish_users(settings: Settings, ds, split) -> str:
 
     batch = ds.content_hash()[:16] + "-h" + str(settings.hist_len)
     return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=batch)
+
+
+def served_bytes_per_item(cfg, levels: int, n_codes: int, aligned_dim: int, raw_dim: int, max_dedup: int) -> int:
+    """Bytes of item features the ranker reads per item at serving (codes at their packed width, vectors as
+    float32 or their codec): the model's payload, not the online store's overhead (bench/ measures that)."""
+    from semalign.models.compact import codec_bytes
+
+    width = lambda top: max(1, (max(int(top), 1).bit_length() + 7) // 8)  # noqa: E731
+    n = levels * width(n_codes - 1) + width(max_dedup) if cfg.reads_codes else 0
+    if cfg.reads_aligned:
+        n += codec_bytes(cfg.content_codec, aligned_dim)
+    if cfg.reads_raw:
+        n += 4 * raw_dim
+    return n
 
 
 TRAINED_EVENTS = "trained_events.npy"   # keys of the events a ranker trained and validated on (data.event_keys)

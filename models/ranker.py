@@ -13,7 +13,10 @@ Levers of `full`: `cold_behavior="generated"` replaces the shared out-of-vocabul
 (unseen, or dropped by item-ID dropout) with a behavior vector generated from their SIDs + content, distilled from
 the detached ID rows of items seen in training; `align_levels` / `code_dropout` limit how deep the SID tables read.
 
-Variants (same loop, same budget): full, id_only, content, aligned_content, sid_ngram, logreg.
+Variants (same loop, same budget): full, id_only, content, aligned_content, sid_ngram, logreg; and at a bounded
+item table (`id_buckets` rows, several items per row): hashed_id (item IDs hashed into the rows), sid (each item's SID
+prefix n-grams hashed into the same rows: no per-item row, no dense vector), and both "+dense" (the aligned vector
+beside them, optionally compressed: `content_codec`).
 Imports only torch and numpy.
 """
 from __future__ import annotations
@@ -26,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VARIANTS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg")
+VARIANTS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg",
+            "hashed_id", "hashed_id+dense", "sid", "sid+dense")
+BOUNDED = ("hashed_id", "hashed_id+dense")     # need id_buckets > 0
+SID_ROWS = ("sid", "sid+dense")                # the behavior view is the item's SID n-gram rows
 
 
 @dataclass
@@ -54,6 +60,12 @@ class RankerConfig:
     ngram: bool = False                # full: SID prefix n-gram embeddings added to the behavior view (as in
                                        # sid_ngram), beside the alignment block on the modal view
     ngram_buckets: int = 1 << 16
+    id_buckets: int = 0                # rows of the item-ID table (sid: of the n-gram table); 0 = one row per training
+                                       # item. >0: every item's ID hashes (seeded by `seed`) into a row, seen or not
+    content_codec: str = "float"       # the aligned vector as served: float, int8, pq4/8/16/32 (bytes per item)
+    code_vectors: str = "frozen"       # sid: the modal view decodes the item's codes through the codebook's
+                                       # centroids (model parameters, no per-item bytes): "frozen", "trained"
+                                       # (init from the centroids, moved by the CTR loss) or "off"
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 1024
@@ -74,6 +86,31 @@ class RankerConfig:
             raise ValueError("ngram=True adds SID n-grams to 'full'; variant 'sid_ngram' is them without the block")
         if self.cold_view < 0:
             raise ValueError("cold_view is a loss weight: expected >= 0")
+        if self.id_buckets < 0:
+            raise ValueError("id_buckets is a number of rows: expected >= 0 (0 = one row per item)")
+        if self.variant in BOUNDED and not self.id_buckets:
+            raise ValueError(f"variant '{self.variant}' hashes item IDs into a bounded table: set id_buckets > 0")
+        from .compact import CODECS
+
+        if self.code_vectors not in ("frozen", "trained", "off"):
+            raise ValueError("code_vectors must be 'frozen', 'trained' or 'off'")
+        if self.content_codec not in CODECS:
+            raise ValueError(f"content_codec must be one of {CODECS}")
+
+    @property
+    def reads_aligned(self) -> bool:
+        """Whether the model reads the item's aligned vector (serving must fetch it)."""
+        return self.variant in ("full", "aligned_content", "sid_ngram", "hashed_id+dense", "sid+dense")
+
+    @property
+    def reads_codes(self) -> bool:
+        """Whether the model reads the item's semantic ID."""
+        return self.variant in ("full", "sid_ngram", "sid", "sid+dense")
+
+    @property
+    def reads_raw(self) -> bool:
+        """Whether the model reads the frozen text-tower (or generic content) vector."""
+        return self.variant in ("content", "logreg") or (self.keep_raw_content and self.reads_aligned)
 
 
 @dataclass
@@ -84,6 +121,8 @@ class ItemTables:
     raw: np.ndarray | None          # [n+1, dr] frozen generic tower embedding
     codes: np.ndarray | None        # [n+1, L] semantic IDs
     n_codes: int = 0
+    dedup: np.ndarray | None = None  # [n+1] the SID's dedup level (variants that read the full SID)
+    code_vectors: np.ndarray | None = None  # [L, K, dz] the codebook's centroids (sid decodes codes with them)
     n_ids: int = field(init=False)
 
     def __post_init__(self):
@@ -141,9 +180,12 @@ class Ranker(nn.Module):
         v = cfg.variant
         self.register_buffer("id_vocab", torch.as_tensor(tables.id_vocab, dtype=torch.long))
         self.has_ids = v != "logreg"
-        self.has_modal = v in ("full", "content", "aligned_content", "sid_ngram")
-        self.uses_aligned = v in ("full", "aligned_content", "sid_ngram")
-        self.uses_raw = v in ("content", "logreg") or (cfg.keep_raw_content and self.uses_aligned)
+        self.decodes_codes = v == "sid" and cfg.code_vectors != "off"
+        self.has_modal = v in ("full", "content", "aligned_content", "sid_ngram", "hashed_id+dense", "sid+dense") \
+            or self.decodes_codes
+        self.uses_aligned = cfg.reads_aligned
+        self.uses_sid_rows = v in SID_ROWS
+        self.uses_raw = cfg.reads_raw
         if self.uses_aligned:
             self.register_buffer("content", torch.as_tensor(tables.content, dtype=torch.float32))
             self.proj = nn.Linear(tables.content.shape[1], cfg.d)
@@ -155,10 +197,36 @@ class Ranker(nn.Module):
             levels = tables.codes.shape[1]
             if v == "full" and cfg.align_levels:
                 levels = min(levels, cfg.align_levels)
+        if self.uses_sid_rows:
+            from .compact import sid_ngram_params
+
+            if tables.codes is None or tables.dedup is None:
+                raise ValueError(f"variant '{v}' reads each item's SID and dedup level: the tables hold none")
+            self.register_buffer("codes", torch.as_tensor(tables.codes, dtype=torch.long))
+            self.register_buffer("dedup", torch.as_tensor(tables.dedup, dtype=torch.long))
+            # derived from the seed: not saved with the weights, recomputed by a loaded model
+            for name, t in zip(("ngram_mult", "ngram_a", "ngram_b"),
+                               sid_ngram_params(tables.codes.shape[1], tables.n_codes, cfg.seed)):
+                self.register_buffer(name, t, persistent=False)
+        if self.decodes_codes:
+            if tables.code_vectors is None:
+                raise ValueError("variant 'sid' decodes codes through the codebook's centroids: the tables hold "
+                                 "none (code_vectors='off' trains without them)")
+            cv = torch.as_tensor(np.asarray(tables.code_vectors, np.float32))
+            # parameters (saved with the ranker) whether trained or not: the scorer needs no codebook to score
+            self.code_vec = nn.ModuleList(nn.Embedding.from_pretrained(cv[lvl].clone(),
+                                                                       freeze=cfg.code_vectors == "frozen")
+                                          for lvl in range(cv.shape[0]))
+            self.proj_codes = nn.Linear(cv.shape[2], cfg.d)
         if v == "logreg":
             self.user_lin = nn.Linear(n_user_feats, 1)
             return
-        self.id_emb = nn.Embedding(tables.n_ids, cfg.d)
+        # a bounded table has its budget's rows whatever the catalogue; sid with no budget: one row per item
+        self.n_id_rows = cfg.id_buckets + 1 if cfg.id_buckets else tables.n_ids
+        if tables.n_ids > self.n_id_rows and not self.uses_sid_rows:
+            raise ValueError(f"the item tables give ID rows up to {tables.n_ids - 1} but the table has "
+                             f"{cfg.id_buckets} (id_buckets): build them with the same configuration")
+        self.id_emb = nn.Embedding(self.n_id_rows, cfg.d)
         nn.init.normal_(self.id_emb.weight, std=0.05)
         if v == "full":
             self.align = nn.ModuleList(nn.Embedding(tables.n_codes, cfg.align_dim) for _ in range(levels))
@@ -186,10 +254,10 @@ class Ranker(nn.Module):
 
     # --- item tables: the model's buffers, or per-call tables (serving builds them per request, so concurrent
     # requests share the parameters and never the item rows)
-    TABLES = ("id_vocab", "content", "raw", "codes")
+    TABLES = ("id_vocab", "content", "raw", "codes", "dedup")
 
     def tables(self, given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """{id_vocab [n], content [n, dc], raw [n, dr], codes [n, L]} for the parts this variant has: `given`
+        """{id_vocab [n], content [n, dc], raw [n, dr], codes [n, L], dedup [n]} for the parts this variant has: `given`
         where it holds them, else the model's buffers. Row 0 is padding."""
         given = given or {}
         return {k: given[k] if k in given else getattr(self, k) for k in self.TABLES if hasattr(self, k)}
@@ -203,6 +271,9 @@ class Ranker(nn.Module):
             parts.append(self.proj(_at(tab["content"], idx)))
         if self.uses_raw:
             parts.append(self.proj_raw(_at(tab["raw"], idx)))
+        if self.decodes_codes:  # the item's vector as its codes decode it: sum of its per-level centroids
+            codes = _at(tab["codes"], idx)
+            parts.append(self.proj_codes(sum(t(codes[..., lvl]) for lvl, t in enumerate(self.code_vec))))
         m = sum(parts)
         if self.cfg.variant == "full":
             codes = _at(tab["codes"], idx)
@@ -225,6 +296,14 @@ class Ranker(nn.Module):
     def behavior_view(self, idx: torch.Tensor | None, dropped: torch.Tensor | None = None,
                       tab: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         tab = tab or self.tables()
+        if self.uses_sid_rows:
+            from .compact import sid_ngram_rows
+
+            rows = sid_ngram_rows(_at(tab["codes"], idx), _at(tab["dedup"], idx), self.ngram_mult, self.ngram_a,
+                                  self.ngram_b, self.n_id_rows - 1)
+            if dropped is not None:  # ID dropout drops the full SID's row (nearly one item each: it memorises)
+                rows = torch.cat([rows[..., :-1], rows[..., -1:] * ~_at(dropped, idx).unsqueeze(-1)], -1)
+            return self.id_emb(rows).sum(-2)
         ids = _at(tab["id_vocab"], idx)
         if dropped is not None:
             ids = ids * ~_at(dropped, idx)

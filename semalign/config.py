@@ -67,7 +67,16 @@ class Settings(BaseSettings):
     # variant is exactly the one the refresh trains, logs and serves. Chosen on the pseudo-cold validation
     # set of both development catalogues (README, "Results"): `aligned_content` won there and on test; `full`
     # (SID alignment block) and the generated cold behavior view did not earn their cost.
-    ranker_variant: Literal["full", "aligned_content"] = "aligned_content"
+    ranker_variant: Literal["full", "aligned_content", "sid", "sid+dense", "hashed_id+dense"] = "aligned_content"
+    # a bounded item-ID table: rows its ID table (sid: SID n-gram table) gets, item IDs hashed (seeded) into them;
+    # 0 = one row per training item. A catalogue of 100M items needs a bound (README, "Bounded item tables")
+    ranker_id_buckets: int = Field(default=0, ge=0)
+    # what the online store holds per item: "dense" (SIDs + the aligned and text-tower vectors, ~2 KB) or "compact"
+    # (SID codes only, a few bytes; needs a ranker that reads nothing else: variant "sid"). Offline keeps both
+    serving_profile: Literal["dense", "compact"] = "dense"
+    # the ranker specification `semalign experiment --select` chose on this catalogue's pseudo-cold validation
+    # items (variant + levers, JSON); None: <home>/ranker_spec.json where it exists, else the settings above
+    ranker_spec: Path | None = None
     # the ranker reads the item's frozen text-tower vector (served as `content` of the embedding view) beside the
     # aligned one: +1.4 / +0.7 unseen GAUC on MovieLens / Beauty (bench/results/raw_content_*)
     ranker_raw_content: bool = True
@@ -137,6 +146,13 @@ class Settings(BaseSettings):
     @property
     def feature_repo_dir(self) -> Path:
         return self.home / "feature_repo"
+
+    def resolved_ranker_spec(self) -> Path | None:
+        """The selected ranker specification file in force, or None (the settings' variant and levers)."""
+        if self.ranker_spec is not None:
+            return Path(self.ranker_spec)
+        default = self.home / "ranker_spec.json"
+        return default if default.exists() else None
 
     def ensure_home(self) -> Path:
         """SEMALIGN_HOME exists and takes writes, or a clear error before any work starts."""

@@ -71,15 +71,30 @@ def build_frames(split: Split, ufeat: np.ndarray, hist_len: int):
 
 
 def item_tables(ds: Dataset, split: Split, aligned: np.ndarray, raw: np.ndarray | None, codes: np.ndarray,
-                n_codes: int):
-    """Per-item model inputs; only items with training-window events get an ID row (the rest share row 0)."""
-    from semalign.models.ranker import ItemTables
+                n_codes: int, dedup: np.ndarray | None = None, cfg=None, code_vectors=None):
+    """Per-item model inputs for a ranker configuration `cfg` (None: one ID row per training item, float vectors).
+    One ID row per item: only items with training-window events get one (the rest share row 0). With
+    `cfg.id_buckets`, every item's ID hashes into that many rows (seeded by `cfg.seed`; serving hashes the same
+    way). With `cfg.content_codec`, the aligned vector is what the codec serves (fit on training items)."""
+    from semalign.models.compact import VectorCodec, hash_item_rows
+    from semalign.models.ranker import SID_ROWS, ItemTables
 
-    vocab = np.zeros(ds.n_items + 1, dtype=np.int64)
+    buckets = getattr(cfg, "id_buckets", 0)
     seen = split.train_items
-    vocab[seen + 1] = np.arange(1, len(seen) + 1)
+    if buckets and getattr(cfg, "variant", None) not in SID_ROWS:
+        vocab = np.concatenate([[0], hash_item_rows(ds.items["item_id"].tolist(), buckets, cfg.seed)])
+    else:
+        vocab = np.zeros(ds.n_items + 1, dtype=np.int64)
+        vocab[seen + 1] = np.arange(1, len(seen) + 1)
+    codec = getattr(cfg, "content_codec", "float")
+    if codec != "float" and aligned is not None:
+        aligned = VectorCodec(codec, seed=cfg.seed).fit(aligned[seen]).roundtrip(aligned)
 
     def pad(x):
         return None if x is None else np.concatenate([np.zeros((1, x.shape[1]), x.dtype), x])
 
-    return ItemTables(id_vocab=vocab, content=pad(aligned), raw=pad(raw), codes=pad(codes), n_codes=n_codes)
+    if code_vectors is not None:  # the codebook's centroids per level, [L, K, dz]
+        code_vectors = np.stack([np.asarray(c, np.float32) for c in code_vectors])
+    return ItemTables(id_vocab=vocab, content=pad(aligned), raw=pad(raw), codes=pad(codes), n_codes=n_codes,
+                      dedup=None if dedup is None else np.concatenate([[0], np.asarray(dedup, np.int64)]),
+                      code_vectors=code_vectors)

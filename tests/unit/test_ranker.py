@@ -1,10 +1,12 @@
 """Aligned ranker: zero-init alignment equals the content path at step 0, masking, OOV, variants, metrics."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from semalign.models.metrics import BootstrapFrame, auc, gauc, paired_bootstrap
-from semalign.models.ranker import VARIANTS, Frame, ItemTables, Ranker, RankerConfig, predict, train_ranker
+from semalign.models.ranker import BOUNDED, VARIANTS, Frame, ItemTables, Ranker, RankerConfig, predict, train_ranker
 
 
 def _tables(n=40, levels=3, k=8, seen=30, seed=0):
@@ -13,7 +15,12 @@ def _tables(n=40, levels=3, k=8, seen=30, seed=0):
     vocab[1:seen + 1] = np.arange(1, seen + 1)  # items seen+1.. are cold: OOV
     codes = np.r_[np.zeros((1, levels), np.int64), rng.integers(0, k, (n, levels))]
     content = np.r_[np.zeros((1, 16), np.float32), rng.standard_normal((n, 16)).astype(np.float32)]
-    return ItemTables(id_vocab=vocab, content=content, raw=content * 2, codes=codes, n_codes=k)
+    dedup = np.r_[0, rng.integers(0, 3, n)]
+    # centroids that decode each item's codes near its content (as a codebook fit on it would)
+    cv = np.stack([np.stack([content[1:][codes[1:, lvl] == c].mean(0) if (codes[1:, lvl] == c).any()
+                             else np.zeros(16, np.float32) for c in range(k)]) for lvl in range(levels)]) / levels
+    return ItemTables(id_vocab=vocab, content=content, raw=content * 2, codes=codes, n_codes=k, dedup=dedup,
+                      code_vectors=cv.astype(np.float32))
 
 
 def _frame(n_ev=600, n=40, h=5, seed=0):
@@ -81,10 +88,15 @@ def test_padding_is_masked_out():
 def test_every_variant_trains_and_beats_chance(variant):
     t, f = _frame()
     _, val = _frame(seed=1)
-    res = train_ranker(RankerConfig(variant=variant, max_epochs=6, batch_size=128, lr=3e-3), t, f, val)
+    if variant in BOUNDED:  # every item's ID hashed into 16 rows
+        from semalign.models.compact import hash_item_rows
+
+        t = dataclasses.replace(t, id_vocab=np.r_[0, hash_item_rows(range(40), 16, seed=0)])
+    res = train_ranker(RankerConfig(variant=variant, max_epochs=6, batch_size=128, lr=3e-3,
+                                    id_buckets=16 if variant in BOUNDED else 0), t, f, val)
     p = predict(res.model, val)
     assert p.shape == (len(val),) and np.all((p >= 0) & (p <= 1)) and np.isfinite(p).all()
-    if variant != "id_only":  # content-driven labels
+    if variant not in ("id_only", "hashed_id", "sid"):  # content-driven labels; these read no content
         assert auc(val.label, p) > 0.65
     assert 1 <= res.best_epoch <= 6 and res.samples_per_s > 0
     # one steady rate per epoch trained, for whoever reads throughput past the first (warm-up) epoch

@@ -1,0 +1,55 @@
+"""The catalogue chooses its model: `semalign experiment --select` writes the spec the refresh then trains."""
+import json
+from dataclasses import asdict
+
+import pytest
+
+from semalign.config import Settings
+from semalign.errors import InvalidInputError
+from semalign.spec import ranker_config, served_model, write_selection
+
+
+def _result(models, gauc):
+    from semalign.flows.experiment import id_budget, parse_model
+
+    configs = {}
+    for m in models:
+        variant, levers = parse_model(m)
+        cfg = ranker_config(Settings(), variant, 0, **id_budget(levers, 1000))
+        configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    fits = [{"seed": s, "model": m, "val_cold_gauc": gauc[m] + 0.001 * s} for s in range(3) for m in models]
+    return {"dataset": "shop", "split": "cold-items", "seeds": [0, 1, 2], "models": models, "configs": configs,
+            "fits": fits}
+
+
+def test_selection_picks_the_best_pseudo_cold_validation_model_and_the_refresh_trains_it(tmp_path):
+    s = Settings(home=tmp_path)
+    assert served_model(s) == "aligned_content" and ranker_config(s).variant == "aligned_content"
+    models = ["aligned_content", "sid@items_per_row=10", "full@align_levels=1"]
+    spec = write_selection(s, _result(models, {"aligned_content": 0.61, "sid@items_per_row=10": 0.63,
+                                               "full@align_levels=1": 0.62}))
+    assert spec["model"] == "sid@items_per_row=10" and (tmp_path / "ranker_spec.json").exists()
+    assert json.loads((tmp_path / "ranker_spec.json").read_text())["selection"]["validation"]["aligned_content"]
+    cfg = ranker_config(s)  # the refresh's configuration: the selected model, its budget in rows of this catalogue
+    assert cfg.variant == "sid" and cfg.id_buckets == 100 and cfg.seed == s.seed
+    assert served_model(s) == "sid@items_per_row=10"
+    assert ranker_config(s, "aligned_content").variant == "aligned_content"   # baselines stay themselves
+    # the compact profile only selects what it can serve
+    compact = Settings(home=tmp_path / "c", serving_profile="compact")
+    spec = write_selection(compact, _result(["aligned_content", "sid@items_per_row=10"],
+                                            {"aligned_content": 0.70, "sid@items_per_row=10": 0.60}))
+    assert spec["variant"] == "sid"
+
+
+def test_a_broken_spec_or_an_unservable_one_is_refused_by_name(tmp_path):
+    bad = tmp_path / "spec.json"
+    bad.write_text("{not json")
+    with pytest.raises(InvalidInputError, match="spec.json: not a readable ranker spec"):
+        ranker_config(Settings(home=tmp_path, ranker_spec=bad))
+    bad.write_text(json.dumps({"kind": "something else"}))
+    with pytest.raises(InvalidInputError, match="expected a ranker spec"):
+        ranker_config(Settings(home=tmp_path, ranker_spec=bad))
+    with pytest.raises(InvalidInputError, match="compact"):
+        ranker_config(Settings(home=tmp_path, serving_profile="compact"))   # aligned_content reads vectors
+    with pytest.raises(InvalidInputError, match="id_buckets"):
+        ranker_config(Settings(home=tmp_path, ranker_variant="hashed_id+dense"))

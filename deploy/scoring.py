@@ -129,7 +129,8 @@ class RankerScorer:
                    batch: int = 8192, extra: dict | None = None) -> np.ndarray:
         """Scores rows given explicit user features and histories (item ids, most recent last); item features
         come from the online store pinned to this ranker's codebook version, or from `extra`
-        ({item_id: (codes [levels], aligned vector, text-tower vector)}) for items encoded on the fly. A ranker
+        ({item_id: (codes [levels], or [levels + 1] with the dedup level, aligned vector or None, text-tower
+        vector or None)}) for items encoded on the fly. A ranker
         that reads text-tower vectors treats an item the version holds without one as missing."""
         torch = self.torch
         hl = int(self.meta["hist_len"])

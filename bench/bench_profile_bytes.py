@@ -69,7 +69,6 @@ def publish(home: Path, online: str, profile: str, port: int, ids, emb, raw, cb)
     s = Settings(home=home, feast_project=f"bytes_{profile}", feast_online=online, redis_url=f"127.0.0.1:{port}",
                  serving_profile=profile)
     store = SemanticIdStore(s, levels=LEVELS)
-    db = home / "feature_repo" / "data" / "online.db"
     before = redis_used(port) if online == "redis" else 0
     store.fs  # the registry and empty tables exist before the "before" reading of sqlite
     before_file = sum(f.stat().st_size for f in (home / "feature_repo").rglob("*.db")) if online == "sqlite" else 0
@@ -80,7 +79,7 @@ def publish(home: Path, online: str, profile: str, port: int, ids, emb, raw, cb)
         grown = redis_used(port) - before
     else:
         grown = sum(f.stat().st_size for f in (home / "feature_repo").rglob("*.db")) - before_file
-    return store, grown, took, db
+    return store, grown, took
 
 
 def scorer_for(store, variant: str, folder: Path, cb, n_items: int):
@@ -142,7 +141,7 @@ def main():
         for online in ("sqlite", "redis"):
             for profile, variant in (("dense", "aligned_content"), ("compact", "sid")):
                 home = work / f"{online}-{profile}"
-                store, grown, took, _ = publish(home, online, profile, port, ids, emb, raw, cb)
+                store, grown, took = publish(home, online, profile, port, ids, emb, raw, cb)
                 scorer = scorer_for(store, variant, home / "ranker", cb, args.items)
                 lat = time_scoring(scorer, args.items, args.requests)
                 row = {"online_store": online, "profile": profile, "ranker": variant, "items": args.items,

@@ -41,7 +41,7 @@ class RankerScorer:
         import torch
         from safetensors.torch import load_file
 
-        from semalign.models.ranker import ItemTables, Ranker, RankerConfig
+        from semalign.models.ranker import SID_ROWS, ItemTables, Ranker, RankerConfig
 
         folder = Path(folder)
         missing = [f for f in RANKER_FILES if not (folder / f).exists()]
@@ -51,6 +51,7 @@ class RankerScorer:
         cfg = self.meta["config"]
         cfg["hidden"] = tuple(cfg["hidden"])
         self.cfg = RankerConfig(**cfg)
+        self.hashes_ids = bool(self.cfg.id_buckets) and self.cfg.variant not in SID_ROWS  # a bounded ID table
         self.codebook_version = self.meta["codebook_version"]
         self.users_version = self.meta.get("users_version")   # the user-feature snapshot it was trained with
         if not self.users_version:
@@ -192,9 +193,7 @@ class RankerScorer:
         dedup = np.zeros(n, np.int64)
         id_vocab = np.zeros(n, np.int64)
         rows = np.flatnonzero(found)
-        from semalign.models.ranker import SID_ROWS
-
-        if self.cfg.id_buckets and self.cfg.variant not in SID_ROWS:  # a bounded table: every item's ID hashes
+        if self.hashes_ids:  # every item's ID hashes into the bounded table, as item_tables hashes it in training
             from semalign.models.compact import hash_item_rows
 
             id_vocab[rows + 1] = hash_item_rows([items[k] for k in rows], self.cfg.id_buckets, self.cfg.seed)

@@ -181,8 +181,7 @@ class Ranker(nn.Module):
         self.register_buffer("id_vocab", torch.as_tensor(tables.id_vocab, dtype=torch.long))
         self.has_ids = v != "logreg"
         self.decodes_codes = v == "sid" and cfg.code_vectors != "off"
-        self.has_modal = v in ("full", "content", "aligned_content", "sid_ngram", "hashed_id+dense", "sid+dense") \
-            or self.decodes_codes
+        self.has_modal = cfg.reads_aligned or v == "content" or self.decodes_codes
         self.uses_aligned = cfg.reads_aligned
         self.uses_sid_rows = v in SID_ROWS
         self.uses_raw = cfg.reads_raw

@@ -21,7 +21,8 @@ run: install
 	$(VENV)/bin/semalign run --data $(DATA)
 
 # test files spread over up to 4 processes (pytest-xdist, one file's tests stay together and in order), one torch
-# thread each: on 2 cores 15.5 min against 24.7 min in one process (two threads each: 24 min, 1.6x the CPU time)
+# thread each: on 2 cores 15.5 min against 24.7 min in one process (two threads each: 24 min, 1.6x the CPU time).
+# Re-measured with the compact-profile tests, fresh clone: 24.7 min of tests, 38 CPU-min (2 cores are the bound)
 test: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 

@@ -171,20 +171,3 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.2)
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-# The heaviest test files first. `make test` hands whole files to xdist workers in collection order (--dist loadfile),
-# so a long file collected late runs alone at the end: with the scale-out topology file late in the alphabet the
-# suite took 24.7 min on 2 cores, most of the tail one worker's.
-HEAVY_FIRST = ("integration/test_topology.py", "integration/test_refresh.py", "faults/test_fault_refresh.py",
-               "integration/test_schedule.py", "integration/test_serve.py", "integration/test_compact_profile.py",
-               "integration/test_ray.py", "integration/test_cli.py", "integration/test_serve_security.py",
-               "integration/test_feature_store.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        path = item.nodeid.split("::", 1)[0]
-        return next((k for k, heavy in enumerate(HEAVY_FIRST) if path.endswith(heavy)), len(HEAVY_FIRST))
-
-    items.sort(key=rank)  # stable: a file's own tests keep their order

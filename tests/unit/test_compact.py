@@ -1,5 +1,9 @@
 """Bounded item tables (hashed IDs, SID n-gram rows) and compact vectors: what a ranker at catalogue scale reads."""
+import dataclasses
+from types import SimpleNamespace
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -55,9 +59,9 @@ def test_sid_ranker_reads_nothing_but_codes_and_its_table_is_the_budget():
     assert all(not t.weight.requires_grad for t in m.code_vec)
     assert "code_vec.0.weight" in m.state_dict()
     with pytest.raises(ValueError, match="centroids"):
-        Ranker(RankerConfig(variant="sid"), __import__("dataclasses").replace(t, code_vectors=None), 2)
+        Ranker(RankerConfig(variant="sid"), dataclasses.replace(t, code_vectors=None), 2)
     assert not Ranker(RankerConfig(variant="sid", code_vectors="off"),
-                      __import__("dataclasses").replace(t, code_vectors=None), 2).has_modal
+                      dataclasses.replace(t, code_vectors=None), 2).has_modal
     assert m.id_emb.num_embeddings == 26                                  # the budget, not the catalogue
     big = _catalogue(n=600, seen=400)
     assert Ranker(RankerConfig(variant="sid", id_buckets=25), big, 2).id_emb.num_embeddings == 26
@@ -78,20 +82,17 @@ def test_sid_ranker_reads_nothing_but_codes_and_its_table_is_the_budget():
 
 
 def test_hashed_id_ranker_hashes_every_item_into_the_budget():
-    from types import SimpleNamespace
-
     with pytest.raises(ValueError, match="id_buckets > 0"):
         RankerConfig(variant="hashed_id")
     t = _catalogue()
     rows = hash_item_rows([str(i) for i in range(60)], 10, seed=0)
-    t = __import__("dataclasses").replace(t, id_vocab=np.r_[0, rows])
+    t = dataclasses.replace(t, id_vocab=np.r_[0, rows])
     m = Ranker(RankerConfig(variant="hashed_id+dense", id_buckets=10), t, 2)
     assert m.id_emb.num_embeddings == 11
     # item_tables, the one builder for training, evaluation and serving, hashes ids the same way
     from semalign.features import item_tables
 
-    items = SimpleNamespace(items={"item_id": [str(i) for i in range(60)]}, n_items=60)
-    items.items = __import__("pandas").DataFrame(items.items)
+    items = SimpleNamespace(items=pd.DataFrame({"item_id": [str(i) for i in range(60)]}), n_items=60)
     split = SimpleNamespace(train_items=np.arange(40))
     cfg = RankerConfig(variant="hashed_id", id_buckets=10)
     built = item_tables(items, split, t.content[1:], None, t.codes[1:], 8, t.dedup[1:], cfg)

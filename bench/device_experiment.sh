@@ -2,6 +2,7 @@
 # One `semalign experiment` seed per process, spread over the GPUs of the device machine, then one merged table.
 # Run there after ../shared/tools/device-pack (carry [".device"]):
 #   bash bench/device_experiment.sh DATASET SEEDS MODELS TAG [experiment options...]
+# (SEED_START=k runs seeds k..k+SEEDS-1, so a catalogue too slow for one call takes its seeds over several)
 # writes $OUT/TAG.sN.json (+ predictions) and a log per seed; merge them anywhere with
 #   semalign experiment --merge TAG.s0.json --merge TAG.s1.json ... --out TAG.json
 # DEADLINE=seconds stops seeds still running then and packs what finished (the device call's limit is hard:
@@ -25,7 +26,8 @@ PY
 ngpu=$(nvidia-smi -L | wc -l)
 start=$(date +%s)
 pids=()
-for s in $(seq 0 $((seeds - 1))); do
+first=${SEED_START:-0}
+for s in $(seq $first $((first + seeds - 1))); do
   OMP_NUM_THREADS=${THREADS:-3} CUDA_VISIBLE_DEVICES=$(( (s + ${GPU_OFFSET:-0}) % ngpu )) setsid bash .device/run.sh experiment --data .device/data/$name \
     --seeds 1 --seed-start $s --models "$models" --out $OUT/$tag.s$s.json "$@" > $OUT/$tag.s$s.log 2>&1 &
   pids+=($!)
@@ -37,7 +39,7 @@ echo "$tag: $seeds seeds in $(( $(date +%s) - start )) s on $ngpu GPU(s)"
 # the device tool brings back at most 8 files of 16 MiB: one archive of the results, or one per seed
 # (PER_SEED=1) where the predictions of a large catalogue would not fit one
 if [ "${PER_SEED:-0}" = 1 ]; then
-  for s in $(seq 0 $((seeds - 1))); do
+  for s in $(seq $first $((first + seeds - 1))); do
     tar -C $OUT -czf $OUT/$tag-seed$s.tgz $(cd $OUT && ls $tag.s$s.json $tag.s$s.preds.npz $tag.s$s.log 2>/dev/null)
   done
   (cd $OUT && rm -f $tag.s*)  # the per-seed .md and plots too: every file counts against the 8

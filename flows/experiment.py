@@ -134,6 +134,7 @@ def parse_model(name: str) -> tuple[str, dict]:
     variant, _, rest = name.partition("@")
     types = {f.name: f.type for f in fields(RankerConfig)}
     types["items_per_row"] = "float"  # the bounded ID table's budget as a ratio: run_experiment turns it into rows
+    types.update({k: "int" for k in CODEBOOK_LEVERS})  # the codebook the model's SIDs come from (its size)
     levers = {}
     for kv in filter(None, rest.split("+")):
         k, sep, v = kv.partition("=")
@@ -146,6 +147,19 @@ def parse_model(name: str) -> tuple[str, dict]:
         except ValueError:
             raise ValueError(f"model '{name}': lever {k} expects a {t}, got '{v}'") from None
     return variant, levers
+
+
+CODEBOOK_LEVERS = ("codebook_levels", "codebook_codes")
+
+
+def codebook_levers(levers: dict) -> tuple[dict, dict]:
+    """(the ranker's levers, the codebook's: {"levels", "codes"} given in the model name) from parsed levers."""
+    ranker = {k: v for k, v in levers.items() if k not in CODEBOOK_LEVERS}
+    cb = {k.removeprefix("codebook_"): v for k, v in levers.items() if k in CODEBOOK_LEVERS}
+    for k, v in cb.items():
+        if v < (2 if k == "codes" else 1):
+            raise ValueError(f"codebook_{k} must be >= {2 if k == 'codes' else 1}, got {v}")
+    return ranker, cb
 
 
 def id_budget(levers: dict, n_items: int) -> dict:
@@ -188,21 +202,32 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         s = settings.model_copy(update={"seed": seed, "split": split_kind})
         split = settings_split(ds, s)
         enc = encoder_stage(s, ds, split, feats, rep)
-        cb = codebook_stage(s, ds, split, enc, parent=None, rep=rep, move_latest=False)
-        codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
-        codebook = load_codebook(s, cb.version)  # its size sizes the tables, as in the refresh; sid decodes with it
-        tables = {}
+        codebooks, tables = {}, {}
 
-        def tables_for(cfg):
+        def codebook_for(size: dict):
+            # the settings' codebook, or the size a model names (codebook_levels / codebook_codes): one per size a seed
+            key = (size.get("levels") or s.codebook_levels, size.get("codes") or s.codebook_codes)
+            if key not in codebooks:
+                cb = codebook_stage(s, ds, split, enc, parent=None, levels=key[0], codes=key[1], rep=rep,
+                                    move_latest=False)
+                codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
+                # its size sizes the tables, as in the refresh; sid decodes with its centroids
+                codebooks[key] = (cb, codes, load_codebook(s, cb.version))
+            return key, codebooks[key]
+
+        def tables_for(cfg, size: dict):
             # aligned variants read the served text-tower vector beside the aligned one (keep_raw_content); a
-            # bounded ID table and a vector codec change the tables, so each distinct one is built once a seed
+            # bounded ID table, a vector codec and a codebook size change the tables, so each distinct one is
+            # built once a seed
+            cb_key, (cb, codes, codebook) = codebook_for(size)
             raw_name = "generic" if cfg.variant in ("content", "logreg") else "text"
-            key = (raw_name, cfg.id_buckets if cfg.variant not in SID_ROWS else 0, cfg.content_codec)
+            key = (raw_name, cfg.id_buckets if cfg.variant not in SID_ROWS else 0, cfg.content_codec, cb_key)
             if key not in tables:
                 tables[key] = item_tables(ds, split, enc.embeddings, generic if raw_name == "generic" else feats.text,
                                           codes, codebook.codes, cb.sids["sid_dedup"].to_numpy(), cfg,
                                           [c.numpy() for c in codebook.centroids])
             return tables[key]
+        cb = codebook_for({})[1][0]
         frames = build_frames(split, user_features(split, ds.n_users), s.hist_len)
         test, val = split.part("test"), split.part("val")
         val_cold = val["item_idx"].isin(split.val_cold_items).to_numpy()
@@ -210,10 +235,15 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         with rep.stage(f"seed {seed}: rankers", len(models)) as adv:
             for m in models:
                 variant, levers = parse_model(m)
+                levers, size = codebook_levers(levers)
                 cfg = ranker_config(s, variant, seed, **{**id_budget(rank_overrides or {}, ds.n_items),
                                                            **id_budget(levers, ds.n_items)})
+                item = tables_for(cfg, size)
                 configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
-                res = train_ranker(cfg, tables_for(cfg), frames["train"], frames["val"], device)
+                if size:  # the size the codebook got (codes sized to the catalogue where only levels were named)
+                    cb_key, (_, _, codebook) = codebook_for(size)
+                    configs[m]["codebook"] = {"levels": cb_key[0], "codes": int(codebook.codes)}
+                res = train_ranker(cfg, item, frames["train"], frames["val"], device)
                 preds[m] = predict(res.model, frames["test"], device)
                 pv = predict(res.model, frames["val"], device)
                 vc = metric_set(frames["val"].label[val_cold], pv[val_cold], val["user_idx"].to_numpy()[val_cold]) \

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -153,6 +153,31 @@ class Settings(BaseSettings):
             return Path(self.ranker_spec)
         default = self.home / "ranker_spec.json"
         return default if default.exists() else None
+
+    @model_validator(mode="after")
+    def _spec_codebook(self) -> "Settings":
+        """A selected ranker spec that names a codebook size (`semalign experiment --select` over models with
+        codebook_levels / codebook_codes) sizes every codebook the refresh builds, so the served model reads SIDs
+        of the size it was chosen with. Settings given explicitly that disagree with it are refused."""
+        import json
+
+        path = self.resolved_ranker_spec()
+        if path is None:
+            return self
+        try:
+            size = json.loads(Path(path).read_text()).get("codebook") or {}
+        except (OSError, ValueError, AttributeError):
+            return self  # semalign.spec.selected_spec names what is wrong with the file where it is read
+        for key in ("levels", "codes"):
+            field, want = f"codebook_{key}", size.get(key)
+            if want is None:
+                continue
+            have = getattr(self, field)
+            if field in self.model_fields_set and have is not None and have != want:
+                raise ValueError(f"SEMALIGN_CODEBOOK_{key.upper()}={have} disagrees with the ranker spec {path}, "
+                                 f"which was selected with {field}={want}: unset one of them")
+            object.__setattr__(self, field, int(want))
+        return self
 
     def ensure_home(self) -> Path:
         """SEMALIGN_HOME exists and takes writes, or a clear error before any work starts."""

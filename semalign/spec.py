@@ -16,7 +16,8 @@ SPEC_KIND = "semalign.ranker_spec/1"
 
 
 def selected_spec(settings: Settings) -> dict | None:
-    """The spec file in force ({"kind", "model", "variant", "levers", "selection"}), or None."""
+    """The spec file in force ({"kind", "model", "variant", "levers", "selection"} and, where the selected model named
+    one, "codebook": {"levels", "codes"}), or None."""
     path = settings.resolved_ranker_spec()
     if path is None:
         return None
@@ -96,8 +97,10 @@ def write_selection(settings: Settings, result: dict, path: Path | None = None) 
     variant = parse_model(best)[0]
     # the whole configuration the experiment trained it with (levers from the name and the run's options, the
     # bounded table's rows for this catalogue), but the seed, which stays the refresh's own
-    levers = {k: v for k, v in result["configs"][best].items() if k not in ("variant", "seed")}
+    levers = {k: v for k, v in result["configs"][best].items() if k not in ("variant", "seed", "codebook")}
     spec = {"kind": SPEC_KIND, "model": best, "variant": variant, "levers": levers,
+            # a codebook size the model named: every refresh builds its codebooks at it (Settings reads it)
+            **({"codebook": result["configs"][best]["codebook"]} if "codebook" in result["configs"][best] else {}),
             "selection": {"dataset": result.get("dataset"), "split": result.get("split"), "seeds": result.get("seeds"),
                           "rule": "best mean pseudo-cold validation GAUC", "validation": table}}
     path = Path(path or settings.ranker_spec or settings.home / "ranker_spec.json")

@@ -18,7 +18,9 @@ def experiment(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt,
                seed_start: int = typer.Option(0, help="First seed: runs seeds seed_start .. seed_start + seeds - 1."),
                models: str = typer.Option(DEFAULT_MODELS,
                                           help="Comma-separated ranker variants; 'full@lever=value+lever=value' "
-                                               "trains a variant with other levers (ablations)."),
+                                               "trains a variant with other levers (ablations); "
+                                               "'sid@codebook_levels=4+codebook_codes=512' reads SIDs of a "
+                                               "codebook of that size (built once per size and seed)."),
                merge: Optional[list[Path]] = typer.Option(None, help="Merge these result files (written with "
                                                           "--out) into one table; trains nothing."),
                served: Optional[str] = typer.Option(None, help="With --merge: the model the deltas are taken for."),

@@ -53,3 +53,25 @@ def test_a_broken_spec_or_an_unservable_one_is_refused_by_name(tmp_path):
         ranker_config(Settings(home=tmp_path, serving_profile="compact"))   # aligned_content reads vectors
     with pytest.raises(InvalidInputError, match="id_buckets"):
         ranker_config(Settings(home=tmp_path, ranker_variant="hashed_id+dense"))
+
+
+def test_a_selected_codebook_size_sizes_the_refreshs_codebooks_and_contradictions_are_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from semalign.flows.experiment import codebook_levers, parse_model
+
+    variant, levers = parse_model("sid@codebook_levels=4+codebook_codes=64+items_per_row=10")
+    assert variant == "sid" and codebook_levers(levers) == ({"items_per_row": 10.0}, {"levels": 4, "codes": 64})
+    with pytest.raises(ValueError, match="codebook_codes must be >= 2"):
+        codebook_levers(parse_model("sid@codebook_codes=1")[1])
+    s = Settings(home=tmp_path)
+    assert (s.codebook_levels, s.codebook_codes) == (3, None)   # no spec: the settings' size (codes by catalogue)
+    res = _result(["aligned_content", "sid@items_per_row=10"], {"aligned_content": 0.60, "sid@items_per_row=10": 0.65})
+    res["configs"]["sid@items_per_row=10"]["codebook"] = {"levels": 4, "codes": 64}
+    spec = write_selection(s, res)
+    assert spec["codebook"] == {"levels": 4, "codes": 64} and "codebook" not in spec["levers"]
+    after = Settings(home=tmp_path)   # the next refresh builds its codebooks at the selected size
+    assert (after.codebook_levels, after.codebook_codes) == (4, 64) and ranker_config(after).variant == "sid"
+    assert Settings(home=tmp_path, codebook_codes=64).codebook_codes == 64   # agreeing settings are fine
+    with pytest.raises(ValidationError, match="disagrees with the ranker spec"):
+        Settings(home=tmp_path, codebook_levels=3)

@@ -126,7 +126,7 @@ def read_bench(backend: str, n_items: int, reps: int, tmp: Path) -> list[dict]:
 
 def onboarding_bench(home: Path) -> dict:
     from semalign.config import Settings
-    from semalign.flows.semantic_ids import open_store
+    from semalign.feature_repo.store import open_store
 
     s = Settings(home=home)
     store = open_store(s)

@@ -43,7 +43,8 @@ def co_engagement(neigh_ids: list[list[str]], queries: list[str], test_pos: dict
 def one(home: str, data: str, n_queries: int, k: int, seed: int) -> dict:
     from semalign.config import get_settings
     from semalign.data import settings_split
-    from semalign.flows.semantic_ids import ingest, open_store
+    from semalign.feature_repo.store import open_store
+    from semalign.flows.semantic_ids import ingest
     from semalign.models.sids import first_level_chance, nearest
 
     s = get_settings(home=home, data=data)

@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
 TOKENIZER_CODE = Path(__file__).resolve().parent / "sid_tokenizer_model.py"
-# the import packages of semalign (pyproject's `packages`): what a logged ranker carries as its code
-PACKAGES = ("semalign", "semalign.cli", "semalign.models", "semalign.flows", "semalign.feature_repo",
-            "semalign.validation", "semalign.deploy")
-PACKAGE_DATA = {"semalign.feature_repo": ("feature_store.yaml", ".feastignore")}
+# what a logged ranker carries as its code: the modules the scoring path imports (SCORING_ROOTS and every semalign
+# module they import, at module level or inside a function), and the files those modules read beside themselves
+SCORING_ROOTS = ("semalign.deploy.scoring",)
+PACKAGE_DATA = {"semalign.feature_repo": ("feature_store.yaml", ".feastignore", "definitions.py")}
 # what the scoring path imports (a ranker reads its features from the feature store), pinned to this process's
 # versions so that `mlflow models serve/predict` builds the environment the model was logged and tested in
 SCORING_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pyarrow", "safetensors", "pydantic-settings",
@@ -74,20 +74,78 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def package_code(dest: Path) -> Path:
-    """A copy of the semalign package in its import layout (models/ as semalign/models, ...), from wherever this
-    process imports it (an editable checkout or an installed wheel), for a logged model's `code_paths`: a fresh
-    environment then needs no semalign distribution, which no package index serves. Returns dest/semalign."""
+def _module_file(name: str) -> Path | None:
+    """The source file of a semalign module, found without importing it (None: not a module, e.g. a class)."""
     import importlib.util
+
+    parent = name.rpartition(".")[0]
+    if parent:
+        holder = _module_file(parent)
+        if holder is None or holder.name != "__init__.py":
+            return None  # only a package holds modules (asking importlib would import the parent module)
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _imported(name: str, path: Path) -> set[str]:
+    """The semalign modules one module names in its imports (anywhere in it: lazy imports count)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(n, ast.Import):
+            out.update(a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:  # relative: from the module's package, one level up per extra dot
+                parts = package.split(".")[: len(package.split(".")) - (n.level - 1)]
+                base = ".".join(parts + ([n.module] if n.module else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in n.names)  # `from pkg import module`
+    return {m for m in out if m == "semalign" or m.startswith("semalign.")}
+
+
+def scoring_modules(roots: tuple[str, ...] = SCORING_ROOTS) -> dict[str, Path]:
+    """{module: source file} of every semalign module the scoring path can import: the roots and, transitively,
+    every semalign module they import (a static scan, so imports inside functions count), with the packages
+    that hold them."""
+    found: dict[str, Path] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        path = _module_file(name)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:k]) for k in range(1, len(parts))]  # the packages above it
+        todo += sorted(_imported(name, path))
+    return dict(sorted(found.items()))
+
+
+def package_code(dest: Path) -> Path:
+    """The semalign modules the scoring path imports (`scoring_modules`), in their import layout (models/ as
+    semalign/models, ...), copied from wherever this process imports them (an editable checkout or an installed
+    wheel), for a logged model's `code_paths`: a fresh environment then needs no semalign distribution, which no
+    package index serves. Nothing else travels: not the CLI, the flows or the validation suites. Returns
+    dest/semalign."""
     import shutil
 
     root = Path(dest) / "semalign"
-    for pkg in PACKAGES:
-        src = Path(importlib.util.find_spec(pkg).submodule_search_locations[0])
-        out = root.joinpath(*pkg.split(".")[1:])
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(src.glob("*.py")) + [src / n for n in PACKAGE_DATA.get(pkg, ())]:
-            shutil.copy2(f, out / f.name)
+    for name, src in scoring_modules().items():
+        out = root.joinpath(*name.split(".")[1:], "__init__.py") if src.name == "__init__.py" \
+            else root.joinpath(*name.split(".")[1:]).with_suffix(".py")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, out)
+        if src.name == "__init__.py":
+            for extra in PACKAGE_DATA.get(name, ()):
+                shutil.copy2(src.parent / extra, out.parent / extra)
     return root
 
 

@@ -88,7 +88,7 @@ class RankerScorer:
         self.torch = torch
         if store is None:
             from semalign.config import Settings
-            from semalign.flows.semantic_ids import open_store
+            from semalign.feature_repo.store import open_store
 
             settings = settings or Settings()
             if self.meta.get("feast_project"):

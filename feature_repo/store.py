@@ -8,8 +8,8 @@
   onboard(items) / encode(items)            content -> item embedder -> SID (pinned codebook) [-> both stores]
 Versions are keyed by the `codebook_version` join key, so several coexist and publishing v2 changes nothing a
 reader pinned to v1 sees. A version becomes readable only when its publish has finished (catalogue.py).
-Content becomes vectors through the item embedder the caller hands in (semalign.flows.embedder): the store
-itself runs no model."""
+Content becomes vectors through the item embedder the caller hands in (embedder.py; `open_store` hands it in):
+the store itself runs no model."""
 from __future__ import annotations
 
 import os
@@ -35,7 +35,7 @@ from semalign.feature_repo.repo_config import (EMB_VIEW, REVERSE_VIEW, SID_VIEW,
 from semalign.feature_repo.rows import content_vectors, item_frames, onboarding_items, publish_inputs, timestamps
 from semalign.hashing import digest
 
-__all__ = ["SemanticIdStore", "PublishResult", "SID_VIEW", "EMB_VIEW", "USER_VIEW", "redis_connection_string"]
+__all__ = ["SemanticIdStore", "open_store", "PublishResult", "SID_VIEW", "EMB_VIEW", "USER_VIEW", "redis_connection_string"]
 # Feast converts every timestamp through datetime and says so once per row batch
 warnings.filterwarnings("ignore", message="Discarding nonzero nanoseconds", category=UserWarning)
 
@@ -380,7 +380,7 @@ class SemanticIdStore:
     def _embedder(self, row: dict):
         if self._embedder_for is None:
             raise FeatureStoreError("this store was opened without an item embedder, so it cannot turn content into "
-                                    "vectors: open it with semalign.flows.semantic_ids.open_store, or pass embeddings")
+                                    "vectors: open it with semalign.feature_repo.store.open_store, or pass embeddings")
         if row["version"] not in self._embedders:
             self._embedders[row["version"]] = self._embedder_for(row)
         return self._embedders[row["version"]]
@@ -419,3 +419,11 @@ class SemanticIdStore:
 
     def service_version(self, name: str) -> str:
         return self.fs.get_feature_service(name).tags["codebook_version"]
+
+
+def open_store(settings: Settings, levels: int | None = None) -> SemanticIdStore:
+    """The feature store with the item embedder handed in, so it can onboard and encode items from content: what
+    the flows, the CLI and serving open (the models load on the first item embedded, not here)."""
+    from semalign.feature_repo.embedder import item_embedders
+
+    return SemanticIdStore(settings, levels=levels, embedder=item_embedders(settings))

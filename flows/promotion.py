@@ -80,12 +80,38 @@ def carry_to(settings: Settings, registry, mv) -> dict:
     """Items onboarded under the serving champion's codebook version, onboarded into `mv`'s before `mv` serves:
     an item onboarded under v1 stays servable once v2 is promoted (or rolled back to)."""
     from semalign.deploy.registry import CHAMPION
-    from semalign.flows.embedder import carry_onboarded
-    from semalign.flows.semantic_ids import open_store
+    from semalign.feature_repo.store import open_store
 
     cur = registry.version_by_alias(CHAMPION)
     return carry_onboarded(settings, open_store(settings), cur.tags.get("codebook_version") if cur else None,
                            mv.tags.get("codebook_version"))
+
+
+def carry_onboarded(settings: Settings, store, from_version: str | None, to_version: str) -> dict:
+    """Items onboarded under `from_version` that `to_version` does not hold, onboarded into it: re-encoded with its
+    encoder (and rotation) from the text-tower vectors the store keeps, then given SIDs by its codebook. Nothing
+    onboarded is lost when a new codebook version takes over. Items stored without a text-tower vector cannot be
+    re-encoded and are counted; an item's image does not travel (its features are not stored)."""
+    if not from_version or from_version == to_version:
+        return {"carried": 0, "without_content": 0}
+    todo = sorted(set(store.catalogue.onboarded_items(from_version))
+                  - {i for _, i in store.catalogue.held([to_version])})
+    if not todo:
+        return {"carried": 0, "without_content": 0}
+    levels = store.catalogue.published(from_version)["levels"]
+    _, found, _, content = store.read_online(todo, from_version, levels, with_content=True)
+    keep = [j for j, f in enumerate(found) if f and content[j] is not None and len(content[j])]
+    if keep:
+        import numpy as np
+        import pandas as pd
+
+        from semalign.feature_repo.embedder import ItemEmbedder
+
+        text = np.stack([content[j] for j in keep]).astype(np.float32)
+        emb = ItemEmbedder(settings, to_version).embed_text_vectors(text)
+        store.onboard(pd.DataFrame({"item_id": [todo[j] for j in keep]}), version=to_version, embeddings=emb,
+                      content=text)
+    return {"carried": len(keep), "without_content": len(todo) - len(keep)}
 
 
 def promote(settings: Settings, registry, mv, reason: str) -> bool:

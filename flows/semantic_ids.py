@@ -339,19 +339,13 @@ def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
     return rows
 
 
-def open_store(settings: Settings, levels: int | None = None):
-    """The feature store with the item embedder handed in, so it can onboard and encode items from content."""
-    from semalign.feature_repo.store import SemanticIdStore
-    from semalign.flows.embedder import item_embedders
-
-    return SemanticIdStore(settings, levels=levels, embedder=item_embedders(settings))
-
-
 def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
                   make_current: bool = True, feats: TowerFeatures | None = None) -> dict:
     """Publishes a codebook version's SIDs, aligned vectors and text-tower vectors (the ranker reads both) to the
     feature store (a no-op when that exact version is already published). Offline rows are stamped with the
     item's `available_at` where known. Without `feats` the tower features are read (from their cache)."""
+    from semalign.feature_repo.store import open_store
+
     codebook = load_codebook(settings, cb.version)
     store = open_store(settings, levels=codebook.levels)
     avail = ds.items["available_at"] if "available_at" in ds.items else None

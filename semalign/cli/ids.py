@@ -18,7 +18,8 @@ def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, 
     import numpy as np
 
     from semalign.errors import NotFoundError
-    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids, open_store
+    from semalign.feature_repo.store import open_store
+    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
 
     s = load_settings(home, data, write=True)
     version = version or latest_codebook_version(s)
@@ -87,7 +88,7 @@ def ids_similar(item: str = typer.Argument(..., help="An item the version holds,
 
     s = load_settings(home, None)
     if text is not None:
-        from semalign.flows.semantic_ids import open_store
+        from semalign.feature_repo.store import open_store
 
         store = open_store(s)
         row = {"item_id": item, "text": text}
@@ -195,7 +196,7 @@ def items_add(file: Path = typer.Argument(..., help="csv, parquet or jsonl with 
     """Onboard new items: content -> encoder -> SID with the pinned codebook -> online + offline store."""
     import time
 
-    from semalign.flows.semantic_ids import open_store
+    from semalign.feature_repo.store import open_store
 
     s = load_settings(home, None, write=True)
     items = read_items(file)

@@ -91,7 +91,7 @@ def test_served_scores_equal_the_measured_model_and_record_the_profile(compact, 
 
 def test_a_new_item_is_scored_from_its_codes_alone(compact, tmp_path):
     from semalign.deploy.scoring import RankerScorer
-    from semalign.flows.semantic_ids import open_store
+    from semalign.feature_repo.store import open_store
 
     s = _settings(compact)
     store = open_store(s)  # with the item embedder: content -> encoder -> codes

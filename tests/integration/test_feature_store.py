@@ -244,7 +244,7 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(env):
         store.onboard(pd.DataFrame({"item_id": ["w"]}), version=cb.version, embeddings=np.zeros((1, 3)))
     with pytest.raises(UnknownVersionError):
         store.onboard(pd.DataFrame({"item_id": ["w"]}), version="no-such-version", embeddings=np.zeros((1, 16)))
-    # content needs the item embedder the store was opened with (flows.semantic_ids.open_store hands it in)
+    # content needs the item embedder the store was opened with (feature_repo.store.open_store hands it in)
     from semalign.feature_repo.errors import FeatureStoreError
 
     with pytest.raises(FeatureStoreError, match="without an item embedder"):

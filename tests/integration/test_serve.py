@@ -71,7 +71,7 @@ def test_binds_to_loopback_only_by_default(served):
 def test_scores_100_candidates_with_one_brand_new_item(served):
     from semalign.config import Settings
     from semalign.artifacts import codebook_folder
-    from semalign.flows.embedder import ItemEmbedder
+    from semalign.feature_repo.embedder import ItemEmbedder
 
     base, first = served["base"], served["first"]
     items = pd.read_csv(served["shop"] / "items.csv")["item_id"].tolist()[:99]

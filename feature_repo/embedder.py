@@ -1,6 +1,8 @@
 """The item embedder: an item's content (text, optional image) -> frozen towers -> the behavior-aware encoder of
 a codebook version -> that codebook's space (its rotation). Handed to the feature store for onboarding and to
-serving for on-the-fly candidates (`open_store`), so the store itself runs no model."""
+serving for on-the-fly candidates (`store.open_store`), so the store itself runs no model. It lives beside the
+store, not in flows/, so that serving (deploy/) reaches it without importing the flows: models are imported
+lazily, on the first item embedded."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +10,7 @@ import pandas as pd
 
 from semalign.artifacts import codebook_folder
 from semalign.config import Settings
+from semalign.errors import InvalidInputError
 from semalign.feature_repo.errors import FeatureStoreError
 
 
@@ -32,7 +35,7 @@ class ItemEmbedder:
         text = items["text"] if "text" in items else pd.Series(None, index=items.index, dtype=object)
         empty = text.isna() | (text.astype(str).str.strip() == "")
         if empty.any():
-            raise ValueError(f"onboarding needs a non-empty 'text' for every item; missing for "
+            raise InvalidInputError(f"onboarding needs a non-empty 'text' for every item; missing for "
                              f"{items.loc[empty, 'item_id'].tolist()[:5]}")
         dev = self.settings.resolved_device()
         if self._encoder is None:
@@ -83,25 +86,3 @@ class ItemEmbedder:
 def item_embedders(settings: Settings):
     """The factory the store takes: (catalogue row of a published version) -> ItemEmbedder."""
     return lambda row: ItemEmbedder(settings, row["version"], row.get("encoder_version"))
-
-
-def carry_onboarded(settings: Settings, store, from_version: str | None, to_version: str) -> dict:
-    """Items onboarded under `from_version` that `to_version` does not hold, onboarded into it: re-encoded with its
-    encoder (and rotation) from the text-tower vectors the store keeps, then given SIDs by its codebook. Nothing
-    onboarded is lost when a new codebook version takes over. Items stored without a text-tower vector cannot be
-    re-encoded and are counted; an item's image does not travel (its features are not stored)."""
-    if not from_version or from_version == to_version:
-        return {"carried": 0, "without_content": 0}
-    todo = sorted(set(store.catalogue.onboarded_items(from_version))
-                  - {i for _, i in store.catalogue.held([to_version])})
-    if not todo:
-        return {"carried": 0, "without_content": 0}
-    levels = store.catalogue.published(from_version)["levels"]
-    _, found, _, content = store.read_online(todo, from_version, levels, with_content=True)
-    keep = [j for j, f in enumerate(found) if f and content[j] is not None and len(content[j])]
-    if keep:
-        text = np.stack([content[j] for j in keep]).astype(np.float32)
-        emb = ItemEmbedder(settings, to_version).embed_text_vectors(text)
-        store.onboard(pd.DataFrame({"item_id": [todo[j] for j in keep]}), version=to_version, embeddings=emb,
-                      content=text)
-    return {"carried": len(keep), "without_content": len(todo) - len(keep)}

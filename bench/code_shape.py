@@ -1,7 +1,7 @@
 """The shape of the product code: the longest functions, the largest modules and the import graph between the
 top-level folders, for a checkout or a git revision (issue: "a house people can live in").
 
-  python bench/code_shape.py [--rev REV ...] [--json bench/results/code_shape.json]
+  python bench/code_shape.py [--rev REV ...] [--json bench/results/code_shape.json] [--edge deploy:flows ...]
 
 Each --rev is read from git (`git archive`) into a temporary folder; without --rev the working tree is measured.
 Writes JSON + a markdown table beside it."""
@@ -31,7 +31,7 @@ def _folder_of(module: str) -> str | None:
 
 
 def measure(tree: Path) -> dict:
-    funcs, modules, edges = [], [], {}
+    funcs, modules, edges, by_module = [], [], {}, {}
     for folder in FOLDERS:
         for path in sorted((tree / folder).rglob("*.py")):
             rel = str(path.relative_to(tree))
@@ -41,21 +41,19 @@ def measure(tree: Path) -> dict:
             for n in ast.walk(node):
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     funcs.append({"function": f"{rel}:{n.name}", "lines": n.end_lineno - n.lineno + 1})
-                elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
-                    dst = _folder_of(n.module)
-                    if dst and dst != folder:
-                        edges.setdefault(folder, set()).add(dst)
-                elif isinstance(n, ast.Import):
-                    for a in n.names:
-                        dst = _folder_of(a.name)
+                elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0 or isinstance(n, ast.Import):
+                    for name in [n.module] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]:
+                        dst = _folder_of(name)
                         if dst and dst != folder:
                             edges.setdefault(folder, set()).add(dst)
+                            by_module.setdefault(f"{folder} -> {dst}", set()).add(rel)
     funcs.sort(key=lambda f: -f["lines"])
     modules.sort(key=lambda m: -m["lines"])
     return {"longest_functions": funcs[:10], "largest_modules": modules[:10],
             "functions_over_60_lines": [f for f in funcs if f["lines"] > 60],
             "modules": len(modules), "total_lines": sum(m["lines"] for m in modules),
-            "imports_between_folders": {k: sorted(v) for k, v in sorted(edges.items())}}
+            "imports_between_folders": {k: sorted(v) for k, v in sorted(edges.items())},
+            "modules_per_edge": {k: sorted(v) for k, v in sorted(by_module.items())}}
 
 
 def at_rev(rev: str) -> dict:
@@ -85,10 +83,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", action="append", default=[], help="git revision (repeatable); default: the work tree")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--edge", action="append", default=[], metavar="SRC:DST",
+                    help="also list the modules of folder SRC that import folder DST (repeatable), e.g. deploy:flows")
     args = ap.parse_args()
     results = {f"rev {r}": at_rev(r) for r in args.rev} if args.rev else {}
     results["work tree"] = measure(ROOT)
     text = markdown(results)
+    for edge in args.edge:
+        src, dst = edge.split(":", 1)
+        for label, r in results.items():
+            text += f"\n{label}: `{src}` -> {dst} in " + (", ".join(f"`{m}`" for m in r["modules_per_edge"].get(
+                f"{src} -> {dst}", [])) or "no module") + "\n"
     print(text)
     if args.json:
         args.json.write_text(json.dumps({"command": "python bench/code_shape.py " + " ".join(

@@ -432,20 +432,21 @@ def test_the_rendered_repo_refers_to_the_redis_password_instead_of_holding_it(tm
     assert "cache.internal:6379,password=r3d!s,db=2,socket_timeout=1.0" in expanded
 
 
-ONBOARD_ONE = """
-import sys, time
+ONBOARD_RACES = """
+import json, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd
 from semalign.config import Settings
 from semalign.feature_repo.store import SemanticIdStore
 store = SemanticIdStore(Settings())
 store.fs
-Path(sys.argv[1]).touch()
-while not Path(sys.argv[2]).exists():   # start line: both processes onboard at once
-    time.sleep(0.01)
-out = store.onboard(pd.DataFrame({"item_id": sys.argv[3].split(",")}), version=sys.argv[4],
-                    embeddings=np.load(sys.argv[5]))
-print(out[["sid_0", "sid_1", "sid_2", "sid_dedup"]].to_numpy().tolist())
+folder, version = Path(sys.argv[1]), sys.argv[2]
+for rnd, (item, emb) in enumerate(json.loads(sys.argv[3])):
+    (folder / f"ready-{sys.argv[4]}-{rnd}").touch()
+    while not (folder / f"go-{rnd}").exists():   # start line: both processes onboard at once
+        time.sleep(0.01)
+    out = store.onboard(pd.DataFrame({"item_id": [item]}), version=version, embeddings=np.load(folder / emb))
+    print("race", rnd, json.dumps(out[["sid_0", "sid_1", "sid_2", "sid_dedup"]].to_numpy().tolist()[0]), flush=True)
 """
 
 
@@ -459,27 +460,28 @@ def test_concurrent_onboarding_gives_one_answer_and_never_shares_a_slot(env, tmp
     np.save(tmp_path / "twin.npy", x[:1] + 2e-4)   # same codes as the first item: a dedup slot of its own
     child_env = {**os.environ, "SEMALIGN_HOME": str(s.home), "SEMALIGN_FEAST_PROJECT": s.feast_project,
                  **{f"SEMALIGN_{k.upper()}": v for k, v in BACKENDS[env["backend"]].items()}}
-    for a_items, b_items, b_emb in (("race-1", "race-1", "same.npy"), ("race-2", "race-3", "twin.npy")):
-        go = tmp_path / f"go-{a_items}"
-        procs = []
-        for k, (item, emb) in enumerate(((a_items, "same.npy"), (b_items, b_emb))):
-            ready = tmp_path / f"ready-{a_items}-{k}"
-            procs.append((ready, subprocess.Popen(
-                [sys.executable, "-c", ONBOARD_ONE, str(ready), str(go), item, cb.version, str(tmp_path / emb)],
-                env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-        deadline = time.time() + 120
-        while not all(r.exists() for r, _ in procs) and time.time() < deadline:
+    # two processes, two races (one process each start costs Feast's and torch's imports): the same item, then
+    # two different items with the same codes; each race starts once both processes stand at its start line
+    races = [("race-1", "race-1", "same.npy"), ("race-2", "race-3", "twin.npy")]
+    plans = [[(a, "same.npy") for a, _, _ in races], [(b, emb) for _, b, emb in races]]
+    procs = [subprocess.Popen([sys.executable, "-c", ONBOARD_RACES, str(tmp_path), cb.version, json.dumps(plan),
+                               str(k)], env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, plan in enumerate(plans)]
+    for rnd in range(len(races)):
+        deadline = time.time() + 180
+        while not all((tmp_path / f"ready-{k}-{rnd}").exists() for k in range(2)) and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
             time.sleep(0.05)
-        go.touch()
-        outs = []
-        for _, p in procs:
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err[-2000:]
-            outs.append(json.loads(out.strip().splitlines()[-1])[0])
-        if a_items == b_items:
-            assert outs[0] == outs[1]
-        else:
-            assert outs[0][:3] == outs[1][:3] and outs[0][3] != outs[1][3]
+        (tmp_path / f"go-{rnd}").touch()
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+        got = {int(line.split(" ", 2)[1]): json.loads(line.split(" ", 2)[2]) for line in out.splitlines()
+               if line.startswith("race ")}
+        outs.append([got[rnd] for rnd in range(len(races))])
+    assert outs[0][0] == outs[1][0]                                             # race 1: one answer
+    assert outs[0][1][:3] == outs[1][1][:3] and outs[0][1][3] != outs[1][1][3]  # race 2: own dedup slots
     got = store.semantic_ids(["race-1", "race-2", "race-3"], version=cb.version)
     assert len(np.unique(got[SID_COLS].to_numpy(), axis=0)) == 3
 

@@ -151,6 +151,38 @@ def refreshed(tmp_path_factory, movielens):
             "stderr": proc.stderr}
 
 
+def _files_using_refreshed(root: Path) -> set[str]:
+    """Test files (paths as xdist names them) with a test or fixture that takes the `refreshed` home."""
+    import ast
+
+    found = set()
+    for path in sorted((root / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "refreshed" in [a.arg for a in n.args.args]
+               for n in ast.walk(tree)):
+            found.add(path.relative_to(root).as_posix())
+    return found
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (-n ... --dist loadfile): a file's tests stay together in one process, except that the files
+    using the session's `refreshed` home are one work unit, so one process refreshes once for all of them (each
+    process that got one of those files refreshed on its own: a minute of CPU on 2 cores each time), and the
+    serving tests find the extra model versions the refresh tests leave behind."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    shared = _files_using_refreshed(Path(str(config.rootpath)))
+
+    class SharedRefreshScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "refreshed" if scope in shared else scope
+
+    return SharedRefreshScheduling(config, log)
+
+
 def free_port() -> int:
     import socket
 

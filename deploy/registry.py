@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from semalign import atomic, state
 from semalign.config import Settings
 from semalign.errors import NotFoundError, SemalignError
 from semalign.feature_repo.catalogue import CodebookCatalogue
+from semalign.feature_repo.repo_config import sa_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -179,7 +181,115 @@ def _safe_uri(uri: str) -> str:
     return uri
 
 
-class Registry:
+# the MLflow database schema (alembic revision) the direct alias read below was checked against: MLflow 3.17's
+# (tests/integration/test_status_direct.py pins it to what the installed MLflow writes); any other revision, a
+# tracking server or a store that cannot be read that way goes through MLflow's client
+MLFLOW_SCHEMA = "dc11669786a5"
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """What `status` reads of a registered model version (MLflow's ModelVersion has these fields too)."""
+    version: str
+    run_id: str | None
+    tags: dict
+
+
+class RegistryView:
+    """The read side of the registry that `semalign status` needs: the champion and challenger, the audit history,
+    the store's current codebook. It reads the aliases from MLflow's own tables where the tracking store is the
+    embedded sqlite database (or another SQL database) of the schema it was checked against, so a status check
+    imports neither MLflow nor what MLflow pulls in; otherwise, and on any doubt, through MLflow's client
+    (`Registry`, which extends this)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.name = settings.model_name
+        self.project = settings.feast_project
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = settings.resolved_tracking_uri()
+        self.artifact_uri = settings.resolved_artifact_uri()
+        self.state = state.engine(settings.resolved_state_url())
+        # the store's current-codebook pointer moves with promotions, through its only owner
+        self.catalogue = CodebookCatalogue(self.state, self.project)
+        self._aliases, self._client_side = None, None
+
+    def version_by_alias(self, alias: str):
+        if self._aliases is None:
+            self._aliases = self._read_aliases()
+            if self._aliases is None:  # not readable directly: MLflow's client answers
+                self._client_side = Registry(self.settings)
+        if self._client_side is not None:
+            return self._client_side.version_by_alias(alias)
+        return self._aliases.get(alias)
+
+    def _read_aliases(self) -> dict[str, VersionRow] | None:
+        """{alias: version} of this model from MLflow's tables, or None where they cannot be read directly."""
+        uri = self.tracking_uri
+        if not uri.startswith(("sqlite:///", "postgresql")) or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() \
+                in ("1", "true"):
+            return None
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            return None  # MLflow's client creates the database
+        eng = None
+        try:
+            eng = sa.create_engine(sa_url(uri) if uri.startswith("postgresql://") else uri)
+            with eng.connect() as c:
+                if c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() != MLFLOW_SCHEMA:
+                    return None
+                rows = c.execute(sa.text(
+                    "SELECT a.alias, v.version, v.run_id FROM registered_model_aliases a JOIN model_versions v "
+                    "ON v.name = a.name AND v.version = a.version AND v.workspace = a.workspace "
+                    "WHERE a.name = :name AND a.workspace = 'default' AND v.current_stage != 'Deleted_Internal'"),
+                    {"name": self.name}).all()
+                out = {}
+                for alias, version, run_id in rows:
+                    tags = c.execute(sa.text("SELECT key, value FROM model_version_tags WHERE name = :name AND "
+                                             "version = :version AND workspace = 'default'"),
+                                     {"name": self.name, "version": version}).all()
+                    out[alias] = VersionRow(str(version), run_id, dict(tags))
+                return out
+        except (sa.exc.SQLAlchemyError, ImportError):  # no such table, a driver missing: the client decides
+            return None
+        finally:
+            if eng is not None:
+                eng.dispose()
+
+    def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate", "unlock"),
+                limit: int = 50) -> list[dict]:
+        a = state.audit
+        with self.state.connect() as c:
+            rows = c.execute(sa.select(a).where(a.c.project == self.project, a.c.action.in_(actions))
+                             .order_by(a.c.id.desc()).limit(limit))
+            return [dict(r._mapping) for r in rows]
+
+    def status(self) -> dict:
+        champ = self.version_by_alias(CHAMPION)
+        chall = self.version_by_alias(CHALLENGER)
+        moves = self.history(actions=("promote", "rollback"))
+        since = next((m for m in moves if champ and m["to_value"] == str(champ.version)), None)
+        gate = next(iter(self.history(actions=("gate",), limit=1)), None)
+        current = self.catalogue.current()
+
+        def desc(mv):
+            if mv is None:
+                return None
+            return {"version": str(mv.version), "run_id": mv.run_id, **{k: mv.tags.get(k) for k in
+                    ("codebook_version", "encoder_version", "data_hash", "feature_service")}}
+
+        out = {"model": self.name, "champion": desc(champ), "challenger": desc(chall),
+               "champion_since": since["at"] if since else None, "champion_reason": since["reason"] if since else None,
+               "current_codebook": current,
+               "last_gate": json.loads(gate["reason"]) | {"version": gate["subject"].split("/")[-1], "at": gate["at"]}
+               if gate else None,
+               "tracking_uri": _safe_uri(self.tracking_uri), "artifact_uri": self.artifact_uri}
+        if champ is not None and current and champ.tags.get("codebook_version") not in (None, current):
+            out["warning"] = (f"the store's current codebook {current} is not the champion's "
+                              f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")
+        return out
+
+
+class Registry(RegistryView):
     def __init__(self, settings: Settings):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -197,12 +307,7 @@ class Registry:
         for name in ("mlflow", "alembic"):  # after import: MLflow sets up its own loggers
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        self.settings = settings
-        self.name = settings.model_name
-        self.project = settings.feast_project
-        settings.home.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = settings.resolved_tracking_uri()
-        self.artifact_uri = settings.resolved_artifact_uri()
+        super().__init__(settings)
         mlflow.set_tracking_uri(self.tracking_uri)
         self.mlflow = mlflow
         self.client = MlflowClient(self.tracking_uri)
@@ -215,9 +320,6 @@ class Registry:
                 self.experiment_id = self.client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
         else:
             self.experiment_id = exp.experiment_id
-        self.state = state.engine(settings.resolved_state_url())
-        # the store's current-codebook pointer moves with promotions, through its only owner
-        self.catalogue = CodebookCatalogue(self.state, self.project)
 
     # ------------------------------------------------------------------ lookups
     def version_by_alias(self, alias: str):
@@ -394,36 +496,3 @@ class Registry:
         with self.state.begin() as c:
             state.record(c, self.project, "gate", f"{self.name}/{version}",
                          "passed" if verdict["passed"] else "failed", reason=json.dumps(verdict, default=float))
-
-    def history(self, actions: tuple = ("promote", "rollback", "set_current", "gate", "unlock"),
-                limit: int = 50) -> list[dict]:
-        a = state.audit
-        with self.state.connect() as c:
-            rows = c.execute(sa.select(a).where(a.c.project == self.project, a.c.action.in_(actions))
-                             .order_by(a.c.id.desc()).limit(limit))
-            return [dict(r._mapping) for r in rows]
-
-    def status(self) -> dict:
-        champ = self.version_by_alias(CHAMPION)
-        chall = self.version_by_alias(CHALLENGER)
-        moves = self.history(actions=("promote", "rollback"))
-        since = next((m for m in moves if champ and m["to_value"] == str(champ.version)), None)
-        gate = next(iter(self.history(actions=("gate",), limit=1)), None)
-        current = self.catalogue.current()
-
-        def desc(mv):
-            if mv is None:
-                return None
-            return {"version": str(mv.version), "run_id": mv.run_id, **{k: mv.tags.get(k) for k in
-                    ("codebook_version", "encoder_version", "data_hash", "feature_service")}}
-
-        out = {"model": self.name, "champion": desc(champ), "challenger": desc(chall),
-               "champion_since": since["at"] if since else None, "champion_reason": since["reason"] if since else None,
-               "current_codebook": current,
-               "last_gate": json.loads(gate["reason"]) | {"version": gate["subject"].split("/")[-1], "at": gate["at"]}
-               if gate else None,
-               "tracking_uri": _safe_uri(self.tracking_uri), "artifact_uri": self.artifact_uri}
-        if champ is not None and current and champ.tags.get("codebook_version") not in (None, current):
-            out["warning"] = (f"the store's current codebook {current} is not the champion's "
-                              f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")
-        return out

@@ -28,7 +28,8 @@ from semalign.checkpoints import checkpoint
 from semalign.config import Settings
 from semalign.feature_repo import online
 from semalign.feature_repo.catalogue import CodebookCatalogue, sid_keys
-from semalign.feature_repo.errors import FeatureStoreError, ItemsNotFoundError, reaching
+from semalign.feature_repo.direct import check_vectors_served, sid_columns
+from semalign.feature_repo.errors import FeatureStoreError, reaching
 from semalign.feature_repo.offline import offline_writer
 from semalign.feature_repo.repo_config import (EMB_VIEW, REVERSE_VIEW, SID_VIEW, USER_VIEW, ensure_applied, redis_connection_string,
                                                render_repo)
@@ -173,16 +174,7 @@ class SemanticIdStore:
         version, levels = row["version"], row["levels"]
         item_ids = [str(i) for i in item_ids]
         codes, found, emb, _ = self.read_online(item_ids, version, levels, with_embedding)
-        if strict and not found.all():
-            raise ItemsNotFoundError(version, [i for i, f in zip(item_ids, found) if not f])
-        cols = {"item_id": item_ids, "codebook_version": [version] * len(item_ids)}
-        cols.update({f"sid_{lvl}": codes[:, lvl] for lvl in range(levels)})
-        cols["sid_dedup"] = codes[:, levels]
-        if with_embedding:
-            cols["embedding"] = emb
-        if not strict:
-            cols["found"] = found
-        return pd.DataFrame(cols)
+        return pd.DataFrame(sid_columns(item_ids, version, levels, codes, found, emb, with_embedding, strict))
 
     def read_online(self, item_ids: list[str], version: str, levels: int, with_embedding: bool = False,
                     with_content: bool = False):
@@ -190,10 +182,7 @@ class SemanticIdStore:
         published. Returns (codes [n, levels+1] with -1 where missing, found, emb, content): emb and content are
         lists of vectors (None where missing; content is empty where the version was published without it), or
         None when not asked for."""
-        if (with_embedding or with_content) and self.settings.serving_profile == "compact":
-            raise FeatureStoreError("this store serves the compact profile (SEMALIGN_SERVING_PROFILE=compact): "
-                                    "its online store holds SID codes only, no vectors; read vectors offline "
-                                    "(historical) or serve the dense profile")
+        check_vectors_served(self.settings, with_embedding or with_content)
         fs = self.fs
         with self._online():
             return online.read_items(fs, self.view(SID_VIEW), self.view(EMB_VIEW), item_ids, version, levels,

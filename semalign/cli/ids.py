@@ -50,15 +50,12 @@ def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Opti
             version: Optional[str] = typer.Option(None, "--version", help="Pinned codebook version (default: current)."),
             embedding: bool = typer.Option(False, help="Also return the aligned vector.")):
     """Read items' semantic IDs from the online store."""
-    from semalign.feature_repo.store import SemanticIdStore
+    # the online store's rows read directly (sqlite or Redis, in Feast's layout): the same answer as Feast's
+    # get_online_features without importing Feast and the training stack it pulls in
+    from semalign.feature_repo.direct import semantic_id_records
 
     s = load_settings(home, None)
-    df = SemanticIdStore(s).semantic_ids(items, version=version, with_embedding=embedding)
-    rows = df.to_dict("records")
-    for r in rows:
-        if "embedding" in r:
-            r["embedding"] = [float(x) for x in r["embedding"]]
-    emit({"items": rows}, as_json, _print_sids)
+    emit({"items": semantic_id_records(s, items, version=version, with_embedding=embedding)}, as_json, _print_sids)
 
 
 def ids_items(sid: str = typer.Argument(..., help="A SID prefix: '12', '12-5', ... or a full SID with its dedup level."),

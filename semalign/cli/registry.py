@@ -64,11 +64,12 @@ def unlock(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
 def status(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
            history: int = typer.Option(10, help="Audit entries to show.")):
     """Who is champion, since when and why, the last gate's verdict, and the audit history."""
-    from semalign.deploy.registry import Registry
+    # the registry's read side: MLflow's tables read directly where they can be (no MLflow import), else its client
+    from semalign.deploy.registry import RegistryView
     from semalign.flows.lock import lock_holder
 
     s = load_settings(home, None)
-    reg = Registry(s)
+    reg = RegistryView(s)
     res = reg.status()
     res["lock"] = lock_holder(s)  # who holds the project's refresh lock, and its lease
     res["history"] = [{k: r[k] for k in ("at", "action", "subject", "from_value", "to_value", "actor")}

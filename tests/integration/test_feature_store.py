@@ -374,6 +374,82 @@ def test_the_online_reader_answers_like_get_online_features(env):
     assert store.users_online(["ua"], later)[0]["n_events"] == 99
 
 
+def test_the_direct_reader_answers_like_get_online_features(env):
+    """`semalign ids get` reads the online store's rows without Feast (feature_repo/direct.py, in the layout
+    Feast writes): published items with and without text-tower vectors, onboarded ones and unknown ones come
+    back exactly as Feast's public get_online_features (and the Feast-backed reader) give them."""
+    from semalign.feature_repo.direct import DirectOnlineReader, semantic_id_records
+
+    store, settings = env["store"], env["settings"]
+    cb, ids, x = codebook_for(15, n=40)
+    text = np.random.default_rng(15).normal(size=(len(ids), 12)).astype(np.float32)
+    store.publish(cb, ids, x, content=text, make_current=False)
+    bare, bare_ids, bare_x = codebook_for(16, n=30)
+    store.publish(bare, bare_ids, bare_x, make_current=False)       # no text-tower vectors: empty `content`
+    new_ids = ["new-15-a", "new-15-b"]
+    store.onboard(pd.DataFrame({"item_id": new_ids}), version=cb.version, embeddings=x[:2] + 1e-3)
+    reader = DirectOnlineReader(settings)
+    for version, asked in ((cb.version, ids[:6] + new_ids + ["not-an-item", "item-16-0"]),
+                           (bare.version, bare_ids[:5] + ["item-15-0"])):
+        got = reader.read_items(asked, version, 3, with_embedding=True, with_content=True)
+        want = store.read_online(asked, version, 3, with_embedding=True, with_content=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        for mine, theirs in zip(got[2] + got[3], want[2] + want[3]):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert mine.dtype == np.float32 and mine.tobytes() == theirs.tobytes()
+        public = store.fs.get_online_features(
+            features=[f"item_semantic_id:{c}" for c in SID_COLS] + ["item_embedding:embedding",
+                                                                    "item_embedding:content"],
+            entity_rows=[{"item_id": i, "codebook_version": version} for i in asked]).to_dict()
+        assert got[1].tolist() == [v is not None for v in public["sid_dedup"]]
+        for j, f in enumerate(got[1]):
+            if f:
+                assert got[0][j].tolist() == [public[c][j] for c in SID_COLS]
+                assert got[2][j].tolist() == list(public["embedding"][j])
+                assert got[3][j].tolist() == list(public["content"][j] or [])
+            else:
+                assert public["embedding"][j] is None and got[2][j] is None
+    assert [len(c) for c in reader.read_items(bare_ids[:2], bare.version, 3, with_content=True)[3]] == [0, 0]
+    assert [len(c) for c in reader.read_items(new_ids, cb.version, 3, with_content=True)[3]] == [0, 0]
+    # the command's rows are the DataFrame's records, value for value (JSON as the CLI prints them)
+    asked = ids[:5] + new_ids
+    for emb in (False, True):
+        rows = store.semantic_ids(asked, version=cb.version, with_embedding=emb).to_dict("records")
+        for r in rows:
+            if "embedding" in r:
+                r["embedding"] = [float(v) for v in r["embedding"]]
+        mine = semantic_id_records(settings, asked, version=cb.version, with_embedding=emb)
+        assert json.dumps(mine) == json.dumps(rows)
+    from semalign.feature_repo.errors import ItemsNotFoundError, UnknownVersionError
+
+    with pytest.raises(ItemsNotFoundError, match="not-an-item"):
+        semantic_id_records(settings, ["not-an-item"], version=cb.version)
+    with pytest.raises(UnknownVersionError):
+        semantic_id_records(settings, ids[:1], version="no-such-version")
+
+
+def test_ids_get_reads_without_importing_feast_or_torch(env):
+    """The interactive read starts like a tool: `semalign ids get` imports neither Feast nor torch nor pandas."""
+    store, settings = env["store"], env["settings"]
+    cb, ids, x = codebook_for(17, n=30)
+    store.publish(cb, ids, x, make_current=False)
+    code = ("import json, sys; from semalign.cli import app; "
+            "app(args=['ids', 'get', *sys.argv[2:], '--version', sys.argv[1], '--json'], standalone_mode=False); "
+            "print(json.dumps(sorted(m for m in ('feast', 'torch', 'pandas', 'mlflow') if m in sys.modules)))")
+    envs = {f"SEMALIGN_{k.upper()}": str(v) for k, v in {**BACKENDS[env["backend"]], "home": settings.home,
+                                                          "feast_project": settings.feast_project}.items()}
+    proc = subprocess.run([sys.executable, "-c", code, cb.version, *ids[:3]], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **envs})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.strip().splitlines()
+    assert json.loads(out[-1]) == []
+    printed = json.loads("\n".join(out[:-1]))["items"]
+    want = store.semantic_ids(ids[:3], version=cb.version)
+    assert [[r[c] for c in SID_COLS] for r in printed] == want[SID_COLS].to_numpy().tolist()
+
+
 def test_a_plain_feast_client_reads_the_semantic_ids(env):
     store = env["store"]
     cb, ids, x = codebook_for(13, n=100)

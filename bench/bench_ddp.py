@@ -1,6 +1,6 @@
 """Benchmark: ranker training with torch DDP on several GPUs of one host against one GPU, in the same run.
 
-Every figure is `train_ranker` itself (models/ranker.py: the loop the refresh and Ray Train run), on the same
+Every figure is `train_ranker` itself (models/ranker_training.py: the loop the refresh and Ray Train run), on the same
 synthetic frame (bench_ranker.py's shapes: 100k items, history 50, zipf popularity), samples/s over the epochs'
 training steps (validation excluded), and the steady rate (the last epoch's: the first holds graph capture and
 DDP's warm-up). One GPU: the eager step and the CUDA-graph step (train_ranker's default there).
@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.ranker import DDP_OPTIONS, Frame, ItemTables, RankerConfig, train_ranker  # noqa: E402
+from models.ranker import Frame, ItemTables, RankerConfig  # noqa: E402
+from models.ranker_training import DDP_OPTIONS, train_ranker  # noqa: E402
 
 ITEMS, HIST = 100_000, 50
 

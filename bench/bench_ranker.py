@@ -3,7 +3,7 @@
 Reference in the same process: a plain-torch DIN with the same shapes (four concat-MLP target attentions
 over gathered history embeddings, same DNN), i.e. what one writes without semalign's tricks (per-item
 key projections, per-row view tables). Ratio > 1 means semalign trains faster. On CUDA it also times the step
-as train_ranker runs it there (models.ranker.TrainStep: one CUDA graph, then compiled + graph) against the plain
+as train_ranker runs it there (models.ranker_training.TrainStep: one CUDA graph, then compiled + graph) against the plain
 DIN's step captured as one CUDA graph.
 Runs unchanged on a GPU box with only torch (bf16 autocast on cuda).
 
@@ -27,7 +27,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.ranker import ItemTables, Ranker, RankerConfig, TrainStep  # noqa: E402
+from models.ranker import ItemTables, Ranker, RankerConfig  # noqa: E402
+from models.ranker_training import TrainStep  # noqa: E402
 
 
 class PlainDIN(nn.Module):
@@ -134,7 +135,7 @@ WARMUP_S: dict[str, float] = {}  # warm-up + capture (+ compile) seconds of sema
 
 
 def train_step_throughput(make_model, tables, batches, device, steps, compile_model=False, warmup=5):
-    """semalign's own training step (models.ranker.TrainStep, as train_ranker runs it: CUDA graph on CUDA) over
+    """semalign's own training step (models.ranker_training.TrainStep, as train_ranker runs it: CUDA graph on CUDA) over
     the same four batches, laid end to end as one device-resident frame."""
     cfg = RankerConfig(variant="full", batch_size=batches[0][1].shape[0])
     model = make_model()

@@ -27,7 +27,7 @@ numpy and torch allocations included), beside the RSS the process held before th
   sid_assign     flows.semantic_ids._sid_table: every item's SID, dedup level and catalogue metrics
   histories      features.build_frames: user histories (data.user_histories) of the train, val and test events
   user_table     features.user_table: the user features the refresh publishes
-  ranker_epoch   models.ranker.train_ranker for one epoch (its validation pass included), the served variant
+  ranker_epoch   models.ranker_training.train_ranker for one epoch (its validation pass included), the served variant
   evaluate       models.ranker.predict on the test events + flows.ranker_stages.window_metrics
 
 Downstream of the tower, stages read stand-in 384-d text vectors (the item's category centroid plus noise, unit
@@ -418,7 +418,7 @@ def _subsample(frame, n: int, seed: int):
 def stage_ranker_epoch(w: Work, m: PeakRss, max_train: int) -> dict:
     import torch
 
-    from semalign.models.ranker import train_ranker
+    from semalign.models.ranker_training import train_ranker
 
     cfg, tables, frames = _ranker_inputs(w)
     train, val = frames["train"], frames["val"]

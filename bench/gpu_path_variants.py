@@ -438,7 +438,8 @@ def ddpprof_part():
     from torch.nn.parallel import DistributedDataParallel
     from torch.profiler import ProfilerActivity, profile
 
-    from models.ranker import Ranker, RankerConfig, TrainStep, wrap_for_graph
+    from models.ranker import Ranker, RankerConfig
+    from models.ranker_training import TrainStep, wrap_for_graph
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29650", TORCH_NCCL_ASYNC_ERROR_HANDLING="0",
                       NCCL_ASYNC_ERROR_HANDLING="0")
     dist.init_process_group("nccl", rank=0, world_size=1)
@@ -498,7 +499,8 @@ def rankerprof_part():
 
 def rankergraph_part():
     """train_ranker on CUDA with the graphed step against the eager one: same data, AUC and loss per epoch."""
-    from models.ranker import Frame, ItemTables, RankerConfig, train_ranker
+    from models.ranker import Frame, ItemTables, RankerConfig
+    from models.ranker_training import train_ranker
     rng = np.random.default_rng(0)
     n, k = 20_000, 256
     content = rng.standard_normal((n + 1, 64)).astype(np.float32)

@@ -185,7 +185,8 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     With `json_path`, per-event test predictions go to `<json>.preds.npz` so runs over disjoint seed ranges
     can be merged (`merge_experiments`) into one table with intervals over all seeds."""
     from semalign.models.metrics import metric_set
-    from semalign.models.ranker import SID_ROWS, predict, train_ranker
+    from semalign.models.ranker import SID_ROWS, predict
+    from semalign.models.ranker_training import train_ranker
     from semalign.spec import ranker_config, served_model
 
     rep = rep or Reporter(quiet=True)

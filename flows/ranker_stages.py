@@ -37,7 +37,7 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
     from semalign.deploy.scoring import save_ranker
     from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
     from semalign.flows.semantic_ids import load_codebook
-    from semalign.models.ranker import train_ranker
+    from semalign.models.ranker_training import train_ranker
     from semalign.spec import ranker_config
 
     key = ranker_input_key(settings, ds, cb.version)

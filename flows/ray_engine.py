@@ -6,7 +6,7 @@ heavy compute to the Ray cluster at that address and get back exactly what the i
   a run of whole batches of the in-process loop (up to ROW_BATCHES of the text tower's longest-first batches; one
   image-tower chunk), so every vector is computed with the same padding and batch as in-process: the same bits.
 - aligned vectors of every item: the trained encoder on actors, over the same chunks `embed_items` uses.
-- the ranker: a Ray Train `TorchTrainer` job whose workers call `models.ranker.train_ranker`, the function the
+- the ranker: a Ray Train `TorchTrainer` job whose workers call `models.ranker_training.train_ranker`, the function the
   in-process stage calls (DDP across workers). One worker with as many torch threads as this process has reduces
   in the same order and returns the same weights; more workers average gradients over shards of each batch,
   which changes float rounding (and dropout draws), not the recipe.
@@ -236,8 +236,8 @@ def text_vectors(settings: Settings, texts: list[str], progress: ProgressFn | No
     dim = int(json.loads((model / "config.json").read_text())["hidden_size"])
     batches = length_batches(texts, batch_size)
     # a row carries up to ROW_BATCHES consecutive batches: the tower's encode() re-sorts a contiguous run of the
-    # longest-first order into exactly these batches (same padding, same bits), and Ray Data's cost per row
-    # (~12 ms a row on the H200 run, 64 texts a row: 193 s for 1M texts) is paid once per run, not per batch
+    # longest-first order into exactly these batches (same padding, same bits), and Ray Data's fixed cost per row
+    # is paid once per run, not per batch
     actors = _pool(settings, *_resources(settings))
     per_row = max(1, min(ROW_BATCHES, len(batches) // (4 * actors)))
     rows = [{"pos": np.concatenate(batches[s: s + per_row]).tolist(),
@@ -356,7 +356,7 @@ def _train_loop(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    from semalign.models.ranker import DDP_OPTIONS, train_ranker
+    from semalign.models.ranker_training import DDP_OPTIONS, train_ranker
 
     _set_threads(config["threads"])
     cfg, tables, train, val = (_writable(x) for x in ray.get(config["inputs"][0]))
@@ -378,7 +378,7 @@ def _train_loop(config: dict) -> dict:
 
 
 def train_ranker(settings: Settings, cfg, tables, train, val):
-    """`models.ranker.train_ranker` as a Ray Train TorchTrainer job; returns its TrainResult with the model
+    """`models.ranker_training.train_ranker` as a Ray Train TorchTrainer job; returns its TrainResult with the model
     rebuilt here from rank 0's weights."""
     import uuid
 
@@ -386,14 +386,15 @@ def train_ranker(settings: Settings, cfg, tables, train, val):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from semalign.models.ranker import Ranker, TrainResult
+    from semalign.models.ranker import Ranker
+    from semalign.models.ranker_training import TrainResult
 
     ray = connect(settings)
     cpus, gpus = _resources(settings)
     workers = max(1, int(settings.ray_train_workers))
     # the frames travel once, through the object store, not pickled inside train_loop_config (which Ray Train
-    # copies through its controller): at 30k items on the CPU the machine's peak rise went 3.4 -> 2.7 GB, the
-    # driver's 0.65 -> 0.35 GB. A list keeps Ray from resolving the reference before the worker asks for it
+    # copies through its controller, holding more copies of them in memory at once). A list keeps Ray from
+    # resolving the reference before the worker asks for it
     config = {"inputs": [ray.put((cfg, tables, train, val))], "threads": cpus, "device": "cuda" if gpus else "cpu"}
     # Ray Train keeps a run folder (no checkpoints are written: the weights come back as rank 0's return value)
     storage, name = settings.home / "ray" / "train", f"ranker-{uuid.uuid4().hex[:8]}"

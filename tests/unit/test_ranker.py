@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from semalign.models.metrics import BootstrapFrame, auc, gauc, paired_bootstrap
-from semalign.models.ranker import BOUNDED, VARIANTS, Frame, ItemTables, Ranker, RankerConfig, predict, train_ranker
+from semalign.models.ranker import BOUNDED, VARIANTS, Frame, ItemTables, Ranker, RankerConfig, predict
+from semalign.models.ranker_training import train_ranker
 
 
 def _tables(n=40, levels=3, k=8, seen=30, seed=0):

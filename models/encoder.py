@@ -100,7 +100,7 @@ def content_preservation(z: torch.Tensor, content: torch.Tensor) -> torch.Tensor
 
 
 # pairs a Hit@k evaluation scores at most: above it, a fixed-seed sample (standard error under 0.3 points), so
-# the cost grows with the catalogue, not with catalogue x pairs (n^2.1 in bench/results/scaling_cpu.md). Both
+# the cost grows with the catalogue, not with catalogue x pairs (quadratic: the pairs grow with the catalogue). Both
 # development catalogues stay under it (Beauty: 13k validation / 22k test pairs), so their figures are exact.
 MAX_EVAL_PAIRS = 50_000
 

@@ -86,8 +86,8 @@ class PaddedTokenizer:
     def _backend(self):
         """The Rust tokenizer behind a fast tokenizer, set to truncate as the tokenizer's own call does (padding is
         done here, in numpy). Calling it directly skips transformers' per-text Python work, which bound the GPU path
-        (~20k titles/s on an H200 against a ~200k/s forward); None for a slow tokenizer or left padding, which go
-        through the tokenizer's own call."""
+        far below the forward's own rate; None for a slow tokenizer or left padding, which go through the
+        tokenizer's own call."""
         import copy
 
         tok = self.tokenizer
@@ -140,15 +140,14 @@ def _tokenize_in_worker(texts: list[str], window: int) -> dict:
 
 def default_text_batch(device: str) -> int:
     """Texts per forward: 64 on CPU; 1024 on a GPU, where a 64-text forward is bound by Python and kernel launches
-    (H200, 100k title + description texts up to 256 tokens: 11.4k/s at 64, 27k/s at 1024 with 2.5 GB peak, 34k/s
-    at 2048 with 4.9 GB; 1024 leaves room on small GPUs)."""
+    (2048 is faster still but holds twice the memory; 1024 leaves room on small GPUs)."""
     return 1024 if device.startswith("cuda") else 64
 
 
 def default_tokenize_workers(device: str) -> int:
     """Tokenizer processes a GPU tower uses: the forward of a 2048-title batch outruns one Python process that
-    both tokenizes and launches kernels (they share one GIL: 122k titles/s on the H200 against a 293k/s forward),
-    so tokenizing moves to other cores. 0 on CPU, where the forward is the bound."""
+    both tokenizes and launches kernels (they share one GIL), so tokenizing moves to other cores. 0 on CPU, where
+    the forward is the bound."""
     return min(8, max(0, (os.cpu_count() or 1) - 2)) if device.startswith("cuda") else 0
 
 
@@ -316,7 +315,7 @@ class TextTower:
         window = self.max_length * 32
         result, touch = None, None
         if on_gpu:  # the result's pages are first touched meanwhile, off the GIL: faulting them in during the final
-            # copy made it 1.4 GB/s (H200 host, 400k x 384 floats: half a second)
+            # copy made that copy crawl
             import threading
 
             result = np.empty((len(texts), self.dim), np.float32)

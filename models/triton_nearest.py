@@ -3,8 +3,8 @@
 A row block keeps its vectors in registers, walks the codes in tiles and keeps a running (min, argmin), so the
 [rows, codes] score block of the cuBLAS path (1 GB at 1M x 256) is never written or read back; for residual
 quantization the same kernel also writes the row's residual for the next level. Dot products run on tensor cores
-as 3xTF32 (fp32 split into a high and a low TF32 part, three products): fp32 accuracy, unlike plain TF32, which
-moved 306 of 1M rows' codes on the H200 bench. Ties go to the lowest code, as torch.argmin does.
+as 3xTF32 (fp32 split into a high and a low TF32 part, three products): fp32 accuracy, unlike plain TF32, whose
+rounding moves some rows to another code. Ties go to the lowest code, as torch.argmin does.
 
 Imported only on the CUDA path (models/kmeans.py); importing this module imports triton."""
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _nearest_kernel(X, C, CN, CODES, n, codes_stride, k, D: tl.constexpr, DP: tl
 def _launch(r: torch.Tensor, c: torch.Tensor, codes: torch.Tensor, residual: bool) -> None:
     n, d = r.shape
     dp = max(16, triton.next_power_of_2(d))  # tl.dot wants a power-of-two inner size of at least 16
-    # measured on the H200 at 1M x 128, 256 codes: 128 x 64 tiles, 8 warps (64 x 128 and 128 x 128 ran out of
+    # 128 x 64 tiles, 8 warps: the fastest shape tried for 128-wide vectors (64 x 128 and 128 x 128 run out of
     # shared memory with 3xTF32); a 256-wide row block halves both tiles to stay inside it
     bm, bn, warps = (128, 64, 8) if dp <= 128 else (64, 32, 4)
     cc = c.to(r.device, torch.float32).contiguous()

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     encoder_lr: float = 1e-3
     encoder_content_weight: float = 1.0
     # share of each encoder batch whose pairs share one first-level cluster (hard in-batch negatives); 0.5 chosen on
-    # pseudo-cold validation of both dev catalogues (bench/results/hard_negatives_vs_plain_encoder.md)
+    # pseudo-cold validation of both dev catalogues (README, "Results so far")
     encoder_hard_negative_share: float = 0.5
 
     # codebook: None sizes them to the catalogue
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     # items (variant + levers, JSON); None: <home>/ranker_spec.json where it exists, else the settings above
     ranker_spec: Path | None = None
     # the ranker reads the item's frozen text-tower vector (served as `content` of the embedding view) beside the
-    # aligned one: +1.4 / +0.7 unseen GAUC on MovieLens / Beauty (bench/results/raw_content_*)
+    # aligned one: better unseen GAUC on both dev catalogues (README, "Results so far")
     ranker_raw_content: bool = True
     ranker_cold_behavior: Literal["oov", "generated"] = "oov"
     ranker_distill_weight: float = 1.0
@@ -114,8 +114,8 @@ class Settings(BaseSettings):
 
     # refresh: the gates that guard promotion
     # challenger AUC may trail the champion's by this much (or by twice the AUC's sampling noise, if larger):
-    # calibrated on legitimate refreshes (bench/results/gate_calibration.md), where a model trained on other data
-    # of the same catalogue trailed by up to 0.017 overall and 0.019 on unseen items from training variance alone
+    # calibrated on legitimate refreshes (README, "Refresh, registry and gates"): a model trained on other data of
+    # the same catalogue trails by nearly this much from training variance alone
     gate_auc_tolerance: float = 0.02
     gate_cold_auc_tolerance: float = 0.025
     gate_max_level0_churn: float = 0.6

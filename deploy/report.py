@@ -30,7 +30,9 @@ def build_report(settings: Settings, out: Path, run_id: str | None = None) -> Pa
     if run_id is None:
         runs = reg.client.search_runs([reg.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
-            raise ValueError("no refresh has been logged yet: run `semalign run` first")
+            from semalign.errors import NotFoundError
+
+            raise NotFoundError("no refresh has been logged yet: run `semalign run` first")
         run = runs[0]
     else:
         run = reg.client.get_run(run_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semalign.errors import InvalidInputError
+from semalign.errors import DamagedFileError, InvalidInputError, reading
 
 RANKER_FILES = ("ranker.safetensors", "ranker.json", "vocab.json")
 
@@ -46,24 +46,26 @@ class RankerScorer:
         folder = Path(folder)
         missing = [f for f in RANKER_FILES if not (folder / f).exists()]
         if missing:
-            raise FileNotFoundError(f"{folder}: not a ranker folder (missing {missing})")
-        self.meta = json.loads((folder / "ranker.json").read_text())
-        cfg = self.meta["config"]
-        cfg["hidden"] = tuple(cfg["hidden"])
-        self.cfg = RankerConfig(**cfg)
+            raise DamagedFileError(folder, f"{folder}: not a ranker folder (missing {missing})")
+        with reading(folder / "ranker.json"):  # not JSON, or a configuration the model refuses
+            self.meta = json.loads((folder / "ranker.json").read_text())
+            cfg = self.meta["config"]
+            cfg["hidden"] = tuple(cfg["hidden"])
+            self.cfg = RankerConfig(**cfg)
         self.hashes_ids = bool(self.cfg.id_buckets) and self.cfg.variant not in SID_ROWS  # a bounded ID table
         self.codebook_version = self.meta["codebook_version"]
         self.users_version = self.meta.get("users_version")   # the user-feature snapshot it was trained with
         if not self.users_version:
-            raise ValueError(f"{folder}: ranker.json names no user-feature snapshot (a ranker from before snapshots): "
-                             "run the refresh again to train one that pins its users")
+            raise DamagedFileError(folder, f"{folder}: ranker.json names no user-feature snapshot (a ranker from "
+                                   "before snapshots): run the refresh again to train one that pins its users")
         self.levels = int(self.meta["levels"])
         vocab = json.loads((folder / "vocab.json").read_text())
         self.id_row = {iid: i + 1 for i, iid in enumerate(vocab)}
         dim = int(self.meta["content_dim"])
         self.raw_dim = int(self.meta.get("raw_dim", 0)) if self.cfg.reads_raw else 0
         if self.cfg.reads_raw and not self.raw_dim:
-            raise ValueError(f"{folder}: the ranker reads text-tower vectors but ranker.json records no raw_dim")
+            raise DamagedFileError(folder, f"{folder}: the ranker reads text-tower vectors but ranker.json records "
+                                   "no raw_dim")
         tables = ItemTables(id_vocab=np.arange(len(vocab) + 1), content=np.zeros((1, dim), np.float32),
                             raw=np.zeros((1, self.raw_dim), np.float32) if self.raw_dim else None,
                             codes=np.zeros((1, self.levels), np.int64), n_codes=int(self.meta["n_codes"]),
@@ -74,16 +76,16 @@ class RankerScorer:
         try:
             state = load_file(str(folder / "ranker.safetensors"))
         except Exception as e:  # truncated or tampered: refuse, naming the file
-            raise ValueError(f"{folder / 'ranker.safetensors'}: not a readable safetensors file ({str(e)[:200]}); "
-                             "refusing to load") from e
+            raise DamagedFileError(folder / "ranker.safetensors", f"{folder / 'ranker.safetensors'}: not a readable "
+                                   f"safetensors file ({str(e)[:200]}); refusing to load") from e
         try:
             missing_keys, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # right names, wrong shapes
-            raise ValueError(f"{folder}: ranker weights do not match its config ({str(e)[:300]})") from e
+            raise DamagedFileError(folder, f"{folder}: ranker weights do not match its config ({str(e)[:300]})") from e
         buffers = {n for n, _ in self.model.named_buffers()}
         if unexpected or set(missing_keys) - buffers:
-            raise ValueError(f"{folder}: ranker weights do not match its config (missing {missing_keys}, "
-                             f"unexpected {unexpected})")
+            raise DamagedFileError(folder, f"{folder}: ranker weights do not match its config (missing "
+                                   f"{missing_keys}, unexpected {unexpected})")
         self.model.eval()
         self.torch = torch
         if store is None:

@@ -27,7 +27,7 @@ class ItemEmbedder:
 
     def embed(self, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(aligned vectors [n, d], text-tower vectors [n, dt]) of items' content."""
-        from semalign.models.encoder import embed_items, load_encoder
+        from semalign.models.encoder import embed_items
         from semalign.models.towers import TextTower
 
         if self.encoder_version is None:
@@ -36,10 +36,10 @@ class ItemEmbedder:
         empty = text.isna() | (text.astype(str).str.strip() == "")
         if empty.any():
             raise InvalidInputError(f"onboarding needs a non-empty 'text' for every item; missing for "
-                             f"{items.loc[empty, 'item_id'].tolist()[:5]}")
+                                    f"{items.loc[empty, 'item_id'].tolist()[:5]}")
         dev = self.settings.resolved_device()
         if self._encoder is None:
-            self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)
+            self._encoder = self._load_encoder(dev)
             # onboarding batches are small and this may run inside the scoring server (threads): no forked tokenizer
             # processes, and no CUDA graphs (a replay's input and output tensors are shared by every caller)
             self._text = TextTower(self.settings.resolved_text_model(), device=dev, tokenize_workers=0,
@@ -54,16 +54,24 @@ class ItemEmbedder:
     def embed_text_vectors(self, text: np.ndarray) -> np.ndarray:
         """Aligned vectors [n, d] of items known only by their text-tower vectors [n, dt] (no image): how items
         onboarded under another codebook version are carried into this one."""
-        from semalign.models.encoder import embed_items, load_encoder
+        from semalign.models.encoder import embed_items
 
         if self.encoder_version is None:
             raise FeatureStoreError(f"codebook {self.version} does not record its encoder")
         dev = self.settings.resolved_device()
         if self._encoder is None:
-            self._encoder, _ = load_encoder(self.settings.encoders_dir / self.encoder_version, dev)
+            self._encoder = self._load_encoder(dev)
         image = np.zeros((len(text), self._encoder.cfg.image_dim), np.float32) if self._encoder.cfg.image_dim else None
         emb = embed_items(self._encoder, np.asarray(text, np.float32), image, np.zeros(len(text), bool), dev)
         return (emb @ self.rotation).astype(np.float32) if self.rotation is not None else emb
+
+    def _load_encoder(self, dev: str):
+        from semalign.errors import reading
+        from semalign.models.encoder import load_encoder
+
+        folder = self.settings.encoders_dir / self.encoder_version
+        with reading(folder):  # a damaged encoder file: DamagedFileError naming it (the service answers 500)
+            return load_encoder(folder, dev)[0]
 
     def _images(self, items: pd.DataFrame, dev) -> tuple[np.ndarray | None, np.ndarray]:
         """Image-tower features [n, di] (zeros where an item has none) and which items have one."""

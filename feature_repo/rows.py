@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from semalign.errors import DataValidationError, InvalidInputError
 from semalign.feature_repo.errors import FeatureStoreError
 from semalign.feature_repo.repo_config import EMB_VIEW, REVERSE_VIEW, SID_VIEW
 
@@ -37,13 +38,13 @@ def full_sids(codes: np.ndarray, dedup) -> list[str]:
 def publish_inputs(codebook, item_ids: list[str], embeddings, levels: int) -> np.ndarray:
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[1] != codebook.dim:
-        raise ValueError(f"embeddings for codebook {codebook.version} must have width {codebook.dim}; "
-                         f"got shape {tuple(emb.shape)}; nothing was published")
+        raise InvalidInputError(f"embeddings for codebook {codebook.version} must have width {codebook.dim}; "
+                                f"got shape {tuple(emb.shape)}; nothing was published")
     if len(item_ids) != len(emb):
-        raise ValueError(f"{len(item_ids)} item ids but {len(emb)} embeddings; nothing was published")
+        raise InvalidInputError(f"{len(item_ids)} item ids but {len(emb)} embeddings; nothing was published")
     dup = pd.Index(item_ids)[pd.Index(item_ids).duplicated()].unique().tolist()
     if dup:
-        raise ValueError(f"duplicate item ids {dup[:5]}; nothing was published")
+        raise InvalidInputError(f"duplicate item ids {dup[:5]}; nothing was published")
     if codebook.levels != levels:
         raise FeatureStoreError(f"codebook {codebook.version} has {codebook.levels} levels; this store's "
                                 f"feature view has {levels}")
@@ -56,25 +57,27 @@ def onboarding_items(items: pd.DataFrame) -> pd.DataFrame:
     from semalign.data import ID_EXPECTED, MAX_TEXT_CHARS, bad_ids
 
     if "item_id" not in items:
-        raise ValueError("items need an item_id column (and text, optionally image_path)")
+        raise DataValidationError(None, None, "item_id", "an item_id column (and text, optionally image_path)")
     items = items.copy()
     missing = items["item_id"].map(lambda v: v is None or (isinstance(v, float) and v != v) or str(v).strip() == "")
     if missing.any():
-        raise ValueError(f"row {int(np.flatnonzero(missing.to_numpy())[0]) + 1}, column item_id: expected a non-empty "
-                         "id; nothing was onboarded")
+        raise DataValidationError(None, int(np.flatnonzero(missing.to_numpy())[0]) + 1, "item_id",
+                                  "a non-empty id; nothing was onboarded", int(missing.sum()))
     items["item_id"] = items["item_id"].astype(str)
     bad = bad_ids(items["item_id"])
     if bad.any():
-        raise ValueError(f"row {int(np.flatnonzero(bad)[0]) + 1}, column item_id: expected {ID_EXPECTED}; "
-                         "nothing was onboarded")
+        raise DataValidationError(None, int(np.flatnonzero(bad)[0]) + 1, "item_id",
+                                  f"{ID_EXPECTED}; nothing was onboarded", int(bad.sum()))
     if "text" in items:
         long = items["text"].map(lambda t: isinstance(t, str) and len(t) > MAX_TEXT_CHARS).to_numpy(bool)
         if long.any():
-            raise ValueError(f"row {int(np.flatnonzero(long)[0]) + 1}, column text: expected at most "
-                             f"{MAX_TEXT_CHARS:,} characters; nothing was onboarded")
+            raise DataValidationError(None, int(np.flatnonzero(long)[0]) + 1, "text",
+                                      f"at most {MAX_TEXT_CHARS:,} characters; nothing was onboarded", int(long.sum()))
     if items["item_id"].duplicated().any():
-        raise ValueError(f"duplicate item ids in the onboarding batch: "
-                         f"{items.loc[items['item_id'].duplicated(), 'item_id'].tolist()[:5]}")
+        dup = items["item_id"].duplicated().to_numpy()
+        raise DataValidationError(None, int(np.flatnonzero(dup)[0]) + 1, "item_id",
+                                  f"unique ids in the onboarding batch; repeated: {items.loc[dup, 'item_id'].tolist()[:5]}; "
+                                  "nothing was onboarded", int(dup.sum()))
     return items
 
 
@@ -84,10 +87,10 @@ def content_vectors(content, n: int, outcome: str) -> np.ndarray | None:
         return None
     raw = np.asarray(content, dtype=np.float32)
     if raw.ndim != 2 or len(raw) != n or raw.shape[1] == 0:
-        raise ValueError(f"content vectors must have shape ({n}, dim); got {tuple(raw.shape)}; {outcome}")
+        raise InvalidInputError(f"content vectors must have shape ({n}, dim); got {tuple(raw.shape)}; {outcome}")
     if not np.isfinite(raw).all():
         bad = int(np.flatnonzero(~np.isfinite(raw).all(1))[0])
-        raise ValueError(f"content vector of row {bad} is not finite; {outcome}")
+        raise InvalidInputError(f"content vector of row {bad} is not finite; {outcome}")
     return raw
 
 
@@ -96,5 +99,5 @@ def timestamps(available_at, n: int) -> pd.Series:
         return pd.Series([EPOCH] * n)
     ts = pd.to_datetime(pd.Series(list(available_at)), utc=True)
     if len(ts) != n:
-        raise ValueError(f"available_at has {len(ts)} values for {n} items")
+        raise InvalidInputError(f"available_at has {len(ts)} values for {n} items")
     return ts.fillna(EPOCH)

@@ -26,6 +26,7 @@ from semalign import atomic, state
 from semalign.artifacts import codebook_folder, write_lineage
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
+from semalign.errors import InvalidInputError
 from semalign.feature_repo import online
 from semalign.feature_repo.catalogue import CodebookCatalogue, sid_keys
 from semalign.feature_repo.direct import check_vectors_served, sid_columns
@@ -193,7 +194,7 @@ class SemanticIdStore:
         gets the SID its item had under the pinned version at that time (null before the item was published
         or onboarded into that version)."""
         if "item_id" not in frame or "event_timestamp" not in frame:
-            raise ValueError("the frame needs columns item_id and event_timestamp")
+            raise InvalidInputError("the frame needs columns item_id and event_timestamp")
         ent = frame.copy()
         if "codebook_version" not in ent:
             ent["codebook_version"] = self._published(version)["version"]
@@ -226,8 +227,8 @@ class SemanticIdStore:
         version, levels = row["version"], row["levels"]
         parts = str(sid).strip().split("-")
         if not 1 <= len(parts) <= levels + 1 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"'{sid}' is not a SID prefix of codebook {version}: expected 1 to {levels + 1} "
-                             "non-negative codes joined by '-', e.g. '12' or '12-5'")
+            raise InvalidInputError(f"'{sid}' is not a SID prefix of codebook {version}: expected 1 to "
+                                    f"{levels + 1} non-negative codes joined by '-', e.g. '12' or '12-5'")
         codes = [str(int(p)) for p in parts]
         if len(codes) > levels:  # a full SID names one item: the online store's reverse view answers
             return self.items_by_full_sid(["-".join(codes)], version)
@@ -329,8 +330,8 @@ class SemanticIdStore:
         else:
             emb = np.asarray(embeddings, dtype=np.float32)
             if emb.ndim != 2 or emb.shape != (len(items), row["dim"]):
-                raise ValueError(f"embeddings for codebook {version} must have shape ({len(items)}, {row['dim']}); "
-                                 f"got {tuple(emb.shape)}; nothing was onboarded")
+                raise InvalidInputError(f"embeddings for codebook {version} must have shape ({len(items)}, "
+                                        f"{row['dim']}); got {tuple(emb.shape)}; nothing was onboarded")
             raw = content_vectors(content, len(items), "nothing was onboarded")
         ids = items["item_id"].tolist()
         # reserve the slots (committed), write both stores, confirm: a writer that dies in between leaves a

@@ -17,6 +17,7 @@ import pandas as pd
 
 from semalign.config import Settings
 from semalign.data import ALL_BUCKETS, item_buckets, settings_split
+from semalign.errors import InvalidInputError, NotFoundError
 from semalign.features import build_frames, item_tables, user_features
 from semalign.progress import Reporter
 
@@ -139,13 +140,13 @@ def parse_model(name: str) -> tuple[str, dict]:
     for kv in filter(None, rest.split("+")):
         k, sep, v = kv.partition("=")
         if not sep or k not in types or k in ("variant", "seed", "hidden"):
-            raise ValueError(f"model '{name}': '{kv}' is not lever=value with a RankerConfig lever")
+            raise InvalidInputError(f"model '{name}': '{kv}' is not lever=value with a RankerConfig lever")
         t = str(types[k])
         try:
             levers[k] = (v.lower() in ("1", "true", "yes")) if t == "bool" else int(v) if t == "int" \
                 else float(v) if t == "float" else v
         except ValueError:
-            raise ValueError(f"model '{name}': lever {k} expects a {t}, got '{v}'") from None
+            raise InvalidInputError(f"model '{name}': lever {k} expects a {t}, got '{v}'") from None
     return variant, levers
 
 
@@ -158,7 +159,7 @@ def codebook_levers(levers: dict) -> tuple[dict, dict]:
     cb = {k.removeprefix("codebook_"): v for k, v in levers.items() if k in CODEBOOK_LEVERS}
     for k, v in cb.items():
         if v < (2 if k == "codes" else 1):
-            raise ValueError(f"codebook_{k} must be >= {2 if k == 'codes' else 1}, got {v}")
+            raise InvalidInputError(f"codebook_{k} must be >= {2 if k == 'codes' else 1}, got {v}")
     return ranker, cb
 
 
@@ -171,7 +172,7 @@ def id_budget(levers: dict, n_items: int) -> dict:
     ratio = levers.pop("items_per_row", None)
     if ratio is not None:
         if ratio < 0:
-            raise ValueError(f"items_per_row must be >= 0, got {ratio}")
+            raise InvalidInputError(f"items_per_row must be >= 0, got {ratio}")
         levers["id_buckets"] = math.ceil(n_items / ratio) if ratio else 0
     return levers
 
@@ -327,7 +328,7 @@ def load_saved(json_path: Path) -> tuple[dict, dict]:
     out = json.loads(json_path.read_text())
     npz = json_path.with_suffix(".preds.npz")
     if not npz.exists():
-        raise FileNotFoundError(f"{npz}: the predictions of {json_path.name} are missing (written by --out)")
+        raise NotFoundError(f"{npz}: the predictions of {json_path.name} are missing (written by --out)")
     saved = {}
     with np.load(npz, allow_pickle=False) as z:
         for key in z.files:
@@ -351,10 +352,10 @@ def merge_experiments(paths: list[Path], json_path: Path | None = None, n_boot: 
     for (out, sv), p in zip(runs, paths):
         for key in ("dataset", "split", "served"):
             if out.get(key) != first.get(key):
-                raise ValueError(f"{p}: cannot merge, its {key} differs ({out.get(key)!r} vs {first.get(key)!r})")
+                raise InvalidInputError(f"{p}: cannot merge, its {key} differs ({out.get(key)!r} vs {first.get(key)!r})")
         for m, c in out.get("configs", {}).items():
             if configs.setdefault(m, c) != c:
-                raise ValueError(f"{p}: cannot merge, model {m} was trained with another configuration")
+                raise InvalidInputError(f"{p}: cannot merge, model {m} was trained with another configuration")
         models += [m for m in out["models"] if m not in models]
         for seed, d in sv.items():
             if seed not in saved:
@@ -362,16 +363,16 @@ def merge_experiments(paths: list[Path], json_path: Path | None = None, n_boot: 
                 continue
             have = saved[seed]
             if not (np.array_equal(have["y"], d["y"]) and np.array_equal(have["users"], d["users"])):
-                raise ValueError(f"{p}: seed {seed} has other test events than another file")
+                raise InvalidInputError(f"{p}: seed {seed} has other test events than another file")
             dup = set(have["preds"]) & set(d["preds"])
             if dup:
-                raise ValueError(f"{p}: seed {seed} of models {sorted(dup)} is already in another file")
+                raise InvalidInputError(f"{p}: seed {seed} of models {sorted(dup)} is already in another file")
             have["preds"].update(d["preds"])
         fits += out.get("fits", [])
         wall += float(out.get("wall_s", 0.0))
     incomplete = {seed: sorted(set(models) - set(d["preds"])) for seed, d in saved.items() if set(models) - set(d["preds"])}
     if incomplete:
-        raise ValueError(f"cannot merge: seeds miss models {incomplete}")
+        raise InvalidInputError(f"cannot merge: seeds miss models {incomplete}")
     served = served or first["served"]
     merged = {**{k: first.get(k) for k in ("dataset", "split", "device", "rank_config")}, "served": served,
               "models": models, "configs": configs, "seeds": sorted(saved), "fits": fits, "wall_s": round(wall, 1),

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from semalign.config import Settings
-from semalign.errors import UnavailableError
+from semalign.errors import InvalidInputError, UnavailableError
 
 ProgressFn = Callable[[int], None]
 IMAGE_DIM = 1280  # models.towers.ImageTower.dim (EfficientNet-Lite0's pooled features)
@@ -66,7 +66,7 @@ def connect(settings: Settings):
     """The `ray` module, connected to the cluster at `settings.ray_address` (once per process and address)."""
     address = settings.ray_address
     if not address:
-        raise ValueError("connect() needs SEMALIGN_RAY_ADDRESS")
+        raise InvalidInputError("connect() needs SEMALIGN_RAY_ADDRESS (a Ray cluster's address)")
     if _loopback(address) and "ray" not in sys.modules:
         # a cluster on loopback is one machine: Ray would otherwise swap 127.0.0.1 for the host's network address
         # and wait forever for a head that listens on loopback only (read when Ray is imported)

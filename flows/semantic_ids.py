@@ -15,6 +15,7 @@ import pandas as pd
 from semalign import artifacts, atomic
 from semalign.config import Settings
 from semalign.data import Dataset, Split, load_dataset, mine_pairs, settings_split
+from semalign.errors import InvalidInputError, NotFoundError, reading
 from semalign.hashing import digest
 from semalign.progress import Reporter
 
@@ -124,8 +125,9 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     parent_model, parent_meta = None, {}
     if parent_version:
         if not (settings.encoders_dir / parent_version / "encoder.json").exists():
-            raise KeyError(f"unknown parent encoder '{parent_version}' under {settings.encoders_dir}")
-        parent_model, parent_meta = load_encoder(settings.encoders_dir / parent_version, device)
+            raise NotFoundError(f"unknown parent encoder '{parent_version}' under {settings.encoders_dir}")
+        with reading(settings.encoders_dir / parent_version):
+            parent_model, parent_meta = load_encoder(settings.encoders_dir / parent_version, device)
     if parent_meta.get("input_key") == input_key:  # same inputs as the parent: the parent is the result
         version, model, meta, parent_model = parent_version, parent_model, parent_meta, None
     elif parent_model is not None and parent_model.cfg == cfg:  # warm start; a different shape cannot
@@ -135,7 +137,8 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     folder = settings.encoders_dir / version
     reused = (folder / "encoder.json").exists()
     if reused and version != parent_version:
-        model, meta = load_encoder(folder, device)
+        with reading(folder):
+            model, meta = load_encoder(folder, device)
     elif not reused:
         with rep.stage("encoder" + (" (from parent)" if parent_model is not None else ""), cfg.epochs) as adv:
             res = train_encoder(feats.text, feats.image, feats.has_image, pairs, val_pairs, cfg, device,
@@ -193,7 +196,9 @@ def load_codebook(settings: Settings, version: str):
     folder = artifacts.codebook_folder(settings, version)
     if not folder.path.exists():
         known = artifacts.built_versions(settings)
-        raise KeyError(f"unknown codebook version '{version}' (known: {known or 'none'})")
+        from semalign.feature_repo.errors import UnknownVersionError
+
+        raise UnknownVersionError(f"unknown codebook version '{version}' (known: {known or 'none'})")
     return folder.load_codebook()
 
 
@@ -335,7 +340,7 @@ def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
     rows = pd.Index(ds.items["item_id"]).get_indexer(pd.Index(item_ids))
     if (rows < 0).any():
         missing = pd.Index(item_ids)[rows < 0].tolist()[:5]
-        raise ValueError(f"{holder} holds items the dataset {ds.name} lacks ({missing}); nothing was published")
+        raise InvalidInputError(f"{holder} holds items the dataset {ds.name} lacks ({missing}); nothing was published")
     return rows
 
 

@@ -23,8 +23,13 @@ def export_sid_bundle(settings: Settings, version: str | None, dest: Path) -> di
     cb = folder.load_codebook()
     enc_version = folder.encoder_version()
     if enc_version is None:
-        raise ValueError(f"codebook {version} does not record its encoder: it has no tokenizer bundle")
-    encoder, _ = load_encoder(settings.encoders_dir / enc_version, "cpu")
+        from semalign.errors import InvalidInputError
+
+        raise InvalidInputError(f"codebook {version} does not record its encoder: it has no tokenizer bundle")
+    from semalign.errors import reading
+
+    with reading(settings.encoders_dir / enc_version):
+        encoder, _ = load_encoder(settings.encoders_dir / enc_version, "cpu")
     item_ids, codes = store.catalogue.sid_table(version, cb.levels)
     meta = {"codebook_version": version, "encoder_version": enc_version, "method": cb.method, "levels": cb.levels,
             "codes": cb.codes, "dim": cb.dim, "text_model": text_fingerprint(settings.resolved_text_model()),

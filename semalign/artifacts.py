@@ -34,9 +34,11 @@ class CodebookFolder:
         return (self.path / "codebook.json").exists()
 
     def load_codebook(self):
+        from semalign.errors import reading
         from semalign.models.codebook import Codebook
 
-        return Codebook.load(self.path)
+        with reading(self.path):  # tampered, truncated or edited by hand: DamagedFileError naming the folder
+            return Codebook.load(self.path)
 
     def lineage(self) -> dict:
         p = self.path / "lineage.json"

@@ -197,7 +197,9 @@ class Settings(BaseSettings):
         except OSError as e:
             why = e.strerror or str(e)
             hint = " (free some space)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            raise ValueError(f"SEMALIGN_HOME {self.home} is not writable: {why}{hint}; nothing was changed") from e
+            from semalign.errors import InvalidInputError
+
+            raise InvalidInputError(f"SEMALIGN_HOME {self.home} is not writable: {why}{hint}; nothing was changed") from e
         return self.home
 
     def resolved_state_url(self) -> str:
@@ -225,7 +227,9 @@ class Settings(BaseSettings):
 
     def resolved_data(self) -> Path:
         if self.data is None:
-            raise ValueError(
+            from semalign.errors import InvalidInputError
+
+            raise InvalidInputError(
                 "no dataset given: pass --data PATH or set SEMALIGN_DATA "
                 "(MovieLens-100K folder with u.data/u.item, or a folder with items.csv + interactions.csv)"
             )
@@ -233,4 +237,22 @@ class Settings(BaseSettings):
 
 
 def get_settings(**overrides) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment and `overrides`; a value that does not validate is an InvalidInputError naming
+    the setting (pydantic's own error, a ValueError, stays inside: validators raise ValueError as pydantic asks)."""
+    from pydantic import ValidationError
+
+    from semalign.errors import InvalidInputError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        raise InvalidInputError("invalid settings: " + "; ".join(_setting_error(x) for x in e.errors())) from None
+
+
+def _setting_error(err: dict) -> str:
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    field = ".".join(str(x) for x in err.get("loc", ()))
+    if not field:
+        return msg
+    given = repr(err.get("input"))
+    return f"SEMALIGN_{field.upper()}={given[:80]}: {msg}"

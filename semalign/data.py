@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from semalign.errors import InvalidInputError
+from semalign.errors import DataValidationError, InvalidInputError, NotFoundError  # noqa: F401 (DataValidationError: re-exported)
 
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MOVIELENS_GENRES = [
@@ -35,21 +35,6 @@ FUTURE_SLACK_S = 86_400      # clock skew tolerated on event timestamps
 MAX_ID_CHARS = 256           # item and user ids: printable, at most this long (the store's keys and the API's)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 BadRowPolicy = Literal["error", "quarantine"]
-
-
-class DataValidationError(InvalidInputError):
-    """Input that breaks the data contract. Names the file, the row (1-based data row), the column and
-    what was expected, plus how many rows share the problem."""
-
-    def __init__(self, file: str | Path, row: int | None, column: str | None, expected: str, count: int = 1):
-        self.file, self.row, self.column, self.expected, self.count = str(file), row, column, expected, count
-        where = f"{file}"
-        if row is not None:
-            where += f", row {row}"
-        if column is not None:
-            where += f", column '{column}'"
-        more = f" ({count} rows in all)" if count > 1 else ""
-        super().__init__(f"{where}: expected {expected}{more}")
 
 
 @dataclass
@@ -82,7 +67,7 @@ def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quaranti
     """MovieLens-100K folder (u.data + u.item) or a generic contract folder (items.* + interactions.*)."""
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {path}")
+        raise NotFoundError(f"dataset folder not found: {path}")
     if (path / "u.data").exists() and (path / "u.item").exists():
         items, inter, files = _read_movielens(path)
         name = "movielens-100k"
@@ -404,7 +389,7 @@ def make_split(ds: Dataset, kind: str = "cold-items", seed: int = 0, cold_share:
     elif kind == "temporal":
         is_cold = np.zeros(len(ev), dtype=bool)
     else:
-        raise ValueError(f"unknown split '{kind}': expected 'cold-items' or 'temporal'")
+        raise InvalidInputError(f"unknown split '{kind}': expected 'cold-items' or 'temporal'")
     part = np.full(len(ev), "test", dtype=object)
     warm_pos = np.flatnonzero(~is_cold)  # events are already in (ts, user, item) order
     n = len(warm_pos)
@@ -468,7 +453,9 @@ def user_histories(events: pd.DataFrame, train: pd.DataFrame, max_len: int = 50)
     t0 = min(int(p_ts.min()), int(ev_t.min()))
     span = max(int(p_ts.max()), int(ev_t.max())) - t0 + 1
     if (max(int(p_user.max()), int(ev_u.max())) + 1) * span >= 2 ** 62:
-        raise ValueError("user_histories: user index x timestamp range overflows a 64-bit key")
+        raise InvalidInputError(f"the dataset's {max(int(p_user.max()), int(ev_u.max())) + 1:,} users over a timestamp "
+                                f"range of {span:,} s overflow the 64-bit history key: drop events outside the "
+                                "window you train on")
     cut = np.searchsorted(p_user * span + (p_ts - t0), ev_u * span + (ev_t - t0), side="left")  # strictly before
     lens[:] = np.minimum(cut - np.searchsorted(p_user, ev_u, side="left"), max_len)
     col = np.arange(max_len)

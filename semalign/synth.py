@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from semalign.errors import InvalidInputError
+
 ITEM_CHUNK = 100_000       # items per written row group
 EVENT_CHUNK = 1_000_000    # events per chunk of users (approximately: whole users per chunk)
 DAY = 86_400
@@ -62,12 +64,12 @@ class SynthConfig:
         users = self.users if self.users is not None else max(1, self.items // 2)
         events = self.events if self.events is not None else 10 * self.items
         if self.items < 1 or users < 1 or events < 1:
-            raise ValueError(f"synth needs at least one item, user and event (items={self.items}, "
-                             f"users={users}, events={events})")
+            raise InvalidInputError(f"synth needs at least one item, user and event (items={self.items}, "
+                                    f"users={users}, events={events})")
         if not 0 <= self.late_share < 1:
-            raise ValueError(f"late_share must be in [0, 1), got {self.late_share}")
+            raise InvalidInputError(f"late_share must be in [0, 1), got {self.late_share}")
         if not 0 <= self.images <= self.items:
-            raise ValueError(f"--images must be between 0 and the number of items ({self.items}), got {self.images}")
+            raise InvalidInputError(f"--images must be between 0 and the number of items ({self.items}), got {self.images}")
         topics = max(1, min(self.topics, self.items // 5 or 1))  # every topic holds items
         return SynthConfig(**{**asdict(self), "users": users, "events": events, "topics": topics})
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from semalign.cli.common import DataOpt, HomeOpt, JsonOpt, emit, load_settings, print_summary
+from semalign.errors import DataValidationError, InvalidInputError, NotFoundError
 
 
 def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, as_json: bool = JsonOpt,
@@ -17,7 +18,6 @@ def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, 
     text-tower vectors, which the default ranker reads, to the feature store (offline + online)."""
     import numpy as np
 
-    from semalign.errors import NotFoundError
     from semalign.feature_repo.store import open_store
     from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
 
@@ -91,7 +91,7 @@ def ids_similar(item: str = typer.Argument(..., help="An item the version holds,
         row = {"item_id": item, "text": text}
         if image is not None:
             if not image.is_file():
-                raise FileNotFoundError(f"--image {image}: no such file")
+                raise NotFoundError(f"--image {image}: no such file")
             row["image_path"] = str(image.resolve())
         codes, emb, _ = store.encode(pd.DataFrame([row]), version=version)
         sid = "-".join(map(str, codes[0].tolist()))
@@ -100,7 +100,7 @@ def ids_similar(item: str = typer.Argument(..., help="An item the version holds,
         from semalign.feature_repo.store import SemanticIdStore
 
         if image is not None:
-            raise ValueError("--image needs --text (a new item's content)")
+            raise InvalidInputError("--image needs --text (a new item's content)")
         store = SemanticIdStore(s)
         got = store.semantic_ids([item], version=version, with_embedding=True)
         emb = np.stack(got["embedding"].to_numpy())
@@ -151,7 +151,7 @@ def ids_diff(old: str = typer.Argument(..., help="The older codebook version."),
     from semalign.feature_repo.store import SemanticIdStore
 
     if out is not None and out.suffix.lower() not in (".csv", ".parquet"):
-        raise ValueError(f"--out {out}: expected a .csv or .parquet file")
+        raise InvalidInputError(f"--out {out}: expected a .csv or .parquet file")
     s = load_settings(home, None)
     summary, table = SemanticIdStore(s).diff(old, new)
     if out is not None:
@@ -209,7 +209,7 @@ def read_items(file: Path):
     import pandas as pd
 
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no such file")
+        raise NotFoundError(f"{file}: no such file")
     suffix = file.suffix.lower()
     if suffix == ".csv":  # as the data contract reads tables: "NA" or "null" is an id, an empty field is missing
         items = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
@@ -218,10 +218,10 @@ def read_items(file: Path):
     elif suffix in (".jsonl", ".json"):
         items = pd.read_json(file, lines=suffix == ".jsonl", dtype={"item_id": str})
     else:
-        raise ValueError(f"{file}: expected .csv, .parquet or .jsonl, got '{suffix}'")
+        raise DataValidationError(file, None, None, f"a .csv, .parquet or .jsonl file, got '{suffix}'")
     missing = [c for c in ("item_id", "text") if c not in items.columns]
     if missing:
-        raise ValueError(f"{file}: missing column(s) {missing}; expected item_id, text[, image_path]")
+        raise DataValidationError(file, None, missing[0], f"columns item_id, text[, image_path]; missing {missing}")
     if "image_path" in items:  # relative to the file, and inside its folder (no symlink escapes)
         from semalign.data import image_inside
 
@@ -230,7 +230,7 @@ def read_items(file: Path):
         for row, p in enumerate(items["image_path"], 1):
             path = image_inside(root, p) if isinstance(p, str) and p.strip() else None
             if isinstance(p, str) and p.strip() and path is None:
-                raise ValueError(f"{file}, row {row}, column image_path: expected a path inside {root}; got '{p}'")
+                raise DataValidationError(file, row, "image_path", f"a path inside {root}; got '{p}'")
             paths.append(path)
         items["image_path"] = paths
     return items

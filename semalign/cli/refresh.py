@@ -84,8 +84,10 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron expression, e.g.
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
-        fail(ValueError("set PREFECT_API_URL to a Prefect server (start one with `prefect server start`); "
-                        "`semalign run` runs the flow in-process without one"))
+        from semalign.errors import InvalidInputError
+
+        fail(InvalidInputError("set PREFECT_API_URL to a Prefect server (start one with `prefect server start`); "
+                               "`semalign run` runs the flow in-process without one"))
     s = load_settings(home, data, ray_address=ray)
     from semalign.flows.deployment import schedule as make_schedule
 

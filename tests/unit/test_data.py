@@ -201,18 +201,18 @@ def test_every_onboarding_path_checks_ids_and_text(tmp_path):
     f.write_text("item_id,text\nNA,a film called NA\n,no id here\n")
     items = read_items(f)
     assert items["item_id"].iloc[0] == "NA"          # a literal id, as the data contract reads it
-    with pytest.raises(ValueError, match="row 2, column item_id: expected a non-empty id"):
+    with pytest.raises(ValueError, match="row 2, column 'item_id': expected a non-empty id"):
         onboarding_items(items)
-    for bad, words in ((pd.DataFrame({"item_id": ["ok", "x\x00y"], "text": ["t", "t"]}), "row 2, column item_id"),
+    for bad, words in ((pd.DataFrame({"item_id": ["ok", "x\x00y"], "text": ["t", "t"]}), "row 2, column 'item_id'"),
                        (pd.DataFrame({"item_id": ["z" * 257], "text": ["t"]}), "at most 256"),
-                       (pd.DataFrame({"item_id": ["a"], "text": ["x" * (MAX_TEXT_CHARS + 1)]}), "column text")):
+                       (pd.DataFrame({"item_id": ["a"], "text": ["x" * (MAX_TEXT_CHARS + 1)]}), "column 'text'")):
         with pytest.raises(ValueError, match=words):
             onboarding_items(bad)
     (tmp_path / "elsewhere.jpg").write_bytes(b"x")
     sub = tmp_path / "batch"
     sub.mkdir()
     (sub / "new.csv").write_text("item_id,text,image_path\nn1,a film,../elsewhere.jpg\n")
-    with pytest.raises(ValueError, match="row 1, column image_path: expected a path inside"):
+    with pytest.raises(ValueError, match="row 1, column 'image_path': expected a path inside"):
         read_items(sub / "new.csv")
 
 

@@ -9,11 +9,12 @@ import sys
 import typer
 
 from semalign.cli import data, experiment, ids, pipeline, refresh, registry, serve
-from semalign.cli.common import report_error
+from semalign.cli.common import report_error, report_internal
 
-EXIT_CODES = ("Exit codes: 0 ok; 1 failed (a handled error, one line on stderr); 2 usage or bad input "
-              "(unknown command or option, a bad option value); 3 the gates blocked the promotion "
-              "(`semalign run`: the verdict is in the output).")
+EXIT_CODES = ("Exit codes: 0 ok; 1 failed (a handled error: bad input, a store or server unreachable, a lock "
+              "held; one line on stderr); 2 usage (unknown command or option, a bad option value); 3 the gates "
+              "blocked the promotion (`semalign run`: the verdict is in the output); 4 internal error (a bug: "
+              "the traceback on stderr).")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Behavior-aligned semantic IDs for cold-start CTR.",
                   epilog=EXIT_CODES)
@@ -84,17 +85,22 @@ def legacy_out(argv: list[str]) -> list[str]:
     return args
 
 
-# what `main` reports as a message with exit code 1 instead of a traceback: semalign's own errors, and the
-# standard ones its checks raise on bad input (pydantic's settings errors are ValueErrors)
-HANDLED = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+# what `main` reports as a message with exit code 1 instead of a traceback, besides semalign's own errors: the
+# file system's answer about a path (a file a command was given and cannot open, a home it may not write)
+OS_FACTS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def main():
-    """Entry point: every handled error is reported here, once (exit codes: semalign/errors.py)."""
-    from semalign.errors import SemalignError, exit_code
+    """Entry point: every handled error is reported here, once (exit codes: semalign/errors.py). semalign's errors
+    print their message and exit with their code; any other exception is a bug, not the user's mistake: its
+    traceback goes to stderr with an `internal error` line, exit code 4."""
+    from semalign.errors import EXIT_INTERNAL, SemalignError, exit_code
 
     try:
         app(args=legacy_out(sys.argv[1:]))
-    except (SemalignError,) + HANDLED as e:
+    except (SemalignError,) + OS_FACTS as e:
         report_error(e)
         sys.exit(exit_code(e))
+    except Exception as e:
+        report_internal(e)
+        sys.exit(EXIT_INTERNAL)

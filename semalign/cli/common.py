@@ -43,6 +43,15 @@ def report_error(e: BaseException) -> None:
     con.print(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e), markup=False, highlight=False)
 
 
+def report_internal(e: BaseException) -> None:
+    """An exception semalign does not handle: a bug. The traceback, then one line saying so."""
+    import traceback
+
+    traceback.print_exception(e, file=sys.stderr)
+    sys.stderr.write(f"internal error: {type(e).__name__} (a bug in semalign, not a problem with your input; "
+                     "the traceback above says where)\n")
+
+
 def fail(e: Exception) -> None:
     from semalign.errors import exit_code
 

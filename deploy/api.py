@@ -50,14 +50,37 @@ class OnboardRequest(BaseModel):
     items: list[Candidate] = Field(min_length=1)
 
 
+class Health(BaseModel):
+    """GET /health: 200 `ok` with the versions served, or 503 `unhealthy` with what is missing (never why: the log
+    says why)."""
+    status: str
+    model_version: Optional[str] = None
+    codebook_version: Optional[str] = None
+    last_check_error: Optional[str] = None
+    error: Optional[str] = None
+
+
 class ErrorBody(BaseModel):
-    detail: str = Field(description="What was asked and what is wrong.")
+    detail: str = Field(description="What was asked and what is wrong (a 5xx body never names hosts, paths or "
+                                    "internal exceptions).")
 
 
-# the statuses a scoring or onboarding call can answer besides 200 and request-validation 422s; semalign's errors
-# carry theirs (semalign/errors.py), mapped in one handler
-def _err(description: str) -> dict:
-    return {"model": ErrorBody, "description": description}
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class RequestValidationBody(BaseModel):
+    """The body of a 422 from request validation (FastAPI's own, before any semalign code runs): one issue per
+    field that does not fit the schema."""
+    detail: list[ValidationIssue]
+
+
+# the statuses a scoring or onboarding call can answer besides 200; semalign's errors carry theirs
+# (semalign/errors.py), mapped in one handler; anything else is a 500 with a generic ErrorBody
+def _err(description: str, model=ErrorBody) -> dict:
+    return {"model": model, "description": description}
 
 
 ERRORS = {400: _err("a Host header the service does not answer (SEMALIGN_SERVE_ALLOWED_HOSTS)"),
@@ -66,6 +89,9 @@ ERRORS = {400: _err("a Host header the service does not answer (SEMALIGN_SERVE_A
           404: _err("an unknown user, or items the pinned codebook version lacks and the request sent without content"),
           409: _err("the request contradicts what the store holds"),
           413: _err("a body over the size limit, or more candidates or items to encode than one request may carry"),
+          422: _err("bad input: a body that does not fit the schema (RequestValidationBody, one issue per field), or "
+                    "content the service refuses (ErrorBody: duplicate candidate ids, an item without text, an id "
+                    "or text the data contract refuses)", ErrorBody | RequestValidationBody),
           429: _err("the key's rate limit is used up (Retry-After says when to retry)"),
           503: _err("no champion loaded, the feature store unreachable, or no encoding slot free in time "
                     "(Retry-After)"),

@@ -11,20 +11,26 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from semalign.config import Settings
-from semalign.deploy.api import ERRORS, OnboardRequest, ScoreRequest, ScoreResponse
+from semalign.deploy.api import ERRORS, Health, OnboardRequest, ScoreRequest, ScoreResponse
 from semalign.deploy.auth import Caller, Forbidden, KeyRing, RateLimiter, authenticate
 
 log = logging.getLogger("semalign.serve")
 OPEN = {k: ERRORS[k] for k in (400, 500, 503)}   # /health and /version: no credentials, no body
+HEALTH = {**OPEN, 503: {"model": Health, "description": "unhealthy: no champion loaded, or its online store "
+                                                         "unreachable"}}
 GUARDED = ERRORS
 
 
 def public_detail(e: Exception, status: int) -> str:
-    """What a caller is told: 4xx messages are about the request; 5xx ones never name hosts, paths or URLs."""
+    """What a caller is told: a 4xx is one of semalign's errors about the request, whose message is written for the
+    caller; 5xx ones never name hosts, paths or URLs, and an unexpected exception's own text never leaves the log."""
     from semalign.deploy.champion import NoChampionError
     from semalign.deploy.scoring_service import EncodingBusy
+    from semalign.errors import SemalignError
     from semalign.feature_repo.errors import StoreUnavailableError
 
+    if not isinstance(e, SemalignError):
+        return "internal error"
     if status < 500 or isinstance(e, EncodingBusy):
         return str(e)
     if isinstance(e, NoChampionError):
@@ -60,7 +66,7 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
     app.add_middleware(TrustedHosts, allowed=s.serve_allowed_hosts.split(","))
     _error_handlers(app)
 
-    @app.get("/health", responses=OPEN)
+    @app.get("/health", response_model=Health, responses=HEALTH)
     def health():
         status, body = service.health()
         return JSONResponse(body, status_code=status)
@@ -103,8 +109,10 @@ def _callers(ring: KeyRing, limiter: RateLimiter):
 
 
 def _error_handlers(app: FastAPI) -> None:
-    """One answer per error: semalign's errors with their status, ValueError 422, anything else 500; the body is
-    ErrorBody, 401 says how to authenticate, 429/503 say when to retry."""
+    """One answer per error: semalign's errors with their status and message; anything else is a bug: 500 with
+    a generic body, the exception and its traceback in the log. The body is always ErrorBody; 401 says how to
+    authenticate, 429/503 say when to retry. (A ValueError is not bad input by itself: the request's checks raise
+    InvalidInputError, and pydantic's own request validation answers 422 before any code here runs.)"""
     from semalign.errors import SemalignError
 
     def error(e: Exception, status: int) -> JSONResponse:
@@ -120,10 +128,6 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SemalignError)
     def semalign_error(request, e: SemalignError):
         return error(e, e.http_status)
-
-    @app.exception_handler(ValueError)
-    def input_error(request, e: ValueError):  # the checks on request content raise ValueError
-        return error(e, 422)
 
     @app.exception_handler(Exception)
     def unexpected(request, e: Exception):

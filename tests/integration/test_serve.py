@@ -126,6 +126,51 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
 
 
+def test_a_bug_inside_scoring_is_a_500_whose_body_says_nothing_of_it(served, monkeypatch, caplog):
+    """An exception semalign does not handle (here a numpy-style ValueError from the ranker's scoring step) is not
+    the caller's bad input: 500 with the generic ErrorBody, its text only in the log. Input the service refuses
+    is a 422 whose message is written for the caller. Both bodies are what the contract documents."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from semalign.config import Settings
+    from semalign.deploy.scoring import RankerScorer
+    from semalign.deploy.serve import create_app
+
+    internal = "operands could not be broadcast together with shapes (7,64) (9,64) in /srv/semalign/rankers"
+    one = {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]}
+    app = create_app(Settings(home=served["home"]), check_interval_s=3600)
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        assert client.post("/score", json=one).status_code == 200
+
+        def broken(self, *args, **kwargs):
+            raise ValueError(internal)
+
+        monkeypatch.setattr(RankerScorer, "score_rows", broken)
+        with caplog.at_level(logging.WARNING, logger="semalign.serve"):
+            r = client.post("/score", json=one)
+        assert r.status_code == 500 and r.json() == {"detail": "internal error"}, r.text
+        assert "broadcast" not in r.text and "/srv" not in r.text
+        assert internal in caplog.text   # the operator's log has it, with the traceback
+        monkeypatch.undo()
+        assert client.post("/score", json=one).status_code == 200   # and the service keeps serving
+
+        refused = client.post("/items", json={"items": [{"item_id": "blank-1", "text": "   "}]})
+        assert refused.status_code == 422 and refused.json() == {"detail": "items need non-empty text: ['blank-1']"}
+        unfit = client.post("/score", json={"user_id": "u1", "candidates": []})
+        assert unfit.status_code == 422 and unfit.json()["detail"][0]["loc"] == ["body", "candidates"]
+        spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path in ("/score", "/items"):
+        documented = spec["paths"][path]["post"]["responses"]
+        assert documented["500"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+        either = documented["422"]["content"]["application/json"]["schema"]["anyOf"]
+        assert sorted(s["$ref"].rsplit("/", 1)[1] for s in either) == ["ErrorBody", "RequestValidationBody"]
+    assert schemas["ErrorBody"]["required"] == ["detail"] and schemas["ErrorBody"]["properties"]["detail"]["type"] == "string"
+    assert schemas["RequestValidationBody"]["properties"]["detail"]["type"] == "array"
+
+
 def _uv_index_env() -> dict:
     """uv reads none of pip's configuration: hand it pip's wheel folders (where a machine keeps its torch build)
     and CA bundle, and the proxy settings of this environment."""

@@ -7,7 +7,9 @@ in-process scoring from `--concurrency` threads, lock-free (each request hands i
 the same threads serialised by one lock (what the scorer did before: swap the model's buffers under a lock).
 Needs a home with a champion (`semalign run`).
 
-  python bench/bench_serve.py [--home ~/.semalign] [--requests 200] [--concurrency 8] [--seconds 15]
+  python bench/bench_serve.py [--home ~/.semalign] [--requests 200] [--concurrency 8] [--seconds 15] [--tag serve_cpu]
+
+The serving profile is the settings' (SEMALIGN_SERVING_PROFILE, as the server started here reads it).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--tag", default="serve_cpu", help="results name (one per serving profile)")
     args = ap.parse_args()
 
     from semalign.config import Settings
@@ -167,7 +170,7 @@ def main():
         print(f"server log: {log_path}", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     res = {"machine": machine, "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
-           "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
+           "serving_profile": s.serving_profile, "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
            "in_process_reference": pct(ref), "http_sequential": pct(seq), "http_sequential_errors": errors,
            "http_over_in_process_p50": pct(seq)["p50_ms"] / pct(ref)["p50_ms"],
            "in_process_threads": {"concurrency": args.concurrency, "rps_one_lock": rps_locked, "rps_lock_free": rps_free,
@@ -175,10 +178,10 @@ def main():
            "load": {"concurrency": args.concurrency, "seconds": wall, "requests": done[0], "errors": errs[0],
                     "rps": done[0] / wall, **pct(lat)}}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "serve_cpu.json").write_text(json.dumps(res, indent=2))
+    (OUT / f"{args.tag}.json").write_text(json.dumps(res, indent=2))
     md = ["# Scoring API: 1 user x 100 candidates", "",
           f"Machine: {machine}. Command: `{res['command']}`. Champion v{res['model_version']} "
-          f"(codebook {res['codebook_version']}), sqlite online store, one uvicorn worker, loopback HTTP client.", "",
+          f"(codebook {res['codebook_version']}), {s.serving_profile} serving profile, {s.feast_online} online store, one uvicorn worker, loopback HTTP client.", "",
           "| what | p50 ms | p99 ms | n |", "|---|---|---|---|",
           f"| in-process scoring (reference: feature reads + model, no HTTP) | {res['in_process_reference']['p50_ms']:.2f} | "
           f"{res['in_process_reference']['p99_ms']:.2f} | {res['in_process_reference']['n']} |",
@@ -190,7 +193,7 @@ def main():
           f"requests/s, {res['load']['errors']} errors; sequential errors: {errors}.", "",
           f"In-process, {args.concurrency} threads: {rps_free:.0f} requests/s lock-free (per-request item tables) vs "
           f"{rps_locked:.0f} serialised by one lock (the scorer before): {rps_free / rps_locked:.2f}x."]
-    (OUT / "serve_cpu.md").write_text("\n".join(md) + "\n")
+    (OUT / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -1,5 +1,6 @@
 """The shape of the product code: the longest functions, the largest modules and the import graph between the
-top-level folders, for a checkout or a git revision (issue: "a house people can live in").
+top-level folders, for a checkout or a git revision (issue: "a house people can live in"), and bench/'s share of
+the lines (bench/ against the product folders plus bench/).
 
   python bench/code_shape.py [--rev REV ...] [--json bench/results/code_shape.json] [--edge deploy:flows ...]
 
@@ -47,18 +48,21 @@ def measure(tree: Path) -> dict:
                         if dst and dst != folder:
                             edges.setdefault(folder, set()).add(dst)
                             by_module.setdefault(f"{folder} -> {dst}", set()).add(rel)
+    bench = [len(p.read_text().splitlines()) for p in sorted((tree / "bench").rglob("*.py"))]
     funcs.sort(key=lambda f: -f["lines"])
     modules.sort(key=lambda m: -m["lines"])
     return {"longest_functions": funcs[:10], "largest_modules": modules[:10],
             "functions_over_60_lines": [f for f in funcs if f["lines"] > 60],
             "modules": len(modules), "total_lines": sum(m["lines"] for m in modules),
+            "bench_files": len(bench), "bench_lines": sum(bench),
+            "bench_share": round(sum(bench) / max(1, sum(bench) + sum(m["lines"] for m in modules)), 3),
             "imports_between_folders": {k: sorted(v) for k, v in sorted(edges.items())},
             "modules_per_edge": {k: sorted(v) for k, v in sorted(by_module.items())}}
 
 
 def at_rev(rev: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *FOLDERS], capture_output=True,
+        data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *FOLDERS, "bench"], capture_output=True,
                               check=True).stdout
         Path(tmp, "a.tar").write_bytes(data)
         with tarfile.open(Path(tmp, "a.tar")) as tf:
@@ -70,7 +74,8 @@ def markdown(results: dict[str, dict]) -> str:
     out = []
     for label, r in results.items():
         out += [f"### {label}", "", f"{r['modules']} modules, {r['total_lines']} lines; "
-                f"{len(r['functions_over_60_lines'])} functions over 60 lines", "",
+                f"{len(r['functions_over_60_lines'])} functions over 60 lines; bench/: {r['bench_files']} Python files, "
+                f"{r['bench_lines']} lines, {r['bench_share']:.0%} of product + bench lines", "",
                 "| longest functions | lines | largest modules | lines |", "|---|---|---|---|"]
         for f, m in zip(r["longest_functions"], r["largest_modules"]):
             out.append(f"| `{f['function']}` | {f['lines']} | `{m['module']}` | {m['lines']} |")

@@ -154,7 +154,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     else:
         emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
     metrics = {"train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "best_epoch": meta["best_epoch"],
-               **_encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k, device)}
+               **encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k, device)}
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
         with atomic.building(folder) as tmp:
             save_encoder(model, tmp, {**meta, "metrics": metrics})
@@ -164,7 +164,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
     return EncoderOutput(version=version, embeddings=emb, metrics=metrics, reused=reused)
 
 
-def _encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int,
+def encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int,
                      device: str = "cpu") -> dict:
     """hit@k of the encoder against the raw towers on the test window's behavior pairs: all, those with a cold
     item, and those whose items both have images."""
@@ -253,7 +253,7 @@ def codebook_stage(settings: Settings, ds: Dataset, split: Split, enc: EncoderOu
         cb = build_codebook(embeddings[fit_items], levels=levels, codes=codes, method=method,
                             iters=settings.kmeans_iters, seed=settings.seed, parent=parent_cb, pairs=fit_pairs,
                             data_hash=data_hash, on_level=lambda lvl: adv(1), solve_assignment=linear_sum_assignment)
-    sids, cb.metrics = _sid_table(cb, item_ids, embeddings, rotated=rot is not None)
+    sids, cb.metrics = sid_table(cb, item_ids, embeddings, rotated=rot is not None)
     churn = _churn(settings, parent_folder, sids, levels)
     # write into a temp folder, then rename: readers never see a half-written version
     # (an existing folder was built before by a run that later changed LATEST: identical content, kept)
@@ -297,7 +297,7 @@ def _align_to_parent(settings: Settings, parent_folder, item_ids: list[str], emb
     return embeddings, rot
 
 
-def _sid_table(cb, item_ids: list[str], embeddings: np.ndarray, rotated: bool) -> tuple[pd.DataFrame, dict]:
+def sid_table(cb, item_ids: list[str], embeddings: np.ndarray, rotated: bool) -> tuple[pd.DataFrame, dict]:
     """Every item's SID (dedup level included) and aligned vector, and the codebook's metrics extended with the
     whole catalogue's (cold items included: what serving sees)."""
     from semalign.models.sids import dedup_level

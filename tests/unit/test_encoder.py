@@ -120,7 +120,7 @@ def test_encoder_metrics_count_pairs_with_a_cold_item_on_either_side():
     (vectorised; it used to be a Python loop over the pairs), scored like the whole set."""
     from types import SimpleNamespace
 
-    from semalign.flows.semantic_ids import TowerFeatures, _encoder_metrics
+    from semalign.flows.semantic_ids import TowerFeatures, encoder_metrics
 
     rng = np.random.default_rng(0)
     text = rng.standard_normal((40, 8)).astype(np.float32)
@@ -128,10 +128,10 @@ def test_encoder_metrics_count_pairs_with_a_cold_item_on_either_side():
                           computed={})
     pairs = rng.integers(0, 40, (200, 2))
     cold = np.array([3, 17, 29])
-    m = _encoder_metrics(text, feats, SimpleNamespace(cold_items=cold), pairs, 5)
+    m = encoder_metrics(text, feats, SimpleNamespace(cold_items=cold), pairs, 5)
     expect = pairs[[a in cold or b in cold for a, b in pairs]]
     assert m["test_pairs"] == 200 and m["test_pairs_with_cold_item"] == len(expect) > 0
     assert m["hit@5"]["encoder_cold_pairs"] == hit_at_k(text, expect, 5)
     assert m["hit@5"]["encoder"] == m["hit@5"]["raw_text"] == hit_at_k(text, pairs, 5)
-    none = _encoder_metrics(text, feats, SimpleNamespace(cold_items=np.array([], np.int64)), pairs, 5)
+    none = encoder_metrics(text, feats, SimpleNamespace(cold_items=np.array([], np.int64)), pairs, 5)
     assert none["test_pairs_with_cold_item"] == 0 and np.isnan(none["hit@5"]["encoder_cold_pairs"])

@@ -165,7 +165,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
 
 
 def encoder_metrics(emb: np.ndarray, feats: TowerFeatures, split: Split, test_pairs: np.ndarray, k: int,
-                     device: str = "cpu") -> dict:
+                    device: str = "cpu") -> dict:
     """hit@k of the encoder against the raw towers on the test window's behavior pairs: all, those with a cold
     item, and those whose items both have images."""
     from functools import partial

@@ -4,7 +4,7 @@ on a log axis.
 
 Bytes per item are the values the model reads per item at serving (`flows.ranker_stages.served_bytes_per_item`:
 codes at 1 byte for <= 256 codes a level + the dedup level, vectors as float32 or their codec); the online store's
-own overhead per row is measured by bench_profile_bytes.py.
+own overhead per row is measured by bench/studies/bench_profile_bytes.py.
 
   python bench/sid_tradeoff.py RESULT.json:N_ITEMS [...] [--tag sid_tradeoff]
 """

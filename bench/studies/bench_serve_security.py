@@ -7,7 +7,7 @@ with texts of the longest accepted length (encoded on the fly), measured as the 
 (/proc), and how fast the refusals come: 10 MB declared, 1,000 x 19,000-character texts declared, and the same
 sent in full. Needs a home with a champion (`semalign run`).
 
-  python bench/bench_serve_security.py --home /tmp/mlbench [--requests 200]
+  python bench/studies/bench_serve_security.py --home /tmp/mlbench [--requests 200]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "results"
 TOKEN = "bench-" + "t" * 30
 
@@ -146,7 +146,7 @@ def main():
         on.wait(20), off.wait(20)
     res = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        "command": "python bench/bench_serve_security.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/studies/bench_serve_security.py " + " ".join(sys.argv[1:]),
         "score_auth_on": pct(t_on), "score_auth_off": pct(t_off),
         "auth_on_over_off_p50": pct(t_on)["p50_ms"] / pct(t_off)["p50_ms"],
         "auth_on_over_off_p99": pct(t_on)["p99_ms"] / pct(t_off)["p99_ms"],

@@ -13,7 +13,7 @@ Scoring: 1 user x 100 candidates with a 50-item history through `RankerScorer.sc
 the model), a ranker of each profile's variant on the same store (weights at their initialisation: latency does not
 depend on them). HTTP is the same for both and is measured by bench_serve.py.
 
-  python bench/bench_profile_bytes.py [--items 20000] [--requests 200]
+  python bench/studies/bench_profile_bytes.py [--items 20000] [--requests 200]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "results"
 LEVELS, CODES, ALIGNED, RAW = 3, 256, 128, 384
 
@@ -163,7 +163,7 @@ def main():
                   f"{r['payload_bytes_per_item']} | {r['overhead_ratio']:.1f} | "
                   f"{ratio:.1f}x | {r['score_1x100']['p50_ms']:.1f} / {r['score_1x100']['p99_ms']:.1f} |")
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
-    command = "python bench/bench_profile_bytes.py " + " ".join(sys.argv[1:])
+    command = "python bench/studies/bench_profile_bytes.py " + " ".join(sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.tag}.json").write_text(json.dumps({"rows": rows, "machine": machine, "command": command}, indent=2))
     text = "\n".join(md) + f"\n\nmachine: {machine}\ncommand: `{command}`\n"

@@ -11,7 +11,7 @@ Reported per dataset, against references in the same run on the same queries:
   text-tower vector alone, and drawn at random;
 - search cost: one query's exact top-10 through `store.similar` against a bare numpy top-k on the same matrix.
 
-  python bench/similar_items.py --home HOME --data DATA [--home HOME2 --data DATA2 ...] [--queries 500]
+  python bench/studies/similar_items.py --home HOME --data DATA [--home HOME2 --data DATA2 ...] [--queries 500]
 (each HOME after `semalign run --data DATA`). Writes bench/results/similar_items.json|.md.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def co_engagement(neigh_ids: list[list[str]], queries: list[str], test_pos: dict, train_pos: dict) -> float:
@@ -138,7 +138,7 @@ def main():
     for home, data in zip(args.home, args.data):
         runs.append(one(home, data, args.queries, args.k, args.seed))
         print(json.dumps(runs[-1]), flush=True)
-    res = {"command": "python bench/similar_items.py " + " ".join(
+    res = {"command": "python bench/studies/similar_items.py " + " ".join(
                f"--home HOME_{Path(d).name} --data {Path(d).name}" for d in args.data) + f" --queries {args.queries}",
            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
            "runs": runs}

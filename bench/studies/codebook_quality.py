@@ -5,7 +5,7 @@ before/after dedup, reconstruction error; SID churn when 10% of the interactions
 the encoder is retrained and the codebook rebuilt with the parent (warm start + Hungarian matching)
 versus without it. Writes bench/results/codebook_quality_<dataset>.json|.md.
 
-  python bench/codebook_quality.py [--data PATH] [--home DIR]
+  python bench/studies/codebook_quality.py [--data PATH] [--home DIR]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def churn(a, b) -> float:
@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
     s = get_settings(home=args.home, data=args.data)
     t0 = time.perf_counter()
-    res = {"command": "python " + " ".join(["bench/codebook_quality.py"] + sys.argv[1:]), "split": s.split, "seed": s.seed}
+    res = {"command": "python " + " ".join(["bench/studies/codebook_quality.py"] + sys.argv[1:]), "split": s.split, "seed": s.seed}
     with Reporter() as rep:
         ds = ingest(s)
         split = settings_split(ds, s)

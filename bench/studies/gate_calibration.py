@@ -13,7 +13,7 @@ Conditions (each derived from the same clean copy, so only the corruption differ
   next-window         a real rolling refresh: its own champion trained on the first 90% of the days, the
                       challenger on all of them (legitimate: must pass)
 
-  python bench/gate_calibration.py --data ../shared/data/movielens-100k --items 600 --seeds 0 1
+  python bench/studies/gate_calibration.py --data ../shared/data/movielens-100k --items 600 --seeds 0 1
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "results"
 FAST = {"SEMALIGN_ENCODER_EPOCHS": "2", "SEMALIGN_RANKER_EPOCHS": "2", "SEMALIGN_HIST_LEN": "20"}
 
@@ -149,7 +149,7 @@ def main():
     rows = sorted(kept + rows, key=lambda r: (r["seed"], order.get(r["condition"], -1)))
     # the command as anyone can rerun it: paths relative to the repository, not this machine's
     argv = [os.path.relpath(a, ROOT) if os.path.isabs(a) and os.path.exists(a) else a for a in sys.argv[1:]]
-    this = "python bench/gate_calibration.py " + " ".join(argv)
+    this = "python bench/studies/gate_calibration.py " + " ".join(argv)
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
            "command": commands[0] if commands else this, "merged": commands[1:] + [this] if commands else [],
            "wall_s": time.perf_counter() - t0, "rows": rows}

@@ -7,7 +7,7 @@ The deployment is built here from MovieLens-100K: a shop of --items items (strin
 tests/conftest.write_generic does), a first `semalign run`, then a second run on the same shop with 3% of the
 labels flipped (a legitimate change: every stage retrains, a new codebook version is published).
 
-  python bench/bench_serve_under_refresh.py [--data ../shared/data/movielens-100k] [--items 300]
+  python bench/studies/bench_serve_under_refresh.py [--data ../shared/data/movielens-100k] [--items 300]
       [--clients 4] [--seconds 20]
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "bench" / "results"
 
 
@@ -178,7 +178,7 @@ def main():
         p["p99_ratio"] = p["p99_ms"] / ref["p99_ms"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     given = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("SEMALIGN_"))
-    cmd = (given + " " if given else "") + "python bench/bench_serve_under_refresh.py " + " ".join(sys.argv[1:])
+    cmd = (given + " " if given else "") + "python bench/studies/bench_serve_under_refresh.py " + " ".join(sys.argv[1:])
     res = {"machine": machine, "command": cmd, "items": args.items, "clients": args.clients,
            "refresh_s": refresh_s, "refresh_promoted": promoted.get("promoted"),
            "champion_before": json.loads(first.stdout).get("champion"), "champion_after": promoted.get("champion"),

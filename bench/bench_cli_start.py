@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -26,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
+from harness import write
 
 # the reference paths: each command's work as it was done before the direct reads (same output, same CLI import)
 REF_IDS = """import json, sys
@@ -123,13 +121,8 @@ def main():
         r = measure(name, cmd, ref, env, args.reps)
         print(json.dumps(r))
         rows.append(r)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, load {os.getloadavg()[0]:.1f}"
-    res = {"machine": machine, "command": "python bench/bench_cli_start.py " + " ".join(sys.argv[1:]), "rows": rows}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.tag}.json").write_text(json.dumps(res, indent=2) + "\n")
-    md = ["# Interactive commands: process start to answer", "",
-          f"Machine: {machine} (1-minute load average at the end). Command: `{res['command']}`. Home: "
-          f"`{args.home}` after `semalign run` (what `make run` runs).",
+    md = [f"Home: `{args.home}` after `semalign run` (what `make run` runs); the machine's load is the 1-minute "
+          "load average at the end.",
           "Wall time of a fresh `python -m semalign.cli ...` process, min and median of the runs, against the same "
           "command's work through the path it took before (Feast's `SemanticIdStore`, MLflow's client), run "
           "interleaved with it; `same output`: the JSON of both equal in every run.", "",
@@ -144,8 +137,7 @@ def main():
     md += ["", "Heaviest top-level imports of one run (`python -X importtime`, cumulative s):", ""]
     for r in rows:
         md.append(f"- `{r['command']}`: " + ", ".join(f"{i['module']} {i['cumulative_s']:.2f}" for i in r["imports"]))
-    (OUT / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write(args.tag, {"rows": rows}, md, "Interactive commands: process start to answer")
 
 
 if __name__ == "__main__":

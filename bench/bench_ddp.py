@@ -23,18 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import RESULTS, write
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.ranker import Frame, ItemTables, RankerConfig  # noqa: E402
-from models.ranker_training import DDP_OPTIONS, train_ranker  # noqa: E402
+from semalign.models.ranker import Frame, ItemTables, RankerConfig
+from semalign.models.ranker_training import DDP_OPTIONS, train_ranker
 
 ITEMS, HIST = 100_000, 50
 
@@ -134,7 +130,7 @@ def main():
     ap.add_argument("--eager-only", action="store_true", help="no DDP + CUDA graph rows")
     ap.add_argument("--graph-only", action="store_true", help="no eager DDP rows")
     ap.add_argument("--overhead", action="store_true", help="one GPU: DDP over one rank against no DDP")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
@@ -173,12 +169,8 @@ def main():
 def emit(args, rows: dict, extra: dict) -> None:
     eager = rows["1 GPU, eager step"]
     graph = rows["1 GPU, CUDA-graph step (train_ranker's default)"]
-    res = {"tag": args.tag, "command": "python " + " ".join(["bench/bench_ddp.py"] + sys.argv[1:]),
-           "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-                       "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
-           "events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows, **extra}
-    md = [f"# {args.tag}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
-          "| ranker training (train_ranker), full variant | step | samples/s (all epochs) | steady (last epoch) | "
+    res = {"events": args.events, "epochs": args.epochs, "items": ITEMS, "hist": HIST, "rows": rows, **extra}
+    md = ["| ranker training (train_ranker), full variant | step | samples/s (all epochs) | steady (last epoch) | "
           "vs 1 GPU eager | vs 1 GPU graph | steady vs 1 GPU graph steady | best val AUC |",
           "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -190,11 +182,7 @@ def emit(args, rows: dict, extra: dict) -> None:
     md.append(f"\n{args.events:,} training events, {args.epochs} epochs, {ITEMS:,} items (20% cold), history {HIST}, "
               "3x256 SIDs; samples/s over the training steps (validation excluded); the steady rate is the last "
               "epoch's (the first holds warm-up and graph capture). Multi-GPU rows: global samples/s (a rank's x ranks).")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(res, indent=2))
-    (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md), flush=True)
+    write(args.tag, res, md, "Ranker training with DDP against one GPU", args.out)
 
 
 if __name__ == "__main__":

@@ -11,42 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import ROOT, RESULTS, write
+from harness import best_of as timed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `models` importable without the package installed (bare GPU box)
-
-from models.codebook import build_codebook  # noqa: E402
-from models.kmeans import assign_levels, gpu_kernel  # noqa: E402
-from models.towers import TextTower, length_batches  # noqa: E402
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def timed(fn, repeat=1):
-    best = float("inf")
-    out = None
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+from semalign.models.codebook import build_codebook
+from semalign.models.kmeans import assign_levels, gpu_kernel
+from semalign.models.towers import TextTower, length_batches
 
 
 def model_path() -> Path:
@@ -218,8 +192,8 @@ def bench_codebook(device: str, sizes: list[int], levels: int = 3, k: int = 256,
     return rows
 
 
-def to_markdown(res: dict) -> str:
-    lines = [f"# {res['tag']}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", ""]
+def to_markdown(res: dict) -> list[str]:
+    lines = []
     text = [r for r in res["results"] if r["bench"] == "text_tower"]
     if text:
         lines += ["| text tower | n | device | batch | tokenizer processes | semalign /s | reference | reference /s | ratio (>1 = faster) | our batches, forward only /s | semalign / forward only |",
@@ -249,7 +223,7 @@ def to_markdown(res: dict) -> str:
                          f"{r['assign_items_per_s']:,.0f} | {r['assign_vs_matmul']:.2f} | "
                          f"{r.get('gemm_path_vs_matmul', nan):.2f} | {r.get('assign_vs_tf32_matmul', nan):.2f} | "
                          f"{r.get('rows_differing_from_gemm_path', '-')} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main():
@@ -260,24 +234,19 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--skip-text", action="store_true")
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     n_texts = args.texts or (200_000 if gpu else 3_000)
     batch = args.batch or (2048 if gpu else 64)
-    res = {"tag": args.tag or f"encoder_quantizer_{'h100' if gpu else 'cpu'}",
-           "command": "python " + " ".join(["bench/bench_encoder_quantizer.py"] + sys.argv[1:]),
-           "machine": machine(), "results": []}
+    res = {"torch_threads": torch.get_num_threads(), "results": []}
     if not args.skip_text:
         res["results"] += bench_text(args.device, n_texts, batch)
         for r in res["results"]:
             print(json.dumps(r), flush=True)
     res["results"] += bench_codebook(args.device, args.sizes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{res['tag']}.json").write_text(json.dumps(res, indent=2))
-    (out / f"{res['tag']}.md").write_text(to_markdown(res))
-    print(to_markdown(res))
+    write(args.tag or f"encoder_quantizer_{'h100' if gpu else 'cpu'}", res, to_markdown(res),
+          "Text tower, codebook build and SID assignment", args.out)
 
 
 if __name__ == "__main__":

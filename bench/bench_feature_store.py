@@ -8,14 +8,13 @@ sqlite and Redis online stores, against two references in the same process readi
 Onboarding (needs a home with a published MovieLens run; towers warm): one new item's latency from text to
 servable SID (onboard() returns after the online write), then throughput for 1,000 items in one call.
 
-  python bench/bench_feature_store.py [--items 20000] [--reps 200] [--home ~/.semalign] [--skip-onboarding]
+  python bench/bench_feature_store.py [--items 20000] [--reps 200] [--home ~/.semalign] [--skip-onboarding] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import sqlite3
 import sys
 import tempfile
@@ -25,25 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
-
-
-def pct(ts):
-    a = np.asarray(ts) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+from harness import percentiles as pct
+from harness import RESULTS, timings, write
 
 
 def timed(fn, reps):
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return ts
+    return timings(fn, reps, warmup=2)
 
 
 def read_bench(backend: str, n_items: int, reps: int, tmp: Path) -> list[dict]:
@@ -165,17 +151,13 @@ def main():
     ap.add_argument("--home", type=Path, default=Path(os.environ.get("SEMALIGN_HOME", Path.home() / ".semalign")))
     ap.add_argument("--skip-onboarding", action="store_true")
     ap.add_argument("--backends", default="sqlite,redis")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         reads = [r for b in args.backends.split(",") for r in read_bench(b, args.items, args.reps, Path(tmp))]
     onboarding = None if args.skip_onboarding else onboarding_bench(args.home)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
-    res = {"machine": machine, "command": "python bench/bench_feature_store.py " + " ".join(sys.argv[1:]),
-           "online_reads": reads, "onboarding": onboarding}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "feature_store_cpu.json").write_text(json.dumps(res, indent=2))
-    md = ["# Feature store: online SID reads and onboarding", "",
-          f"Machine: {machine}. Command: `{res['command']}`. Catalogue: {args.items} items, 3 levels x 256 codes.",
+    res = {"online_reads": reads, "onboarding": onboarding}
+    md = [f"Catalogue: {args.items} items, 3 levels x 256 codes.",
           "semalign = `SemanticIdStore.semantic_ids(items, version=V)` (returns a DataFrame); raw = sqlite3 / redis-py "
           "pipeline on pre-serialized keys, bytes not decoded; feast = `FeatureStore.get_online_features`.", "",
           "| store | items | semalign p50 / p99 ms | raw p50 / p99 ms | Feast SDK p50 / p99 ms | semalign / raw | semalign / Feast SDK |",
@@ -190,8 +172,7 @@ def main():
         md += ["", f"Onboarding (real MiniLM text tower + encoder + codebook {o['version']}, warm, CPU): one item "
                f"p50 {o['one_item']['p50_ms']:.1f} ms / p99 {o['one_item']['p99_ms']:.1f} ms until its SID is in the "
                f"online store; 1,000 items in one call {o['batch_1000_s']:.2f} s = {o['batch_items_per_s']:.0f} items/s."]
-    (OUT / "feature_store_cpu.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write("feature_store_cpu", res, md, "Feature store: online SID reads and onboarding", args.out)
 
 
 if __name__ == "__main__":

@@ -12,23 +12,16 @@ Runs unchanged on a GPU box with only torch (bf16 autocast on cuda).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from harness import RESULTS, write
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from models.ranker import ItemTables, Ranker, RankerConfig  # noqa: E402
-from models.ranker_training import TrainStep  # noqa: E402
+from semalign.models.ranker import ItemTables, Ranker, RankerConfig
+from semalign.models.ranker_training import TrainStep
 
 
 class PlainDIN(nn.Module):
@@ -167,7 +160,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--fused-adam", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     global FUSED_ADAM
     FUSED_ADAM = args.fused_adam
@@ -192,12 +185,7 @@ def main():
                         torch.randint(0, 2, (args.batch,), device=dev).float()))
     ours = Ranker(RankerConfig(variant="full"), tables, 2).to(dev)
     ref = PlainDIN(n, torch.as_tensor(content), torch.as_tensor(codes), K).to(dev)
-    res = {"tag": args.tag or f"ranker_{'h100' if gpu else 'cpu'}",
-           "command": "python " + " ".join(["bench/bench_ranker.py"] + sys.argv[1:]),
-           "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads(),
-                       **({"gpu": torch.cuda.get_device_name(0)} if gpu else {})},
-           "batch": args.batch, "hist": args.hist, "items": n, "d": 64, "steps": steps}
+    res = {"torch_threads": torch.get_num_threads(), "batch": args.batch, "hist": args.hist, "items": n, "d": 64, "steps": steps}
     res["reference_samples_per_s"] = throughput(ref, batches, dev, steps)
     res["semalign_samples_per_s"] = throughput(ours, batches, dev, steps)
     res["ratio"] = res["semalign_samples_per_s"] / res["reference_samples_per_s"]
@@ -220,8 +208,7 @@ def main():
                 res[key] = fn()
             except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
                 res[key.replace("_samples_per_s", "_error")] = repr(e)[:300]
-    md = [f"# {res['tag']}", "", f"command: `{res['command']}`", "", f"machine: `{json.dumps(res['machine'])}`", "",
-          "| ranker training, full variant | samples/s | vs plain-torch DIN |", "|---|---|---|",
+    md = ["| ranker training, full variant | samples/s | vs plain-torch DIN |", "|---|---|---|",
           f"| plain-torch DIN (reference) | {res['reference_samples_per_s']:,.0f} | 1.00 |",
           f"| semalign Ranker | {res['semalign_samples_per_s']:,.0f} | {res['ratio']:.2f} |"]
     if "semalign_compiled_samples_per_s" in res:
@@ -242,11 +229,7 @@ def main():
         md.append("\nwarm-up before the timed steps (eager steps, capture" + (", compile" if "compiled" in WARMUP_S else "")
                   + "): " + ", ".join(f"{k} {v:.1f} s" for k, v in WARMUP_S.items()) + ".")
     md.append(f"\nbatch {args.batch}, history {args.hist}, d 64, {n:,} items (20% cold), 3x{K} SIDs, {steps} timed steps.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{res['tag']}.json").write_text(json.dumps(res, indent=2))
-    (out / f"{res['tag']}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write(args.tag or f"ranker_{'h100' if gpu else 'cpu'}", res, md, "Ranker training throughput", args.out)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ numpy and torch allocations included), beside the RSS the process held before th
                  above --max-eval-pairs validation pairs it validates on a sample and the hit@30's share of the time
                  is EXTRAPOLATED to the pairs the refresh scores: all of them up to models.encoder.MAX_EVAL_PAIRS,
                  a sample of that many above it (its cost is queries x items: linear in the pairs at a fixed size)
-  encoder_metrics flows.semantic_ids._encoder_metrics: hit@30 of the encoder and the raw vectors on the test pairs
+  encoder_metrics flows.semantic_ids.encoder_metrics: hit@30 of the encoder and the raw vectors on the test pairs
                  (same sampling and extrapolation above --max-eval-pairs)
   codebook       models.codebook.build_codebook, RQ-KMeans with codebook_stage's arguments (codes sized to the
                  catalogue by default_codes, so the codes per level grow with sqrt(items) up to 256)
-  sid_assign     flows.semantic_ids._sid_table: every item's SID, dedup level and catalogue metrics
+  sid_assign     flows.semantic_ids.sid_table: every item's SID, dedup level and catalogue metrics
   histories      features.build_frames: user histories (data.user_histories) of the train, val and test events
   user_table     features.user_table: the user features the refresh publishes
   ranker_epoch   models.ranker_training.train_ranker for one epoch (its validation pass included), the served variant
@@ -51,10 +51,10 @@ import threading
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
+OUT = harness.RESULTS
 STAGES = ("synth", "load", "input_suite", "text_tower", "tower_cache", "pairs", "encoder_epoch", "encoder_metrics",
           "codebook",
           "sid_assign", "histories", "user_table", "ranker_epoch", "evaluate")
@@ -323,7 +323,7 @@ def stage_encoder_epoch(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
 
 
 def stage_encoder_metrics(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
-    from semalign.flows.semantic_ids import TowerFeatures, _encoder_metrics
+    from semalign.flows.semantic_ids import TowerFeatures, encoder_metrics
 
     text = w.text()
     feats = TowerFeatures(text=text, image=None, has_image=np.zeros(len(text), bool), text_model="standin",
@@ -332,7 +332,7 @@ def stage_encoder_metrics(w: Work, m: PeakRss, max_eval_pairs: int) -> dict:
     all_test = np.load(w.path("pairs_test.npy"))
     test_pairs = _sample_pairs(all_test, max_eval_pairs)
     with m:
-        metrics = _encoder_metrics(emb, feats, w.split(), test_pairs, 30, w.device)
+        metrics = encoder_metrics(emb, feats, w.split(), test_pairs, 30, w.device)
     out = {"test_pairs": int(len(all_test)), "hit@30": round(metrics["hit@30"]["encoder"], 4)}
     if _eval_scale(len(all_test), len(test_pairs)) > 1:
         out.update(extrapolated=True, measured_s=round(m.seconds, 2), evaluated_pairs=int(len(test_pairs)))
@@ -358,14 +358,14 @@ def stage_codebook(w: Work, m: PeakRss) -> dict:
 
 
 def stage_sid_assign(w: Work, m: PeakRss) -> dict:
-    from semalign.flows.semantic_ids import _sid_table
+    from semalign.flows.semantic_ids import sid_table
     from semalign.models.codebook import Codebook
 
     cb = Codebook.load(w.path("codebook"))
     emb = np.load(w.path("embeddings.npy"))
     item_ids = w.ds().items["item_id"].tolist()
     with m:
-        sids, metrics = _sid_table(cb, item_ids, emb, rotated=False)
+        sids, metrics = sid_table(cb, item_ids, emb, rotated=False)
     np.save(w.path("codes.npy"), sids[[f"sid_{lvl}" for lvl in range(cb.levels)]].to_numpy())
     return {"max_dedup": metrics["max_dedup"], "collision_rate": round(metrics["catalogue_collision_rate"], 4)}
 
@@ -725,9 +725,8 @@ def main():
     if unknown:
         ap.error(f"unknown stages {sorted(unknown)}")
     work_root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="semalign-scaling-"))
-    given = os.environ.get("BENCH_COMMAND_PREFIX", "")
     s = Settings()
-    res = {"tag": args.tag, "command": (given + " " if given else "") + "python bench/bench_scaling.py " + " ".join(sys.argv[1:]),
+    res = {"tag": args.tag, "command": harness.command(),
            "machine": machine(), "sizes": sorted(args.sizes), "events_per_item": args.events_per_item, "seed": args.seed,
            "split": s.split, "ranker_variant": s.ranker_variant, "device": args.device, "ray": bool(args.ray), "stages": stages, "results": [], "skipped": []}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -26,14 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
-
-
-def pct(ts):
-    a = np.asarray(ts) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
+from harness import percentiles as pct
+from harness import timings, write
 
 
 def post(conn, body: bytes):
@@ -76,12 +69,12 @@ def main():
     # reference: in-process scoring (feature reads + model), no HTTP
     for u, c in calls[:5]:
         scorer.score([u] * len(c), c)
-    ref = []
-    for i in range(args.requests):
-        u, c = calls[i % len(calls)]
-        t = time.perf_counter()
+    turn = iter(range(args.requests))
+
+    def score_next():
+        u, c = calls[next(turn) % len(calls)]
         scorer.score([u] * len(c), c)
-        ref.append(time.perf_counter() - t)
+    ref = timings(score_next, args.requests)
 
     def threaded(seconds: float, lock: threading.Lock | None) -> float:
         """Requests/s of in-process scoring from `concurrency` threads for `seconds`."""
@@ -168,19 +161,14 @@ def main():
         server.wait(20)
         log.close()
         print(f"server log: {log_path}", file=sys.stderr)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
-    res = {"machine": machine, "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
-           "serving_profile": s.serving_profile, "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
+    res = {"serving_profile": s.serving_profile, "model_version": str(mv.version), "codebook_version": scorer.codebook_version,
            "in_process_reference": pct(ref), "http_sequential": pct(seq), "http_sequential_errors": errors,
            "http_over_in_process_p50": pct(seq)["p50_ms"] / pct(ref)["p50_ms"],
            "in_process_threads": {"concurrency": args.concurrency, "rps_one_lock": rps_locked, "rps_lock_free": rps_free,
                                   "lock_free_over_one_lock": rps_free / rps_locked},
            "load": {"concurrency": args.concurrency, "seconds": wall, "requests": done[0], "errors": errs[0],
                     "rps": done[0] / wall, **pct(lat)}}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.tag}.json").write_text(json.dumps(res, indent=2))
-    md = ["# Scoring API: 1 user x 100 candidates", "",
-          f"Machine: {machine}. Command: `{res['command']}`. Champion v{res['model_version']} "
+    md = [f"Champion v{res['model_version']} "
           f"(codebook {res['codebook_version']}), {s.serving_profile} serving profile, {s.feast_online} online store, one uvicorn worker, loopback HTTP client.", "",
           "| what | p50 ms | p99 ms | n |", "|---|---|---|---|",
           f"| in-process scoring (reference: feature reads + model, no HTTP) | {res['in_process_reference']['p50_ms']:.2f} | "
@@ -193,8 +181,7 @@ def main():
           f"requests/s, {res['load']['errors']} errors; sequential errors: {errors}.", "",
           f"In-process, {args.concurrency} threads: {rps_free:.0f} requests/s lock-free (per-request item tables) vs "
           f"{rps_locked:.0f} serialised by one lock (the scorer before): {rps_free / rps_locked:.2f}x."]
-    (OUT / f"{args.tag}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write(args.tag, res, md, "Scoring API: 1 user x 100 candidates")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results"
+from harness import RESULTS as OUT
+from harness import write
 ALIGNED, RAW, LEVELS = 128, 384, 3
 
 
@@ -92,12 +91,8 @@ def main():
                       f"{'1 (exact)' if r['exact_ids'] else r['items_per_row']} | {cell('gauc_all')} | "
                       f"{cell('gauc_unseen')} | {cell('gauc_1-9')} | {cell('auc_unseen')} |")
         md.append("")
-    command = "python bench/sid_tradeoff.py " + " ".join(sys.argv[1:])
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.tag}.json").write_text(json.dumps({"tables": tables, "command": command}, indent=2))
-    (OUT / f"{args.tag}.md").write_text("\n".join(md) + f"\ncommand: `{command}`\n")
+    write(args.tag, {"tables": tables}, md, "Ranker quality against bytes per item and items per ID row")
     plot(tables, OUT / f"{args.tag}.png")
-    print("\n".join(md))
 
 
 if __name__ == "__main__":

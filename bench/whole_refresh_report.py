@@ -12,15 +12,12 @@ wall time and peak RSS from GNU time's -v report.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import sqlite3
 from datetime import datetime
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results"
+from harness import write
 
 
 def task_seconds(home: Path) -> dict[str, float]:
@@ -55,14 +52,9 @@ def main() -> None:
         items, home, log = spec.split(":")
         runs.append({"items": int(items), **gnu_time(Path(log)), "tasks_s": task_seconds(Path(home))})
     tasks = list(dict.fromkeys(t for r in runs for t in r["tasks_s"]))
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    res = {"tag": a.tag, "machine": machine, "runs": runs, "note": a.note}
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{a.tag}.json").write_text(json.dumps(res, indent=2))
     head = "| | " + " | ".join(f"{r['items']:,} items" for r in runs) + " |"
-    lines = [f"# {a.tag}", "", "Whole `semalign run` (embedded defaults: Feast sqlite + parquet, MLflow sqlite, "
-             "in-process Prefect) on `semalign data synth` catalogues, 10 events per item. Commands: "
-             "this script's docstring.", "", f"machine: {machine}", "", head, "|---" * (len(runs) + 1) + "|",
+    lines = ["Embedded defaults (Feast sqlite + parquet, MLflow sqlite, in-process Prefect) on `semalign data synth` "
+             "catalogues, 10 events per item; how each run was made: this script's docstring.", "", head, "|---" * (len(runs) + 1) + "|",
              "| wall time (process) | " + " | ".join(f"{r['wall_s']:,.0f} s" for r in runs) + " |",
              "| peak RSS | " + " | ".join(f"{r['peak_rss_gib']:.2f} GiB" for r in runs) + " |",
              "| exit status | " + " | ".join(str(r["exit_status"]) for r in runs) + " |"]
@@ -70,8 +62,7 @@ def main() -> None:
         lines.append(f"| task: {t} | " + " | ".join(f"{r['tasks_s'].get(t, float('nan')):,.1f} s" for r in runs) + " |")
     if a.note:
         lines += ["", a.note]
-    (OUT / f"{a.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write(a.tag, {"runs": runs, "note": a.note}, lines, "Whole `semalign run` per catalogue size")
 
 
 if __name__ == "__main__":

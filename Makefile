@@ -22,8 +22,8 @@ run: install
 
 # test files spread over up to 4 processes (pytest-xdist, one file's tests stay together and in order), one torch
 # thread each: on 2 cores 15.5 min against 24.7 min in one process (two threads each: 24 min, 1.6x the CPU time).
-# Re-measured on a fresh clone (`CI=true bash .ci/run`, install included): 19.9 min, 17.4 of them tests, after the
-# refreshed-home tests became one xdist work unit (one refresh per run instead of one per process that got one)
+# Re-measured on a fresh clone (`CI=true bash .ci/run`, install included): 23.6 min, 20.8 of them tests (242 tests; 19.9
+# min with 235 before the error-contract tests); the refreshed-home tests are one xdist work unit (one refresh per run)
 test: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 

@@ -51,14 +51,20 @@ def _digest(token: str) -> bytes:
 
 
 def parse_keys(text: str, source: str) -> list[ApiKey]:
-    """Lines `<id> <token> <scope>[,<scope>]` ('#' comments and blank lines skipped); bad lines are refused by
-    line number, never echoing the token."""
+    """Lines `<id> <token> <scope>[,<scope>]`, or several on one line `;`-separated; blank lines skipped, and a `#`
+    starting a line or an entry comments out the rest of that line (a commented-out line stays inactive whatever
+    it holds). Bad entries are refused by line number, never echoing the token."""
     keys, seen = [], set()
-    for n, line in enumerate(text.replace(";", "\n").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
+    entries = []
+    for n, line in enumerate(text.splitlines(), 1):  # comments first, then `;`: `# a ...; b ...` is all comment
+        for entry in line.split(";"):
+            entry = entry.strip()
+            if entry.startswith("#"):
+                break
+            if entry:
+                entries.append((n, entry))
+    for n, entry in entries:
+        parts = entry.split()
         if len(parts) != 3:
             raise InvalidInputError(f"{source}, line {n}: expected `<key id> <token> <scope>[,<scope>]`")
         kid, token, scopes = parts

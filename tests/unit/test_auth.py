@@ -20,6 +20,16 @@ def test_key_files_are_checked_line_by_line_without_echoing_tokens():
         assert TOKEN_A not in str(e.value) and TOKEN_B not in str(e.value)
 
 
+def test_a_commented_out_line_stays_inactive_whatever_it_holds():
+    # `;` separates keys on one line, but a comment is stripped first: the whole line stays a comment
+    ring = KeyRing(parse_keys(f"# retired {TOKEN_A} score;revoked {TOKEN_B} score,write\n"
+                              f"reader {'c' * 20} score; # old {TOKEN_B} write\n", "keys"))
+    assert [k.id for k in ring.keys] == ["reader"]
+    assert ring.check(TOKEN_A) is None and ring.check(TOKEN_B) is None
+    with pytest.raises(Unauthorized):
+        authenticate(ring, TOKEN_B, None, "10.0.0.1", {"score"})
+
+
 def test_authentication_and_scopes():
     ring = KeyRing(parse_keys(f"reader {TOKEN_A} score;writer {TOKEN_B} score,write", "env"))
     with pytest.raises(Unauthorized):

@@ -45,7 +45,7 @@ class ChampionHolder:
 
         mv = self.registry.version_by_alias(CHAMPION)
         if mv is None:
-            raise RuntimeError(f"model '{self.settings.model_name}' has no champion yet: run `semalign run` first")
+            raise NoChampionError(f"model '{self.settings.model_name}' has no champion yet: run `semalign run` first")
         cur = self.served
         if cur is not None and cur.model_version == str(mv.version):
             return cur

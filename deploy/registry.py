@@ -170,6 +170,16 @@ class UnknownModelVersionError(RegistryError, NotFoundError):
     http_status = 404
 
 
+class DanglingAliasError(RegistryError):
+    """An alias names a model version that does not exist (deleted, or the registry restored without it): not
+    the same as no champion yet, and nothing to serve or compare against until the alias is set again."""
+
+    def __init__(self, name: str, alias: str, version: str):
+        self.alias, self.version = alias, version
+        super().__init__(f"the alias '{alias}' of model '{name}' points at version {version}, which does not exist "
+                         f"(deleted?); `semalign promote VERSION` (or `rollback`) sets it to a live version")
+
+
 
 def _safe_uri(uri: str) -> str:
     """A database URI with its password masked, for printing."""
@@ -221,10 +231,14 @@ class RegistryView:
                 self._client_side = Registry(self.settings)
         if self._client_side is not None:
             return self._client_side.version_by_alias(alias)
-        return self._aliases.get(alias)
+        found = self._aliases.get(alias)
+        if isinstance(found, DanglingAliasError):
+            raise found
+        return found
 
-    def _read_aliases(self) -> dict[str, VersionRow] | None:
-        """{alias: version} of this model from MLflow's tables, or None where they cannot be read directly."""
+    def _read_aliases(self) -> dict[str, VersionRow | DanglingAliasError] | None:
+        """{alias: version} of this model from MLflow's tables (an alias naming a version that is gone: the error
+        to raise when it is asked for), or None where they cannot be read directly."""
         uri = self.tracking_uri
         if not uri.startswith(("sqlite:///", "postgresql")) or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() \
                 in ("1", "true"):
@@ -238,12 +252,16 @@ class RegistryView:
                 if c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() != MLFLOW_SCHEMA:
                     return None
                 rows = c.execute(sa.text(
-                    "SELECT a.alias, v.version, v.run_id FROM registered_model_aliases a JOIN model_versions v "
+                    "SELECT a.alias, a.version, v.run_id, v.current_stage FROM registered_model_aliases a "
+                    "LEFT JOIN model_versions v "
                     "ON v.name = a.name AND v.version = a.version AND v.workspace = a.workspace "
-                    "WHERE a.name = :name AND a.workspace = 'default' AND v.current_stage != 'Deleted_Internal'"),
+                    "WHERE a.name = :name AND a.workspace = 'default'"),
                     {"name": self.name}).all()
                 out = {}
-                for alias, version, run_id in rows:
+                for alias, version, run_id, stage in rows:
+                    if stage is None or stage == "Deleted_Internal":
+                        out[alias] = DanglingAliasError(self.name, alias, str(version))
+                        continue
                     tags = c.execute(sa.text("SELECT key, value FROM model_version_tags WHERE name = :name AND "
                                              "version = :version AND workspace = 'default'"),
                                      {"name": self.name, "version": version}).all()
@@ -264,8 +282,16 @@ class RegistryView:
             return [dict(r._mapping) for r in rows]
 
     def status(self) -> dict:
-        champ = self.version_by_alias(CHAMPION)
-        chall = self.version_by_alias(CHALLENGER)
+        warnings = []
+
+        def live(alias: str):  # a dangling alias is reported, not mistaken for "none yet"
+            try:
+                return self.version_by_alias(alias)
+            except DanglingAliasError as e:
+                warnings.append(str(e))
+                return None
+
+        champ, chall = live(CHAMPION), live(CHALLENGER)
         moves = self.history(actions=("promote", "rollback"))
         since = next((m for m in moves if champ and m["to_value"] == str(champ.version)), None)
         gate = next(iter(self.history(actions=("gate",), limit=1)), None)
@@ -284,8 +310,10 @@ class RegistryView:
                if gate else None,
                "tracking_uri": _safe_uri(self.tracking_uri), "artifact_uri": self.artifact_uri}
         if champ is not None and current and champ.tags.get("codebook_version") not in (None, current):
-            out["warning"] = (f"the store's current codebook {current} is not the champion's "
-                              f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")
+            warnings.append(f"the store's current codebook {current} is not the champion's "
+                            f"{champ.tags.get('codebook_version')}; `semalign promote {champ.version}` repairs it")
+        if warnings:
+            out["warning"] = "; ".join(warnings)
         return out
 
 
@@ -328,7 +356,14 @@ class Registry(RegistryView):
         try:
             return self.client.get_model_version_by_alias(self.name, alias)
         except MlflowException:
+            pass
+        try:  # no such alias, or one naming a version that is gone
+            version = self.client.get_registered_model(self.name).aliases.get(alias)
+        except MlflowException:  # no such model yet
             return None
+        if version is not None:
+            raise DanglingAliasError(self.name, alias, str(version))
+        return None
 
     def version_by_input(self, input_key: str):
         """A registered version trained on exactly these inputs (so a rerun retrains nothing)."""
@@ -453,8 +488,11 @@ class Registry(RegistryView):
         from semalign.checkpoints import checkpoint
 
         mv = self.get_version(version)
-        old = self.version_by_alias(CHAMPION)
-        old_v = str(old.version) if old else None
+        try:
+            old = self.version_by_alias(CHAMPION)
+            old_v = str(old.version) if old else None
+        except DanglingAliasError as e:  # the alias names a version that is gone: this move repairs it
+            old_v = e.version
         moved = old_v != str(version)
         if moved:
             self.client.set_registered_model_alias(self.name, CHAMPION, str(version))

@@ -85,11 +85,29 @@ def engine(url: str) -> sa.Engine:
         @sa.event.listens_for(eng, "connect")
         def _wal(conn, _):  # readers never block the writer of a publish
             conn.execute("PRAGMA journal_mode=WAL")
-    metadata.create_all(eng)
-    if "expires_at" not in {c["name"] for c in sa.inspect(eng).get_columns("locks")}:
-        with eng.begin() as c:  # a state database from before leases
-            c.execute(sa.text("ALTER TABLE locks ADD COLUMN expires_at FLOAT"))
+    try:
+        metadata.create_all(eng)
+        if "expires_at" not in {c["name"] for c in sa.inspect(eng).get_columns("locks")}:
+            with eng.begin() as c:  # a state database from before leases
+                c.execute(sa.text("ALTER TABLE locks ADD COLUMN expires_at FLOAT"))
+    except sa.exc.DatabaseError as e:
+        eng.dispose()
+        raise _unusable(url, e) from e
     return eng
+
+
+def _unusable(url: str, e: sa.exc.DatabaseError) -> Exception:
+    """One line for a state database that cannot be opened: a damaged sqlite file by name, else the server."""
+    from semalign.errors import DamagedFileError, UnavailableError
+
+    why = str(e.orig).splitlines()[0][:200] if e.orig is not None else type(e).__name__
+    if url.startswith("sqlite") and not isinstance(e, sa.exc.OperationalError):
+        path = sa.engine.make_url(url).database
+        return DamagedFileError(path, f"{path}: not a readable semalign state database ({why}); move it aside and "
+                                "restore it from a backup (it holds the codebook catalogue, the audit history and "
+                                "the locks)")
+    return UnavailableError(f"state database {sa.engine.make_url(url).render_as_string(hide_password=True)} cannot "
+                            f"be opened: {why}")
 
 
 def current_actor() -> str:

@@ -18,11 +18,9 @@ def promote(version: str = typer.Argument(..., help="Registered model version to
     from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
-    from semalign.flows.promotion import carry_to
-
     with refresh_lock(s, "promote"):  # never in the middle of a refresh's own promotion
         reg = Registry(s)
-        carried = carry_to(s, reg, reg.get_version(version))  # what was onboarded stays servable
+        carried = _carry(s, reg, reg.get_version(version))  # what was onboarded stays servable
         res = {**reg.promote(version, reason=reason), "onboarded_items_carried": carried["carried"]}
     emit({"promote": res}, as_json, print_summary)
 
@@ -35,14 +33,24 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     from semalign.flows.lock import refresh_lock
 
     s = load_settings(home, None, write=True)
-    from semalign.flows.promotion import carry_to
-
     with refresh_lock(s, "rollback"):
         reg = Registry(s)
         target = to or reg.rollback_target()
-        carried = carry_to(s, reg, reg.get_version(target))
+        carried = _carry(s, reg, reg.get_version(target))
         res = {**reg.rollback(to=target, reason=reason), "onboarded_items_carried": carried["carried"]}
     emit({"rollback": res}, as_json, print_summary)
+
+
+def _carry(settings, registry, mv) -> dict:
+    """Items onboarded under the champion carried into `mv`'s codebook version; none when the champion alias
+    names a version that is gone (the move being made repairs it)."""
+    from semalign.deploy.registry import DanglingAliasError
+    from semalign.flows.promotion import carry_to
+
+    try:
+        return carry_to(settings, registry, mv)
+    except DanglingAliasError:
+        return {"carried": 0, "without_content": 0}
 
 
 def unlock(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
@@ -81,25 +89,32 @@ def _print_status(r: dict) -> None:
     import time
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    def text(v) -> str:  # what people wrote (a reason, a gate's summary) is printed as written, never as markup
+        return escape(str(v))
 
     con = Console()
     champ = r["champion"] or {}
-    con.print(f"[bold]{r['model']}[/] champion: v{champ.get('version')} (codebook {champ.get('codebook_version')}), "
-              f"since {time.ctime(r['champion_since']) if r['champion_since'] else '-'}: {r['champion_reason']}")
+    con.print(f"[bold]{text(r['model'])}[/] champion: v{text(champ.get('version'))} (codebook "
+              f"{text(champ.get('codebook_version'))}), since "
+              f"{time.ctime(r['champion_since']) if r['champion_since'] else '-'}: {text(r['champion_reason'])}")
     if r.get("last_gate"):
         g = r["last_gate"]
-        con.print(f"last gate: v{g['version']} {'passed' if g['passed'] else 'FAILED'}: {g.get('summary', '')}")
+        con.print(f"last gate: v{text(g['version'])} {'passed' if g['passed'] else 'FAILED'}: "
+                  f"{text(g.get('summary', ''))}")
     if r.get("warning"):
-        con.print(f"[yellow]warning:[/] {r['warning']}")
+        con.print(f"[yellow]warning:[/] {text(r['warning'])}")
     if r.get("lock"):
         lk = r["lock"]
         until = time.ctime(lk["expires_at"]) if lk.get("expires_at") else "-"
-        con.print(f"locked by {lk['owner']} since {time.ctime(lk['acquired_at'])}, lease until {until} "
+        con.print(f"locked by {text(lk['owner'])} since {time.ctime(lk['acquired_at'])}, lease until {until} "
                   "(`semalign unlock --force` if that holder is gone)")
     t = Table("when", "action", "subject", "from", "to", "by")
     for h in r["history"]:
-        t.add_row(time.ctime(h["at"]), h["action"], h["subject"], str(h["from_value"]), str(h["to_value"]), h["actor"] or "")
+        t.add_row(time.ctime(h["at"]), *(text(h[k]) for k in ("action", "subject", "from_value", "to_value")),
+                  text(h["actor"] or ""))
     con.print(t)
 
 

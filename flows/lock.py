@@ -21,8 +21,8 @@ class RefreshLock:
 
     A row in the state tables names the holder (host:pid:token) and carries a lease the holder renews from a
     heartbeat thread; it is deleted only by its holder (compare-and-delete). The lock is free when the row is
-    gone, its lease ran out (a holder on another host died or hung), or its holder was a process of this host
-    that no longer exists. Where the state is on Postgres a session advisory lock is taken too: the database
+    gone, its lease ran out (a holder on any host died, hung or was stopped), or its holder was a process of this
+    host that no longer exists. Where the state is on Postgres a session advisory lock is taken too: the database
     frees it the moment the holder's connection dies, so nothing can wedge there. `semalign unlock --force`
     deletes the row (audited); a holder that finds its row gone stops at its next stage."""
 
@@ -130,16 +130,20 @@ class RefreshLock:
 
 
 def _holder_alive(row, now: float, lease_s: float) -> bool:
+    """Whether a lock row still holds: its lease runs, and where its holder was a process of this host, that
+    process exists. The lease decides on every host: a holder that stopped or hung renews nothing and loses the
+    lock when it runs out, even while its process exists; a process of this host that is gone frees it at once."""
+    if (row.expires_at or row.acquired_at + lease_s) <= now:
+        return False
     host, pid = row.owner.split(":")[0], row.owner.split(":")[1] if row.owner.count(":") else ""
     if host == socket.gethostname():
         try:
             os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
             return False
-        except PermissionError:
+        except PermissionError:  # another user's process: it exists
             return True
-        return True
-    return (row.expires_at or row.acquired_at + lease_s) > now
+    return True
 
 
 @contextmanager

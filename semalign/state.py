@@ -111,14 +111,22 @@ def _unusable(url: str, e: sa.exc.DatabaseError) -> Exception:
 
 
 def current_actor() -> str:
-    """Who made a change, for the audit history: user@host of this process."""
-    import getpass
+    """Who made a change, for the audit history: user@host of this process, the user from the process's own user
+    id (not LOGNAME or USER, which whoever starts the process sets as they like)."""
+    import os
     import socket
 
     try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"
-    except Exception:
-        return "unknown"
+        import pwd
+
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a user id without a passwd entry (a container's): the id itself
+        user = f"uid{os.geteuid()}"
+    except ImportError:  # no pwd module (Windows): the login name the OS reports
+        import getpass
+
+        user = getpass.getuser()
+    return f"{user}@{socket.gethostname()}"
 
 
 def get_pointer(eng: sa.Engine, project: str, name: str) -> str | None:

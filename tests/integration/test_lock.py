@@ -54,6 +54,56 @@ def test_a_killed_holder_of_this_host_is_taken_over_at_once(tmp_path):
         pass
 
 
+def test_a_lease_that_ran_out_frees_the_lock_even_while_its_holder_process_exists(tmp_path):
+    import socket
+
+    s = Settings(home=tmp_path, refresh_lock_lease_s=60)
+    day_ago = time.time() - 86_400
+    with state.engine(s.resolved_state_url()).begin() as c:  # PID 1 exists on every host, its lease ran out a day ago
+        c.execute(state.locks.insert().values(name=f"refresh:{s.feast_project}", owner=f"{socket.gethostname()}:1:dead",
+                                              acquired_at=day_ago - 60, expires_at=day_ago))
+    with refresh_lock(s) as lock:
+        assert _row(s).owner == lock.owner
+
+
+def test_a_stopped_holder_loses_the_lock_when_its_lease_runs_out_and_notices(tmp_path):
+    s = Settings(home=tmp_path, refresh_lock_lease_s=1.0)
+    code = ("import sys, time; from semalign.config import Settings; from semalign.flows.lock import RefreshLock; "
+            f"lock = RefreshLock(Settings(home=r'{tmp_path}', refresh_lock_lease_s=1.0)).acquire(); "
+            "print('held', flush=True); sys.stdin.readline(); time.sleep(1.0); print(lock.lost, flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        proc.send_signal(signal.SIGSTOP)       # alive, renewing nothing
+        time.sleep(1.5)                        # past its lease
+        with refresh_lock(s) as lock:
+            assert _row(s).owner == lock.owner
+            proc.send_signal(signal.SIGCONT)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "True"   # its next heartbeat found its row gone
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
+
+
+def test_the_audit_names_the_process_user_not_what_logname_says(tmp_path):
+    import pwd
+
+    s = Settings(home=tmp_path)
+    with state.engine(s.resolved_state_url()).begin() as c:
+        c.execute(state.locks.insert().values(name=f"refresh:{s.feast_project}", owner="other-host:7:abcd",
+                                              acquired_at=time.time(), expires_at=time.time() + 60))
+    proc = subprocess.run([sys.executable, "-m", "semalign.cli", "unlock", "--force"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "SEMALIGN_HOME": str(tmp_path), "LOGNAME": "someone-else",
+                                            "USER": "someone-else"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with state.engine(s.resolved_state_url()).connect() as c:
+        actor = c.execute(sa.select(state.audit.c.actor).where(state.audit.c.action == "unlock")).scalar()
+    assert actor.split("@")[0] == pwd.getpwuid(os.geteuid()).pw_name != "someone-else"
+
+
 def test_the_heartbeat_keeps_a_live_lease_and_a_forced_unlock_is_noticed(tmp_path):
     s = Settings(home=tmp_path, refresh_lock_lease_s=0.9)
     with refresh_lock(s) as lock:

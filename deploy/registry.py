@@ -170,6 +170,10 @@ class UnknownModelVersionError(RegistryError, NotFoundError):
     http_status = 404
 
 
+class ChampionRecordError(RegistryError):
+    """What the champion's run logged (its reference profile, its evaluation) cannot be read."""
+
+
 class DanglingAliasError(RegistryError):
     """An alias names a model version that does not exist (deleted, or the registry restored without it): not
     the same as no champion yet, and nothing to serve or compare against until the alias is set again."""
@@ -475,10 +479,15 @@ class Registry(RegistryView):
         finally:
             enable_logging()
 
-    def run_artifact_json(self, run_id: str, name: str) -> dict | None:
+    def run_artifact_json(self, run_id: str, name: str, required: bool = False) -> dict | None:
+        """A JSON artifact of a run; None where it cannot be read, or, `required`, ChampionRecordError saying why
+        (what a comparison with the champion needs must never read as "nothing to compare")."""
         try:
             return self.mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
-        except Exception:
+        except Exception as e:
+            if required:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ChampionRecordError(f"{name} of run {run_id} cannot be read ({why})") from e
             return None
 
     # ------------------------------------------------------------------ alias moves

@@ -75,3 +75,26 @@ def test_a_state_database_that_is_not_one_is_one_line_naming_the_file(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(home / "state.db") in lines[0] and "not a readable semalign state database" \
         in lines[0], proc.stderr[-2000:]
+
+
+def test_the_gates_fail_closed_when_the_champions_record_cannot_be_read(registry, movielens):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from semalign.data import make_split
+    from semalign.flows.gates import run_gates
+
+    s, reg = registry
+    run = reg.client.create_run(reg.experiment_id)   # a champion run whose record (profile, evaluation) is gone
+    split = make_split(movielens, seed=0)
+    rng = np.random.default_rng(0)
+    n = movielens.n_items
+    sids = pd.DataFrame({"sid_0": rng.integers(0, 8, n), "sid_1": rng.integers(0, 8, n), "sid_dedup": 0,
+                         "embedding": list(rng.standard_normal((n, 4)).astype(np.float32))})
+    same = {"all": {"auc": 0.7, "gauc": 0.7, "n_events": 1000, "n_positive": 500}}
+    out = run_gates(s, reg, {"version": "1", "run_id": run.info.run_id}, movielens, split,
+                    SimpleNamespace(sids=sids, churn=None), {"challenger": same, "champion": same})
+    assert not out.passed and out.gates[0]["gate"] == "champion record"
+    assert "reference_profile.json of run" in out.summary and "cannot be read" in out.summary

@@ -18,8 +18,9 @@ import pandas as pd
 from semalign.config import Settings
 from semalign.data import ALL_BUCKETS, item_buckets, settings_split
 from semalign.errors import InvalidInputError, NotFoundError
-from semalign.features import build_frames, item_tables, user_features
+from semalign.features import build_frames, user_features
 from semalign.progress import Reporter
+from semalign.spec import codebook_levers, id_budget, parse_model  # noqa: F401 (the experiment's model names)
 
 from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, load_codebook, tower_features
 
@@ -125,56 +126,16 @@ def plot_auc(results: list[dict], models: list[str], path: Path, metric: str = "
     plt.close(fig)
 
 
-def parse_model(name: str) -> tuple[str, dict]:
-    """'full' -> ('full', {}); 'full@cold_behavior=oov+id_dropout=0.2' -> the variant with those levers, so a
-    lever's ablation trains in the same run, on the same data and budget, as the served model."""
-    from dataclasses import fields
+def model_spec(settings: Settings, model: str, n_items: int, rank_overrides: dict | None = None):
+    """(the specification the experiment trains `model` with under `settings` (its seed): the levers of its name
+    over the run's options, a bounded table's budget in rows of this catalogue; the codebook size it names)."""
+    from semalign.spec import specification
 
-    from semalign.models.ranker import RankerConfig
-
-    variant, _, rest = name.partition("@")
-    types = {f.name: f.type for f in fields(RankerConfig)}
-    types["items_per_row"] = "float"  # the bounded ID table's budget as a ratio: run_experiment turns it into rows
-    types.update({k: "int" for k in CODEBOOK_LEVERS})  # the codebook the model's SIDs come from (its size)
-    levers = {}
-    for kv in filter(None, rest.split("+")):
-        k, sep, v = kv.partition("=")
-        if not sep or k not in types or k in ("variant", "seed", "hidden"):
-            raise InvalidInputError(f"model '{name}': '{kv}' is not lever=value with a RankerConfig lever")
-        t = str(types[k])
-        try:
-            levers[k] = (v.lower() in ("1", "true", "yes")) if t == "bool" else int(v) if t == "int" \
-                else float(v) if t == "float" else v
-        except ValueError:
-            raise InvalidInputError(f"model '{name}': lever {k} expects a {t}, got '{v}'") from None
-    return variant, levers
-
-
-CODEBOOK_LEVERS = ("codebook_levels", "codebook_codes")
-
-
-def codebook_levers(levers: dict) -> tuple[dict, dict]:
-    """(the ranker's levers, the codebook's: {"levels", "codes"} given in the model name) from parsed levers."""
-    ranker = {k: v for k, v in levers.items() if k not in CODEBOOK_LEVERS}
-    cb = {k.removeprefix("codebook_"): v for k, v in levers.items() if k in CODEBOOK_LEVERS}
-    for k, v in cb.items():
-        if v < (2 if k == "codes" else 1):
-            raise InvalidInputError(f"codebook_{k} must be >= {2 if k == 'codes' else 1}, got {v}")
-    return ranker, cb
-
-
-def id_budget(levers: dict, n_items: int) -> dict:
-    """Levers with `items_per_row` (items per ID-table row, over the whole catalogue) turned into `id_buckets`;
-    items_per_row = 0 means one row per item (id_buckets 0)."""
-    import math
-
-    levers = dict(levers)
-    ratio = levers.pop("items_per_row", None)
-    if ratio is not None:
-        if ratio < 0:
-            raise InvalidInputError(f"items_per_row must be >= 0, got {ratio}")
-        levers["id_buckets"] = math.ceil(n_items / ratio) if ratio else 0
-    return levers
+    variant, levers = parse_model(model)
+    levers, size = codebook_levers(levers)
+    spec = specification(settings, variant, settings.seed, model=model,
+                         **{**id_budget(rank_overrides or {}, n_items), **id_budget(levers, n_items)})
+    return spec, size
 
 
 def run_experiment(settings: Settings, data: str | Path | None = None, split_kind: str = "cold-items",
@@ -182,13 +143,14 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
                    rank_overrides: dict | None = None, n_boot: int = 200, rep: Reporter | None = None,
                    seed_start: int = 0) -> dict:
     """Seeds `seed_start .. seed_start + seeds - 1`. The served variant (`settings.ranker_variant`, built by
-    `semalign.spec.ranker_config` exactly as the refresh builds it) is compared against every other model.
+    `semalign.spec.specification` exactly as the refresh builds it) is compared against every other model.
     With `json_path`, per-event test predictions go to `<json>.preds.npz` so runs over disjoint seed ranges
     can be merged (`merge_experiments`) into one table with intervals over all seeds."""
+    from semalign.flows.ranker_stages import ranker_tables
     from semalign.models.metrics import metric_set
     from semalign.models.ranker import SID_ROWS, predict
     from semalign.models.ranker_training import train_ranker
-    from semalign.spec import ranker_config, served_model
+    from semalign.spec import served_model, specification
 
     rep = rep or Reporter(quiet=True)
     served = served_model(settings)
@@ -212,22 +174,19 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
             if key not in codebooks:
                 cb = codebook_stage(s, ds, split, enc, parent=None, levels=key[0], codes=key[1], rep=rep,
                                     move_latest=False)
-                codes = cb.sids[[c for c in cb.sids.columns if c.startswith("sid_") and c != "sid_dedup"]].to_numpy()
                 # its size sizes the tables, as in the refresh; sid decodes with its centroids
-                codebooks[key] = (cb, codes, load_codebook(s, cb.version))
+                codebooks[key] = (cb, load_codebook(s, cb.version))
             return key, codebooks[key]
 
         def tables_for(cfg, size: dict):
             # aligned variants read the served text-tower vector beside the aligned one (keep_raw_content); a
             # bounded ID table, a vector codec and a codebook size change the tables, so each distinct one is
             # built once a seed
-            cb_key, (cb, codes, codebook) = codebook_for(size)
-            raw_name = "generic" if cfg.variant in ("content", "logreg") else "text"
+            cb_key, (cb, codebook) = codebook_for(size)
+            raw_name = "generic" if cfg.variant in ("content", "logreg") else "text" if cfg.reads_raw else None
             key = (raw_name, cfg.id_buckets if cfg.variant not in SID_ROWS else 0, cfg.content_codec, cb_key)
             if key not in tables:
-                tables[key] = item_tables(ds, split, enc.embeddings, generic if raw_name == "generic" else feats.text,
-                                          codes, codebook.codes, cb.sids["sid_dedup"].to_numpy(), cfg,
-                                          [c.numpy() for c in codebook.centroids])
+                tables[key] = ranker_tables(ds, split, cb, codebook, feats, cfg, generic=generic)
             return tables[key]
         cb = codebook_for({})[1][0]
         frames = build_frames(split, user_features(split, ds.n_users), s.hist_len)
@@ -236,14 +195,12 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
         preds = {}
         with rep.stage(f"seed {seed}: rankers", len(models)) as adv:
             for m in models:
-                variant, levers = parse_model(m)
-                levers, size = codebook_levers(levers)
-                cfg = ranker_config(s, variant, seed, **{**id_budget(rank_overrides or {}, ds.n_items),
-                                                           **id_budget(levers, ds.n_items)})
+                spec, size = model_spec(s, m, ds.n_items, rank_overrides)
+                cfg = spec.ranker
                 item = tables_for(cfg, size)
                 configs[m] = {k: v for k, v in asdict(cfg).items() if k != "seed"}
                 if size:  # the size the codebook got (codes sized to the catalogue where only levels were named)
-                    cb_key, (_, _, codebook) = codebook_for(size)
+                    cb_key, (_, codebook) = codebook_for(size)
                     configs[m]["codebook"] = {"levels": cb_key[0], "codes": int(codebook.codes)}
                 res = train_ranker(cfg, item, frames["train"], frames["val"], device)
                 preds[m] = predict(res.model, frames["test"], device)
@@ -258,8 +215,12 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
                        "buckets": item_buckets(split.train_counts)[test["item_idx"].to_numpy()].astype(str), "preds": preds}
         rep.log(f"seed {seed}: encoder hit@30 {enc.metrics['hit@30']['encoder']:.4f} (raw text "
                 f"{enc.metrics['hit@30']['raw_text']:.4f}); codebook {cb.version}")
+    upstream = specification(settings.model_copy(update={"split": split_kind}), "aligned_content")
     out = {"dataset": ds.name, "split": split_kind, "seeds": list(saved), "models": models, "device": device,
            "served": served, "configs": configs,
+           # the encoder and codebook every model's SIDs came from (seeds apart; a size a model names aside)
+           "upstream": {"encoder": {k: v for k, v in upstream.encoder.items() if k != "seed"},
+                        "codebook": {k: v for k, v in upstream.codebook.items() if k != "seed"}},
            "rank_config": {k: v for k, v in (rank_overrides or {}).items()}, "fits": fits,
            "wall_s": round(time.perf_counter() - t0, 1)}
     out.update(summarise(saved, models, served, n_boot, rep))
@@ -272,18 +233,20 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
 def summarise(saved: dict, models: list[str], served: str, n_boot: int = 200, rep: Reporter | None = None) -> dict:
     """Metrics per (seed, model, bucket), their mean +- std, and the served model's deltas against every other
     model with 95% paired bootstrap intervals (users resampled within each seed, same resample for both)."""
-    from semalign.models.metrics import BootstrapFrame, metric_set, paired_bootstrap
+    from semalign.flows.ranker_stages import bucket_metrics
+    from semalign.models.metrics import BootstrapFrame, paired_bootstrap
 
     rep = rep or Reporter(quiet=True)
     records, frames_by_bucket = [], {b: [] for b in ALL_BUCKETS}
     for seed, d in saved.items():
         y, users, buckets, preds = d["y"], d["users"], d["buckets"], d["preds"]
+        per_model = {m: bucket_metrics(y, preds[m], users, buckets, both_classes=False) for m in models}
         for b in ALL_BUCKETS:
             sel = np.ones(len(y), bool) if b == "all" else buckets == b
             if sel.sum() == 0:
                 continue
             for m in models:
-                ms = metric_set(y[sel], preds[m][sel], users[sel])
+                ms = per_model[m][b]
                 for k in METRICS:
                     records.append({"seed": int(seed), "model": m, "bucket": b, "metric": k, "value": ms[k],
                                     "n_events": ms["n_events"]})

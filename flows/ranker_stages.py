@@ -35,10 +35,9 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
                        users_version: str | None = None) -> RankerOut:
     from semalign.data import event_keys
     from semalign.deploy.scoring import save_ranker
-    from semalign.features import N_USER_FEATS, build_frames, item_tables, user_features
+    from semalign.features import N_USER_FEATS, build_frames, user_features
     from semalign.flows.semantic_ids import load_codebook
     from semalign.models.ranker_training import train_ranker
-    from semalign.spec import ranker_config
 
     key = ranker_input_key(settings, ds, cb.version)
     folder = settings.home / "rankers" / key
@@ -52,14 +51,10 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
             return RankerOut(key, folder, None, {"reused": True, "best_epoch": meta.get("best_epoch"),
                                                  "val_auc": meta.get("val_auc")})
     codebook = load_codebook(settings, cb.version)
-    sid_cols = [f"sid_{lvl}" for lvl in range(codebook.levels)]
-    codes = cb.sids[sid_cols].to_numpy()
-    aligned = np.stack(cb.sids["embedding"].to_numpy()).astype(np.float32)
+    spec, tables = ranker_inputs(settings, ds, split, cb, codebook, feats)
+    cfg = spec.ranker
+    aligned_dim = len(cb.sids["embedding"].iloc[0])
     seen = split.train_items
-    cfg = ranker_config(settings)
-    # the text-tower vectors the store serves beside the aligned ones (`content` of the embedding view)
-    tables = item_tables(ds, split, aligned, feats.text if cfg.keep_raw_content else None, codes, codebook.codes,
-                         cb.sids["sid_dedup"].to_numpy(), cfg, [c.numpy() for c in codebook.centroids])
     frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
     if settings.ray_address:  # the same training function, as a Ray Train job on the cluster
         from semalign.flows import ray_engine
@@ -72,20 +67,46 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
                                on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
-            "n_codes": codebook.codes, "content_dim": int(aligned.shape[1]), "n_user_feats": N_USER_FEATS,
+            "n_codes": codebook.codes, "content_dim": aligned_dim, "n_user_feats": N_USER_FEATS,
             "code_dim": int(codebook.centroids[0].shape[1]),
             "raw_dim": int(feats.text.shape[1]) if cfg.keep_raw_content else 0,
             "label_prior": float(train["label"].mean()), "hist_len": settings.hist_len,
             "feast_project": settings.feast_project, "data_hash": ds.content_hash(), "input_key": key,
             "users_version": users_version, "serving_profile": settings.serving_profile,
-            "bytes_per_item": served_bytes_per_item(cfg, codebook.levels, codebook.codes, int(aligned.shape[1]),
+            "bytes_per_item": served_bytes_per_item(cfg, codebook.levels, codebook.codes, aligned_dim,
                                                     int(feats.text.shape[1]), int(cb.sids["sid_dedup"].max())),
             "best_epoch": res.best_epoch, "val_auc": res.best_val_auc}
     with atomic.building(folder) as tmp:  # a stopped run's folder lands whole or not at all
         save_ranker(res.model, tmp, meta, ds.items["item_id"].iloc[seen].tolist())
+        spec.write(tmp / SPEC_FILE)   # encoder, codebook and ranker of this model, as the experiment measures them
         np.save(tmp / TRAINED_EVENTS, np.unique(event_keys(split.events[split.events["part"] != "test"])))
     return RankerOut(key, folder, None, {"reused": False, "best_epoch": res.best_epoch, "val_auc": res.best_val_auc,
                                          "train_samples_per_s": res.samples_per_s})
+
+
+SPEC_FILE = "spec.json"   # beside every trained ranker: its semalign.spec.Specification
+
+
+def ranker_inputs(settings: Settings, ds, split, cb, codebook, feats):
+    """(the served model's specification, its item tables): what the refresh trains, from the settings' (or the
+    selected) specification and the codebook version the ranker reads."""
+    from semalign.spec import specification
+
+    spec = specification(settings).with_codebook(codebook)
+    return spec, ranker_tables(ds, split, cb, codebook, feats, spec.ranker)
+
+
+def ranker_tables(ds, split, cb, codebook, feats, cfg, generic=None):
+    """The ranker's per-item tables, for the refresh and the experiment alike: a codebook version's SIDs (the
+    code count is the codebook's own) and aligned vectors, and the raw vector the configuration reads (the
+    text-tower vector the store serves; `generic` content for the `content` / `logreg` baselines)."""
+    from semalign.features import item_tables
+
+    sid_cols = [f"sid_{lvl}" for lvl in range(codebook.levels)]
+    aligned = np.stack(cb.sids["embedding"].to_numpy()).astype(np.float32)
+    raw = generic if cfg.variant in ("content", "logreg") else feats.text if cfg.reads_raw else None
+    return item_tables(ds, split, aligned, raw, cb.sids[sid_cols].to_numpy(), codebook.codes,
+                       cb.sids["sid_dedup"].to_numpy(), cfg, [c.numpy() for c in codebook.centroids])
 
 
 def publish_users(settings: Settings, ds, split) -> str:
@@ -145,24 +166,33 @@ def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missin
     return scorer.score_rows(ufeat, cands, histories, extra=extra)
 
 
-def window_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
-    """AUC / GAUC per item bucket of the test window's events (those in `mask`, when given)."""
-    from semalign.data import ALL_BUCKETS, item_buckets
+def bucket_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, buckets: np.ndarray,
+                   mask: np.ndarray | None = None, both_classes: bool = True) -> dict:
+    """Metrics (models.metrics.metric_set) per item bucket of scored events (those in `mask`, when given): how the
+    refresh judges a window and the experiment compares models. With `both_classes`, a bucket of one label is left
+    out (its AUC is undefined)."""
+    from semalign.data import ALL_BUCKETS
     from semalign.models.metrics import metric_set
 
-    test = split.part("test")
-    y = test["label"].to_numpy()
-    users = test["user_idx"].to_numpy()
-    buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
     keep = np.ones(len(y), bool) if mask is None else mask
     out = {}
     for b in ALL_BUCKETS:
         sel = keep if b == "all" else keep & (buckets == b)
-        if sel.sum() and len(np.unique(y[sel])) == 2:
-            ms = metric_set(y[sel], p[sel], users[sel])
-            out[b] = {"auc": float(ms["auc"]), "gauc": float(ms["gauc"]), "n_events": int(sel.sum()),
-                      "n_positive": int(y[sel].sum())}
+        if sel.sum() and (not both_classes or len(np.unique(y[sel])) == 2):
+            out[b] = {**metric_set(y[sel], p[sel], users[sel]), "n_positive": int(y[sel].sum())}
     return out
+
+
+def window_metrics(split, p: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """AUC / GAUC per item bucket of the test window's events (those in `mask`, when given)."""
+    from semalign.data import item_buckets
+
+    test = split.part("test")
+    y = test["label"].to_numpy()
+    buckets = item_buckets(split.train_counts)[test["item_idx"].to_numpy()]
+    return {b: {"auc": float(m["auc"]), "gauc": float(m["gauc"]), "n_events": m["n_events"],
+                "n_positive": m["n_positive"]}
+            for b, m in bucket_metrics(y, p, test["user_idx"].to_numpy(), buckets, mask).items()}
 
 
 def fresh_events(ranker_folder: Path, split, item_ids: np.ndarray) -> np.ndarray | None:

@@ -160,6 +160,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
     if gates.reference is not None:
         drift_plot(plots_dir / "drift.png", gates.reference, gates.profile)
     payload = refresh_payload(settings, ds, feats, enc, cb, rk, champ, input_verdict, gates, evaluation, plots_dir)
+    _log_specification(payload, rk.folder)
     at("log to MLflow")
     with rep.stage("log to MLflow", None):
         from semalign.flows.sid_bundle import export_sid_bundle
@@ -182,6 +183,18 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
                 data_docs=gates.extra.get("data_docs"),
                 evaluation=evaluation,
                 champion=champion_lineage(registry).get("version"))
+
+
+def _log_specification(payload, ranker_folder) -> None:
+    """The trained ranker's specification (encoder, codebook, ranker) as the run's `spec.json` and its params."""
+    import json
+
+    path = ranker_folder / ranker_stages.SPEC_FILE
+    if not path.exists():  # trained before specifications were written beside rankers
+        return
+    spec = json.loads(path.read_text())
+    payload.json_artifacts["spec.json"] = spec
+    payload.params.update({f"{part}.{k}": v for part in ("encoder", "codebook") for k, v in spec[part].items()})
 
 
 def _scoreable_rows(split, n: int = 3):

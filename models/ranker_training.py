@@ -152,6 +152,13 @@ COMPILE_MIN_STEPS = 10_000  # train_ranker compiles the graphed step from this m
 # fixed warm-up that each faster step pays back only a little, so it pays off over thousands of steps only
 
 
+def initial_model(cfg: RankerConfig, tables: ItemTables, n_user_feats: int) -> Ranker:
+    """The model training starts from, seeded by `cfg.seed`: one configuration and one set of item tables give one
+    set of initial weights, wherever it is trained."""
+    torch.manual_seed(cfg.seed)
+    return Ranker(cfg, tables, n_user_feats)
+
+
 def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame, device: str = "cpu",
                  on_epoch: Callable[[dict], None] | None = None,
                  distributed: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0,
@@ -172,9 +179,8 @@ def train_ranker(cfg: RankerConfig, tables: ItemTables, train: Frame, val: Frame
     `COMPILE_MIN_STEPS` full batches (max_epochs x batches an epoch), so compiling pays for itself."""
     import time
 
-    torch.manual_seed(cfg.seed)
+    model = initial_model(cfg, tables, train.user_feats.shape[1]).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = Ranker(cfg, tables, train.user_feats.shape[1]).to(device)
     on_cuda = str(device).startswith("cuda")
     if cuda_graph is None:
         cuda_graph = on_cuda and distributed is None and world_size == 1

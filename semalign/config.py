@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # set of both development catalogues (README, "Results"): `aligned_content` won there and on test; `full`
     # (SID alignment block) and the generated cold behavior view did not earn their cost.
     ranker_variant: Literal["full", "aligned_content", "sid", "sid+dense", "hashed_id+dense"] = "aligned_content"
+    # every other lever of the ranker (models.ranker.RankerConfig), as the experiment names models: 'lever=value+...'
+    # (e.g. "cold_view=0.5+code_dropout=0.2+align_levels=1"); the served model is then 'variant@levers'
+    ranker_levers: str = ""
     # a bounded item-ID table: rows its ID table (sid: SID n-gram table) gets, item IDs hashed (seeded) into them;
     # 0 = one row per training item. A catalogue of 100M items needs a bound (README, "Bounded item tables")
     ranker_id_buckets: int = Field(default=0, ge=0)
@@ -155,28 +158,33 @@ class Settings(BaseSettings):
         return default if default.exists() else None
 
     @model_validator(mode="after")
-    def _spec_codebook(self) -> "Settings":
-        """A selected ranker spec that names a codebook size (`semalign experiment --select` over models with
-        codebook_levels / codebook_codes) sizes every codebook the refresh builds, so the served model reads SIDs
-        of the size it was chosen with. Settings given explicitly that disagree with it are refused."""
-        import json
-
+    def _spec_upstream(self) -> "Settings":
+        """A selected specification (`semalign experiment --select`) carries the encoder and codebook it was measured
+        with (a codebook size where the model named one: codebook_levels / codebook_codes): every refresh builds
+        its encoder and codebooks with them, so the served model reads what it was chosen on. Settings given
+        explicitly that disagree with it are refused."""
         path = self.resolved_ranker_spec()
         if path is None:
             return self
+        import json
+
+        from semalign.spec import SETTINGS_OF
+
         try:
-            size = json.loads(Path(path).read_text()).get("codebook") or {}
-        except (OSError, ValueError, AttributeError):
+            spec = json.loads(Path(path).read_text())
+            parts = {part: dict(spec.get(part) or {}) for part in SETTINGS_OF}
+        except (OSError, ValueError, AttributeError, TypeError):
             return self  # semalign.spec.selected_spec names what is wrong with the file where it is read
-        for key in ("levels", "codes"):
-            field, want = f"codebook_{key}", size.get(key)
-            if want is None:
-                continue
-            have = getattr(self, field)
-            if field in self.model_fields_set and have is not None and have != want:
-                raise ValueError(f"SEMALIGN_CODEBOOK_{key.upper()}={have} disagrees with the ranker spec {path}, "
-                                 f"which was selected with {field}={want}: unset one of them")
-            object.__setattr__(self, field, int(want))
+        for part, fields in SETTINGS_OF.items():
+            for key, field in fields.items():
+                want = parts[part].get(key)
+                if want is None:
+                    continue
+                have = getattr(self, field)
+                if field in self.model_fields_set and have is not None and have != want:
+                    raise ValueError(f"SEMALIGN_{field.upper()}={have} disagrees with the ranker spec {path}, "
+                                     f"which was selected with {part} {key}={want}: unset one of them")
+                object.__setattr__(self, field, type(have)(want) if have is not None else want)
         return self
 
     def ensure_home(self) -> Path:

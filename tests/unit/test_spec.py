@@ -10,7 +10,7 @@ from semalign.spec import ranker_config, served_model, write_selection
 
 
 def _result(models, gauc):
-    from semalign.flows.experiment import id_budget, parse_model
+    from semalign.spec import id_budget, parse_model
 
     configs = {}
     for m in models:
@@ -58,7 +58,7 @@ def test_a_broken_spec_or_an_unservable_one_is_refused_by_name(tmp_path):
 def test_a_selected_codebook_size_sizes_the_refreshs_codebooks_and_contradictions_are_refused(tmp_path):
     from pydantic import ValidationError
 
-    from semalign.flows.experiment import codebook_levers, parse_model
+    from semalign.spec import codebook_levers, parse_model
 
     variant, levers = parse_model("sid@codebook_levels=4+codebook_codes=64+items_per_row=10")
     assert variant == "sid" and codebook_levers(levers) == ({"items_per_row": 10.0}, {"levels": 4, "codes": 64})
@@ -69,7 +69,7 @@ def test_a_selected_codebook_size_sizes_the_refreshs_codebooks_and_contradiction
     res = _result(["aligned_content", "sid@items_per_row=10"], {"aligned_content": 0.60, "sid@items_per_row=10": 0.65})
     res["configs"]["sid@items_per_row=10"]["codebook"] = {"levels": 4, "codes": 64}
     spec = write_selection(s, res)
-    assert spec["codebook"] == {"levels": 4, "codes": 64} and "codebook" not in spec["levers"]
+    assert spec["codebook"] == {"levels": 4, "codes": 64} and "codebook" not in spec["ranker"]
     after = Settings(home=tmp_path)   # the next refresh builds its codebooks at the selected size
     assert (after.codebook_levels, after.codebook_codes) == (4, 64) and ranker_config(after).variant == "sid"
     assert Settings(home=tmp_path, codebook_codes=64).codebook_codes == 64   # agreeing settings are fine

@@ -50,6 +50,16 @@ def scoring_requirements() -> list[str]:
     return reqs
 
 
+def output_only_signature(column: str, dtype: str):
+    """A pyfunc signature with no input types: ids arrive as strings or integers (an integer-looking CSV or JSON
+    column is parsed as integers, which MLflow refuses where a signature says string); the models' `predict`
+    checks their columns and turns each id into its string (deploy/ranker_model.py)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(outputs=Schema([ColSpec(dtype, column)]))
+
+
 # the settings that point a loading process at a feature store (SEMALIGN_* variables; README "Refresh, registry
 # and gates")
 STORE_SETTINGS = ("home", "state_url", "feast_project", "feast_online", "feast_offline", "feast_registry",
@@ -413,9 +423,6 @@ class Registry(RegistryView):
         which checks the model loads and reads its features. Returns (run_id, version)."""
         import tempfile
 
-        import pandas as pd
-        from mlflow.models import infer_signature
-
         mlflow = self.mlflow
         with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"refresh-{time.strftime('%Y%m%d-%H%M%S')}") as run:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
@@ -429,8 +436,7 @@ class Registry(RegistryView):
                     mlflow.log_artifact(str(src), artifact_path=path)
             for name, body in json_artifacts.items():
                 mlflow.log_dict(body, name)
-            sig = infer_signature(pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"]}),
-                                  pd.Series([0.5], name="score"))
+            sig = output_only_signature("score", "double")
             if sid_bundle is not None:  # the second registered model, first: a failure leaves no ranker version
                 self._log_sid_bundle(sid_bundle, tags.get("codebook_version"))
             # MLflow scores the input example in this process once logged: against this refresh's store
@@ -455,9 +461,8 @@ class Registry(RegistryView):
         import numpy as np
         import pandas as pd
         import torch
-        from mlflow.models import infer_signature
 
-        sig = infer_signature(pd.DataFrame({"item_id": ["i1"]}), pd.Series(["0-0-0-0"], name="sid"))
+        sig = output_only_signature("sid", "string")
         info = self.mlflow.pyfunc.log_model(
             name="sid_tokenizer", python_model=str(TOKENIZER_CODE), artifacts={"bundle": str(bundle)}, signature=sig,
             metadata={"semalign": {"codebook_version": codebook_version}},

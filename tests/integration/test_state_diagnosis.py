@@ -94,7 +94,9 @@ def test_the_gates_fail_closed_when_the_champions_record_cannot_be_read(registry
     sids = pd.DataFrame({"sid_0": rng.integers(0, 8, n), "sid_1": rng.integers(0, 8, n), "sid_dedup": 0,
                          "embedding": list(rng.standard_normal((n, 4)).astype(np.float32))})
     same = {"all": {"auc": 0.7, "gauc": 0.7, "n_events": 1000, "n_positive": 500}}
+    even = {"auc": (0.0, -0.001, 0.001), "level": 0.95, "users": 100, "resamples": 200, "seed": 0}
+    evaluation = {"challenger": same, "champion": same, "compared": {"events": 1000, "paired": {"all": even}}}
     out = run_gates(s, reg, {"version": "1", "run_id": run.info.run_id}, movielens, split,
-                    SimpleNamespace(sids=sids, churn=None), {"challenger": same, "champion": same})
+                    SimpleNamespace(sids=sids, churn=None), evaluation, feats=None)
     assert not out.passed and out.gates[0]["gate"] == "champion record"
     assert "reference_profile.json of run" in out.summary and "cannot be read" in out.summary

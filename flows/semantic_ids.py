@@ -14,7 +14,7 @@ import pandas as pd
 
 from semalign import artifacts, atomic
 from semalign.config import Settings
-from semalign.data import Dataset, Split, load_dataset, mine_pairs, settings_split
+from semalign.data import Dataset, Split, load_for_settings, mine_pairs, settings_split
 from semalign.errors import InvalidInputError, NotFoundError, reading
 from semalign.hashing import digest
 from semalign.progress import Reporter
@@ -41,30 +41,22 @@ class TowerFeatures:
 
 
 def ingest(settings: Settings, data: str | Path | None = None, on_bad_rows: str | None = None) -> Dataset:
-    path = Path(data).expanduser().resolve() if data else settings.resolved_data()
-    return load_dataset(path, on_bad_rows=on_bad_rows or settings.on_bad_rows,
-                        quarantine_dir=settings.home / "quarantine")
+    return load_for_settings(settings, data, on_bad_rows)  # a folder, s3:// or a database; sampling settings
 
 
-def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None) -> TowerFeatures:
-    from semalign.models.towers import FeatureCache, ImageTower, TextTower, file_key, text_fingerprint, text_key
+def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None, engine=None) -> TowerFeatures:
+    """Every item's text-tower (and image-tower) vector, from the cache where the same content was embedded with the
+    same model before; the rest computed by `engine` (flows/engines.py)."""
+    from semalign.flows.engines import compute_engine
+    from semalign.models.towers import FeatureCache, file_key, text_fingerprint, text_key
 
     rep = rep or Reporter(quiet=True)
-    device = settings.resolved_device()
+    engine = engine or compute_engine(settings)
     texts = ds.items["text"].tolist()
-    text_tower = None
 
     def text_compute(missing):
-        nonlocal text_tower
-        if settings.ray_address:  # the same batches, encoded by actors on the Ray cluster
-            from semalign.flows import ray_engine
-
-            with rep.stage("text tower (ray)", len(missing)) as adv:
-                return ray_engine.text_vectors(settings, [texts[i] for i in missing], progress=adv), \
-                    np.ones(len(missing), bool)
-        text_tower = text_tower or TextTower(settings.resolved_text_model(), device=device)
-        with rep.stage("text tower", len(missing)) as adv:
-            v = text_tower.encode([texts[i] for i in missing], progress=adv)
+        with rep.stage(engine.stage_name("text tower"), len(missing)) as adv:
+            v = engine.text_vectors([texts[i] for i in missing], progress=adv)
         return v, np.ones(len(missing), bool)
 
     tfp = text_fingerprint(settings.resolved_text_model())  # model dir identity, no weights loaded
@@ -73,17 +65,11 @@ def tower_features(settings: Settings, ds: Dataset, rep: Reporter | None = None)
     image, has_image, n_img, image_fp = None, np.zeros(ds.n_items, bool), 0, None
     paths = ds.items["image_path"].tolist()
     if settings.use_images and any(p is not None for p in paths):
-        img_tower = ImageTower(device=device)
-        image_fp = img_tower.fingerprint
+        image_fp = engine.image_tower().fingerprint
 
         def image_compute(missing):
-            if settings.ray_address:
-                from semalign.flows import ray_engine
-
-                with rep.stage("image tower (ray)", len(missing)) as adv:
-                    return ray_engine.image_vectors(settings, [paths[i] for i in missing], progress=adv)
-            with rep.stage("image tower", len(missing)) as adv:
-                return img_tower.encode([paths[i] for i in missing], progress=adv)
+            with rep.stage(engine.stage_name("image tower"), len(missing)) as adv:
+                return engine.image_vectors([paths[i] for i in missing], progress=adv)
 
         image, has_image, n_img = FeatureCache(settings.cache_dir, image_fp).get_or_compute(
             [file_key(p) for p in paths], image_compute)
@@ -103,22 +89,22 @@ class EncoderOutput:
 
 
 def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFeatures,
-                  rep: Reporter | None = None, parent: str | None = None, move_latest: bool = False) -> EncoderOutput:
+                  rep: Reporter | None = None, parent: str | None = None, move_latest: bool = False,
+                  engine=None) -> EncoderOutput:
     """Trains (or reuses) the encoder. With `parent` ("latest" or a version) a retrain starts from the parent's
     weights and image PCA, so item embeddings move only as far as behavior changed: that is what keeps
     semantic IDs stable across refreshes."""
-    from semalign.models.encoder import EncoderConfig, embed_items, load_encoder, save_encoder, train_encoder
+    from semalign.flows.engines import compute_engine
+    from semalign.models.encoder import load_encoder, save_encoder, train_encoder
+    from semalign.spec import encoder_config
 
     rep = rep or Reporter(quiet=True)
     device = settings.resolved_device()
     pairs = mine_pairs(split.part("train"), settings.pair_window, settings.pair_max_gap_s)
     val_pairs = mine_pairs(split.part("val"), settings.pair_window, settings.pair_max_gap_s)
     test_pairs = mine_pairs(split.part("test"), settings.pair_window, settings.pair_max_gap_s)
-    cfg = EncoderConfig(text_dim=feats.text.shape[1], image_dim=feats.image.shape[1] if feats.image is not None else 0,
-                        hidden=settings.encoder_hidden, out_dim=settings.embed_dim, epochs=settings.encoder_epochs,
-                        batch_size=settings.encoder_batch, lr=settings.encoder_lr,
-                        content_weight=settings.encoder_content_weight, seed=settings.seed,
-                        hard_negative_share=settings.encoder_hard_negative_share)
+    cfg = encoder_config(settings, text_dim=feats.text.shape[1],
+                         image_dim=feats.image.shape[1] if feats.image is not None else 0)
     input_key = _hash(feats.hash(), pairs.tobytes(), val_pairs.tobytes(), asdict(cfg))
     latest_p = settings.encoders_dir / "LATEST"
     parent_version = (latest_p.read_text().strip() if latest_p.exists() else None) if parent == "latest" else parent
@@ -147,12 +133,7 @@ def encoder_stage(settings: Settings, ds: Dataset, split: Split, feats: TowerFea
         meta = {"version": version, "input_key": input_key, "parent": parent_version if parent_model is not None else None,
                 "best_epoch": res.best_epoch, "history": res.history,
                 "train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "split": split.kind}
-    if settings.ray_address:  # every item's aligned vector, on the Ray cluster (same chunks, same vectors)
-        from semalign.flows import ray_engine
-
-        emb = ray_engine.embed_items(settings, model, feats.text, feats.image, feats.has_image)
-    else:
-        emb = embed_items(model, feats.text, feats.image, feats.has_image, device)
+    emb = (engine or compute_engine(settings)).item_embeddings(model, feats.text, feats.image, feats.has_image)
     metrics = {"train_pairs": int(len(pairs)), "val_pairs": int(len(val_pairs)), "best_epoch": meta["best_epoch"],
                **encoder_metrics(emb, feats, split, test_pairs, cfg.eval_k, device)}
     if not reused:  # into a temp folder, then one rename: a run that dies here leaves no partial version
@@ -345,38 +326,71 @@ def item_rows(ds: Dataset, item_ids, holder: str) -> np.ndarray:
 
 
 def publish_stage(settings: Settings, ds: Dataset, cb: CodebookOutput, enc: EncoderOutput,
-                  make_current: bool = True, feats: TowerFeatures | None = None) -> dict:
+                  make_current: bool = True, feats: TowerFeatures | None = None, store=None) -> dict:
     """Publishes a codebook version's SIDs, aligned vectors and text-tower vectors (the ranker reads both) to the
     feature store (a no-op when that exact version is already published). Offline rows are stamped with the
     item's `available_at` where known. Without `feats` the tower features are read (from their cache)."""
-    from semalign.feature_repo.store import open_store
-
-    codebook = load_codebook(settings, cb.version)
-    store = open_store(settings, levels=codebook.levels)
-    avail = ds.items["available_at"] if "available_at" in ds.items else None
-    sids = cb.sids
-    row_of = item_rows(ds, sids["item_id"], f"codebook {cb.version}")
-    if avail is not None:
-        avail = avail.to_numpy()[row_of]
     feats = feats or tower_features(settings, ds)
-    res = store.publish(codebook, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
-                        encoder_version=enc.version, available_at=avail, make_current=make_current,
-                        content=feats.text[row_of])
+    res = _publish(settings, cb.version, cb.sids, enc.version, make_current, ds, feats, store)
     return {"version": res.version, "items": res.items, "published_now": res.published, "current": res.current,
             "project": settings.feast_project, "online_store": settings.feast_online,
             "repo": str(settings.feature_repo_dir), "wall_s": round(res.wall_s, 2)}
 
 
+def _publish(settings: Settings, version: str, sids: pd.DataFrame, encoder_version: str | None, make_current: bool,
+             ds: Dataset | None = None, feats: TowerFeatures | None = None, store=None, stamp: bool = True):
+    """One codebook version's rows to the store: SIDs and aligned vectors, and with the dataset and its tower
+    features the text-tower vectors (and, with `stamp`, the offline rows' `available_at`)."""
+    from semalign.feature_repo.store import open_store
+
+    codebook = load_codebook(settings, version)
+    if store is None or store.levels != codebook.levels:
+        store = open_store(settings, levels=codebook.levels)
+    avail = content = None
+    if ds is not None:
+        row_of = item_rows(ds, sids["item_id"], f"codebook {version}")
+        if stamp and "available_at" in ds.items:
+            avail = ds.items["available_at"].to_numpy()[row_of]
+        content = feats.text[row_of]
+    return store.publish(codebook, sids["item_id"].tolist(), np.stack(sids["embedding"].to_numpy()),
+                         encoder_version=encoder_version, available_at=avail, make_current=make_current,
+                         content=content)
+
+
+def publish_version(settings: Settings, version: str | None = None, data: str | Path | None = None,
+                    make_current: bool = True) -> dict:
+    """`semalign ids publish`: a built codebook version (default: the latest) to the store, under the refresh lock
+    (a refresh publishing and moving the current version meanwhile: wait). With `data`, the items' text-tower
+    vectors too (the towers' cache), which the default ranker reads."""
+    import json
+
+    from semalign.flows.lock import refresh_lock
+    from semalign.flows.pipeline import upstream
+
+    version = version or latest_codebook_version(settings)
+    if version is None:
+        raise NotFoundError(f"no codebook built under {settings.codebooks_dir}: run `semalign run` first")
+    load_codebook(settings, version)   # an unknown version is refused by name before anything else
+    sids = load_sids(settings, version)
+    lineage_p = settings.codebooks_dir / version / "lineage.json"
+    enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
+    up = upstream(settings, data, through="towers") if data is not None else None
+    with refresh_lock(settings, "ids publish"):
+        res = _publish(settings, version, sids, enc_v, make_current, up and up.ds, up and up.feats, stamp=False)
+    return {"version": res.version, "items": res.items, "published_now": res.published, "current": res.current,
+            "wall_s": round(res.wall_s, 3)}
+
+
 def semantic_ids_job(settings: Settings, data: str | Path | None = None, rep: Reporter | None = None,
                      parent: str | None = "latest", publish: bool = True) -> dict:
-    """The main job so far: ingest -> towers -> encoder -> codebook -> SIDs; returns a summary."""
+    """`semalign codebook build`: the upstream pipeline (ingest -> towers -> encoder -> codebook -> SIDs, `parent`
+    as both parents) and the publish; returns a summary."""
+    from semalign.flows.pipeline import upstream
+
     t0 = time.perf_counter()
     rep = rep or Reporter(quiet=True)
-    ds = ingest(settings, data)
-    split = settings_split(ds, settings)
-    feats = tower_features(settings, ds, rep)
-    enc = encoder_stage(settings, ds, split, feats, rep, parent=parent, move_latest=True)
-    cb = codebook_stage(settings, ds, split, enc, parent=parent, rep=rep)
+    up = upstream(settings, data, rep, encoder_parent=parent, codebook_parent=parent, move_latest=True)
+    ds, split, feats, enc, cb = up.ds, up.split, up.feats, up.enc, up.cb
     with rep.stage("publish semantic IDs", None):
         pub = publish_stage(settings, ds, cb, enc, feats=feats) if publish else None
     return {

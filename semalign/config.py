@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,12 +12,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEMALIGN_", env_file=None, extra="ignore")
 
     home: Path = Field(default=Path.home() / ".semalign", description="All state: caches, encoders, codebooks.")
-    data: Path | None = Field(default=None, description="Dataset folder (MovieLens-100K or a generic folder).")
+    data: str | None = Field(default=None, description=(
+        "Dataset: a folder (MovieLens-100K or a generic folder), s3://bucket/prefix, or a SQL database URL."))
     text_model: Path | None = Field(default=None, description="Local transformers model dir; default: bundled all-MiniLM-L6-v2.")
     use_images: bool = True
     # bad rows in a dataset: refuse it naming file, row and column ("error"), or set them aside under
     # SEMALIGN_HOME/quarantine/ with counts in the report and go on ("quarantine")
     on_bad_rows: Literal["error", "quarantine"] = "error"
+    # implicit feedback (interactions without `label` or `rating`): negatives sampled per positive at its timestamp,
+    # from the items available then that the user has not engaged with (semalign/negatives.py); the seed is the
+    # data's own, apart from `seed`, so experiments over seeds see one dataset
+    negatives_per_positive: int = Field(default=1, ge=1)
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    negative_seed: int = 0
+    # a SQL database as the dataset (`--data postgresql://...`): tables (schema.table) or SELECT queries
+    sql_items: str = "items"
+    sql_interactions: str = "interactions"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -233,7 +243,8 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_data(self) -> Path:
+    def resolved_data(self) -> Path | str:
+        """The dataset folder, or the URI of a remote one (s3://..., a SQL database URL) as given."""
         if self.data is None:
             from semalign.errors import InvalidInputError
 
@@ -241,7 +252,9 @@ class Settings(BaseSettings):
                 "no dataset given: pass --data PATH or set SEMALIGN_DATA "
                 "(MovieLens-100K folder with u.data/u.item, or a folder with items.csv + interactions.csv)"
             )
-        return Path(self.data).expanduser().resolve()
+        from semalign.sources import is_uri
+
+        return self.data if is_uri(self.data) else Path(self.data).expanduser().resolve()
 
 
 def get_settings(**overrides) -> Settings:

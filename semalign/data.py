@@ -7,7 +7,7 @@ Ids are kept as strings so any id scheme works; models see dense integer indices
 """
 from __future__ import annotations
 
-import csv
+import bisect
 import io
 import re
 import urllib.request
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from semalign.errors import DataValidationError, InvalidInputError, NotFoundError  # noqa: F401 (DataValidationError: re-exported)
+from semalign.negatives import NEVER, NegativeSampling, sample_negatives
 
 MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 MOVIELENS_GENRES = [
@@ -43,6 +44,8 @@ class Dataset:
     items: pd.DataFrame          # item_id(str), text, image_path(str|None), available_at?, ...; index = item index
     interactions: pd.DataFrame   # user_id(str), item_id(str), ts(int64 s), timestamp(UTC), label(int8), item_idx, user_idx
     report: dict = field(default_factory=dict)  # counts of quarantined rows, missing images, ...
+    negatives: dict | None = None  # implicit data: how its negatives were sampled (seed, per positive, weighting)
+    partitions: list[str] = field(default_factory=list)  # the interactions' pieces read: lineage
 
     @property
     def n_items(self) -> int:
@@ -55,29 +58,92 @@ class Dataset:
     def content_hash(self) -> str:
         from semalign.hashing import digest
 
-        return digest(pd.util.hash_pandas_object(self.items[["item_id", "text"]], index=False).values,
-                      pd.util.hash_pandas_object(self.interactions[["user_id", "item_id", "ts", "label"]],
-                                                 index=False).values, length=16)
+        parts = [pd.util.hash_pandas_object(self.items[["item_id", "text"]], index=False).values,
+                 pd.util.hash_pandas_object(self.interactions[["user_id", "item_id", "ts", "label"]],
+                                            index=False).values]
+        if self.negatives is not None:  # sampled, not given: the sampler's settings are part of what the data is
+            parts.append({k: self.negatives[k] for k in ("per_positive", "weighting", "seed")})
+        return digest(*parts, length=16)
 
 
 # ---------------------------------------------------------------- loading
 
 def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quarantine_dir: Path | None = None,
-                 positive_rating: float = POSITIVE_RATING) -> Dataset:
-    """MovieLens-100K folder (u.data + u.item) or a generic contract folder (items.* + interactions.*)."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_dir():
-        raise NotFoundError(f"dataset folder not found: {path}")
-    if (path / "u.data").exists() and (path / "u.item").exists():
-        items, inter, files = _read_movielens(path)
-        name = "movielens-100k"
-    elif _find(path, "items") and _find(path, "interactions"):
-        items, inter, files = _read_generic(path)
-        name = path.name
-    else:
-        raise DataValidationError(path, None, None,
-                                  "a MovieLens-100K folder (u.data, u.item) or items.csv|parquet + interactions.csv|parquet")
-    return validate(name, items, inter, files, on_bad_rows, quarantine_dir, positive_rating)
+                 positive_rating: float = POSITIVE_RATING, negatives: NegativeSampling | None = None,
+                 sql_items: str = "items", sql_interactions: str = "interactions") -> Dataset:
+    """A dataset from a local folder (MovieLens-100K's u.data + u.item, or items.* + interactions.*), an
+    `s3://bucket/prefix` or a SQL database URL (`sql_items` / `sql_interactions`: table names or queries); the
+    interactions as one table or as daily partitions (`interactions/dt=YYYY-MM-DD/`). Interactions without
+    `label` or `rating` are positives, and `negatives` says how their negatives are sampled."""
+    from semalign.sources import FolderSource, open_source
+
+    source = open_source(path, sql_items, sql_interactions)
+    if isinstance(source, FolderSource) and (source.root / "u.data").exists() and (source.root / "u.item").exists():
+        items, inter, files = _read_movielens(source.root)
+        return validate("movielens-100k", items, inter, files, on_bad_rows, quarantine_dir, positive_rating, negatives)
+    if source.kind != "sql" and not source.has_tables():
+        raise DataValidationError(source.location, None, None,
+                                  "a MovieLens-100K folder (u.data, u.item) or items.csv|parquet + "
+                                  "interactions.csv|parquet (or an interactions/ folder of dt=YYYY-MM-DD/ partitions)")
+    items, items_name = source.read_items()
+    inter, segments, bad = _read_pieces(source, on_bad_rows)
+    if source.root is not None:
+        items = _local_images(source.root, items)
+    name = Path(source.location).name if source.kind == "folder" else source.location
+    files = {"items": items_name, "interactions": segments[0][0] if len(segments) == 1 else source.location,
+             "root": source.root, "segments": segments, "bad_pieces": bad, "source": source}
+    return validate(name, items, inter, files, on_bad_rows, quarantine_dir, positive_rating, negatives)
+
+
+def _read_pieces(source, policy: BadRowPolicy):
+    """Every interactions piece of `source`, concatenated, with (name, first row, partition) per piece. A piece that
+    cannot be read as a table with the contract's columns fails the read naming it, or is quarantined whole."""
+    from semalign.sources import BadPiece
+
+    good, bad = source.pieces()
+    frames, segments, row = [], [], 0
+    for piece, got in source.read(good):
+        if isinstance(got, DataValidationError):
+            bad.append(BadPiece(piece, got.column, got.expected))
+            continue
+        missing = [c for c in ("user_id", "item_id", "timestamp") if c not in got.columns]
+        if missing:
+            bad.append(BadPiece(piece, missing[0], f"a column '{missing[0]}' (have: {list(got.columns)})"))
+            continue
+        frames.append(got)
+        segments.append((piece.name, row, piece.partition, piece.version))
+        row += len(got)
+    if bad and policy == "error":
+        b = bad[0]
+        raise DataValidationError(b.piece.name, None, b.column, b.expected, len(bad))
+    if not frames:
+        raise DataValidationError(source.location, None, None,
+                                  "at least one readable interactions table" + (f" ({len(bad)} bad)" if bad else ""))
+    kinds = [("label" in f.columns, "rating" in f.columns) for f in frames]
+    odd = next((k for k in range(len(kinds)) if kinds[k] != kinds[0]), None)
+    if odd is not None:  # labelled and implicit pieces mixed: no one meaning for the rows without labels
+        raise DataValidationError(segments[odd][0], None, "label", "the label columns of the first interactions "
+                                  f"file {segments[0][0]} (label, rating or neither) in every file")
+    return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)), segments, bad
+
+
+def _local_images(folder: Path, items: pd.DataFrame) -> pd.DataFrame:
+    if "image_path" not in items.columns and (folder / "images").is_dir():
+        by_stem = {p.stem: p for p in (folder / "images").iterdir() if p.is_file()}
+        items["image_path"] = [str(by_stem[str(i)]) if str(i) in by_stem else None for i in items.get("item_id", [])]
+    elif "image_path" in items.columns:
+        items["image_path"] = [None if _isnull(v) else str(folder / str(v)) for v in items["image_path"]]
+    return items
+
+
+def load_for_settings(settings, data: str | Path | None = None, on_bad_rows: BadRowPolicy | None = None) -> Dataset:
+    """The dataset `settings` describe: its location (or `data`), bad-row policy, quarantine folder, SQL tables and
+    negative sampling."""
+    return load_dataset(data if data else settings.resolved_data(), on_bad_rows=on_bad_rows or settings.on_bad_rows,
+                        quarantine_dir=settings.home / "quarantine",
+                        negatives=NegativeSampling(settings.negatives_per_positive, settings.negative_sampling,
+                                                   settings.negative_seed),
+                        sql_items=settings.sql_items, sql_interactions=settings.sql_interactions)
 
 
 def download_movielens(dest: str | Path) -> Path:
@@ -92,51 +158,6 @@ def download_movielens(dest: str | Path) -> Path:
                 continue
             (dest / Path(member).name).write_bytes(zf.read(member))
     return dest
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    for ext in ("parquet", "csv"):
-        p = folder / f"{stem}.{ext}"
-        if p.exists():
-            return p
-    return None
-
-
-def _read_table(p: Path) -> pd.DataFrame:
-    try:
-        if p.suffix == ".parquet":
-            return pd.read_parquet(p)
-        raw = p.read_bytes()
-        names = next(csv.reader([raw.split(b"\n", 1)[0].decode("utf-8")]), [])
-        dup = sorted({c for c in names if names.count(c) > 1})
-        if dup:
-            raise DataValidationError(p, 1, dup[0], f"unique column names (repeated: {dup})")
-        nul = raw.find(b"\x00")
-        if nul >= 0:  # pandas' C parser silently cuts a field at NUL: refuse instead of reading a shortened id
-            line_start = raw.rfind(b"\n", 0, nul) + 1
-            col = raw[line_start:nul].count(b",")
-            raise DataValidationError(p, raw.count(b"\n", 0, nul), names[col] if col < len(names) else None,
-                                      "text without NUL bytes")
-        return pd.read_csv(p, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
-    except DataValidationError:
-        raise
-    except UnicodeDecodeError as e:
-        raise DataValidationError(p, None, None, f"UTF-8 text ({e.reason} at byte {e.start})") from e
-    except Exception as e:  # pandas/pyarrow parser errors carry the line
-        raise DataValidationError(p, None, None, f"a readable {p.suffix[1:]} table ({e})") from e
-
-
-def _read_generic(folder: Path):
-    items_p, inter_p = _find(folder, "items"), _find(folder, "interactions")
-    items = _read_table(items_p)
-    inter = _read_table(inter_p)
-    if "image_path" not in items.columns and (folder / "images").is_dir():
-        by_stem = {p.stem: p for p in (folder / "images").iterdir() if p.is_file()}
-        items["image_path"] = [str(by_stem[str(i)]) if str(i) in by_stem else None for i in items.get("item_id", [])]
-    elif "image_path" in items.columns:
-        items["image_path"] = [None if _isnull(v) else str(folder / str(v)) for v in items["image_path"]]
-    return items, inter, {"items": items_p, "interactions": inter_p, "root": folder,
-                          "row_offset": 2 if items_p.suffix == ".csv" else 1}
 
 
 def _read_movielens(folder: Path):
@@ -208,20 +229,37 @@ class _Checker:
             return df
         first = int(np.flatnonzero(mask)[0])
         if self.policy == "error" or fatal:
-            raise DataValidationError(self.files[which], int(df.index[first]) + 1, column, expected, n)
+            file, row = self.locate(which, int(df.index[first]))
+            raise DataValidationError(file, row, column, expected, n)
         q = df[mask].copy()
-        q.insert(0, "_row", q.index + 1)
-        q.insert(1, "_reason", f"{column}: expected {expected}")
+        where = [self.locate(which, int(i)) for i in q.index]
+        q.insert(0, "_row", [r for _, r in where])
+        if which == "interactions" and len(self.files.get("segments") or ()) > 1:
+            q.insert(0, "_file", [f for f, _ in where])
+        q.insert(1 + ("_file" in q.columns), "_reason", f"{column}: expected {expected}")
         self.quarantined.setdefault(which, []).append(q)
         self.report[f"quarantined_{which}_{column}"] = self.report.get(f"quarantined_{which}_{column}", 0) + n
         return df[~mask]
 
+    def locate(self, which: str, index: int) -> tuple[str, int]:
+        """(file, 1-based data row) of a row of the concatenated table: the piece it came from."""
+        segs = self.files.get("segments") if which == "interactions" else None
+        if not segs:
+            return self.files[which], index + 1
+        k = bisect.bisect_right([s[1] for s in segs], index) - 1
+        return segs[k][0], index - segs[k][1] + 1
+
     def flush(self):
-        if not self.quarantined or self.qdir is None:
+        bad = self.files.get("bad_pieces") or []
+        if (not self.quarantined and not bad) or self.qdir is None:
             return
         self.qdir.mkdir(parents=True, exist_ok=True)
         for which, frames in self.quarantined.items():
             pd.concat(frames).to_csv(self.qdir / f"{which}.csv", index=False)
+        if bad:  # whole pieces set aside: which, and why
+            pd.DataFrame({"piece": [b.piece.name for b in bad], "partition": [b.piece.partition for b in bad],
+                          "_reason": [f"{b.column or 'file'}: expected {b.expected}" for b in bad]}
+                         ).to_csv(self.qdir / "interaction_pieces.csv", index=False)
 
 
 def _parse_timestamps(s: pd.Series) -> pd.Series:
@@ -240,10 +278,13 @@ def _parse_timestamps(s: pd.Series) -> pd.Series:
 
 
 def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, policy: BadRowPolicy = "error",
-             quarantine_dir: Path | None = None, positive_rating: float = POSITIVE_RATING) -> Dataset:
+             quarantine_dir: Path | None = None, positive_rating: float = POSITIVE_RATING,
+             negatives: NegativeSampling | None = None) -> Dataset:
     """Checks both tables against the data contract (bad rows fail naming file, row and column, or are
-    quarantined) and returns the dataset with dense user/item indices, events in a deterministic order."""
+    quarantined) and returns the dataset with dense user/item indices, events in a deterministic order.
+    Interactions without `label` or `rating` are positives; their negatives are sampled as `negatives` says."""
     chk = _Checker(policy, files, quarantine_dir)
+    implicit = "label" not in inter.columns and "rating" not in inter.columns
     items = items.reset_index(drop=True)
     inter = inter.reset_index(drop=True)
     _require_columns(items, inter, files)
@@ -265,13 +306,44 @@ def validate(name: str, items: pd.DataFrame, inter: pd.DataFrame, files: dict, p
     out["ts"] = (out["timestamp"].astype("int64") // 10**9).astype("int64") if out["timestamp"].dtype.kind == "M" \
         else pd.to_datetime(out["timestamp"], utc=True).astype("int64") // 10**9
     out["item_idx"] = item_index.loc[out["item_id"]].to_numpy()
+    sampled = None
+    if implicit:
+        out, sampled = _with_negatives(out, items, negatives or NegativeSampling())
     out["user_idx"] = user_index.loc[out["user_id"]].to_numpy()
     # deterministic order: time, then ids
     out = out.sort_values(["ts", "user_idx", "item_idx"], kind="stable").reset_index(drop=True)
     report = dict(chk.report)
     report.update(items=len(items), interactions=len(out), users=len(users),
                   items_with_image=int(items["image_path"].notna().sum()), positive_rate=float(out["label"].mean()))
-    return Dataset(name=name, items=items, interactions=out, report=report)
+    segments, bad = files.get("segments") or [], files.get("bad_pieces") or []
+    if files.get("source") is not None:
+        report["source"] = f"{files['source'].kind} {files['source'].location}"
+    days = sorted({s[2] for s in segments if s[2]})
+    if days or bad:
+        report["partitions"] = {"read": len(days), "first": days[0] if days else None,
+                                "last": days[-1] if days else None, "files": len(segments)}
+    if bad:
+        report["quarantined_partitions"] = len(bad)
+    if sampled is not None:
+        report["negatives"] = sampled
+    return Dataset(name=name, items=items, interactions=out, report=report, negatives=sampled,
+                   partitions=[s[0] for s in segments])
+
+
+def _with_negatives(pos: pd.DataFrame, items: pd.DataFrame, cfg: NegativeSampling) -> tuple[pd.DataFrame, dict]:
+    """The positives of an implicit log and their sampled negatives (label 0, at their positive's timestamp)."""
+    available = None
+    if "available_at" in items.columns:
+        at = pd.to_datetime(items["available_at"], utc=True)
+        available = np.where(at.isna().to_numpy(), NEVER, at.astype("int64").to_numpy() // 10**9)
+    users, item_idx, ts, stats = sample_negatives(pos["user_id"].to_numpy(object), pos["item_idx"].to_numpy(),
+                                                  pos["ts"].to_numpy(), len(items), available, cfg)
+    neg = pd.DataFrame({"user_id": users, "item_id": items["item_id"].to_numpy()[item_idx],
+                        "timestamp": pd.to_datetime(ts, unit="s", utc=True), "label": np.zeros(len(ts), "int8"),
+                        "ts": ts, "item_idx": item_idx})
+    out = pd.concat([pos, neg], ignore_index=True)
+    out["timestamp"] = pd.to_datetime(out["timestamp"], utc=True)
+    return out, stats
 
 
 def _require_columns(items: pd.DataFrame, inter: pd.DataFrame, files: dict) -> None:
@@ -282,8 +354,6 @@ def _require_columns(items: pd.DataFrame, inter: pd.DataFrame, files: dict) -> N
         if col not in inter.columns:
             raise DataValidationError(files["interactions"], None, col,
                                       f"a column '{col}' (have: {list(inter.columns)})")
-    if "label" not in inter.columns and "rating" not in inter.columns:
-        raise DataValidationError(files["interactions"], None, "label", "a column 'label' (0/1) or 'rating'")
 
 
 def _valid_items(chk: "_Checker", items: pd.DataFrame) -> pd.DataFrame:
@@ -338,6 +408,8 @@ def _valid_interactions(chk: "_Checker", inter: pd.DataFrame, known: set, positi
     if "label" in inter.columns:
         lab = pd.to_numeric(inter["label"], errors="coerce")
         inter = chk.bad("interactions", inter.assign(_label=lab), ~lab.isin([0, 1]).to_numpy(), "label", "0 or 1")
+    elif "rating" not in inter.columns:  # implicit feedback: every row is a positive
+        inter = inter.assign(_label=np.int8(1))
     else:
         rating = pd.to_numeric(inter["rating"], errors="coerce")
         inter = chk.bad("interactions", inter.assign(_label=(rating >= positive_rating).astype("int8")),

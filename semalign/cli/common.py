@@ -9,7 +9,9 @@ from typing import Optional
 
 import typer
 
-DataOpt = typer.Option(None, "--data", help="Dataset folder (env SEMALIGN_DATA).")
+# kept as text: a URI (s3://bucket/prefix, postgresql://...) would lose a slash as a Path
+DataOpt = typer.Option(None, "--data", parser=str, help="Dataset: a folder, s3://bucket/prefix or a database URL "
+                       "(env SEMALIGN_DATA).")
 HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 ImagesOpt = typer.Option(True, help="Use the image tower where items have images.")

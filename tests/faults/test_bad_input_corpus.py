@@ -42,8 +42,9 @@ DATASET_CASES = [
     ("huge text", "item_id,text\na,one\nb," + "x" * (MAX_TEXT_CHARS + 1) + "\n", EVENTS,
      "items.csv", 2, "text", "at most"),
     ("missing column", "item_id,title\na,one\n", EVENTS, "items.csv", None, "text", "a column 'text'"),
-    ("no label or rating", ITEMS, "user_id,item_id,timestamp\nu1,a,1000\n", "interactions.csv", None, "label",
-     "'label' (0/1) or 'rating'"),
+    # without label or rating every row is a positive (negatives are sampled), validated the same way
+    ("implicit log, bad timestamp", ITEMS, "user_id,item_id,timestamp\nu1,a,1000\nu1,b,soon\n", "interactions.csv", 2,
+     "timestamp", "a UTC timestamp"),
     ("item id with a NUL", "item_id,text\na,one\nb\x00c,two\n", EVENTS, "items.csv", 2, "item_id",
      "without NUL bytes"),
     ("item id over 256 characters", "item_id,text\na,one\n" + "b" * 257 + ",two\n", EVENTS, "items.csv", 2,

@@ -33,7 +33,7 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
     encoder embeds the items from the content they have now."""
     from semalign.data import mine_pairs
     from semalign.models.encoder import hit_at_k
-    from semalign.validation.suites import (PAIR_HIT_K, Verdict, churn_gate, drift_suite, performance_drift_gate,
+    from semalign.validation.suites import (Verdict, churn_gate, drift_suite, pair_coherence, performance_drift_gate,
                                             quality_gate, relation_gate, repeat_gate, window_profile)
 
     champion_metrics = evaluation.get("champion")
@@ -44,7 +44,7 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
     profile = window_profile(train, ds.n_items, cb.sids, emb, all_events=split.events)
     # the window's behaviour pairs under its own encoder: what the next refresh expects of this one's users
     pairs = mine_pairs(split.events, settings.pair_window, settings.pair_max_gap_s)
-    profile["pair_hit"] = hit_at_k(emb, pairs, PAIR_HIT_K)
+    profile["pairs"] = pair_coherence(emb, pairs, hit_at_k)
     verdicts, reference = [], None
     if champ:
         from semalign.deploy.registry import ChampionRecordError
@@ -69,7 +69,7 @@ def run_gates(settings: Settings, registry, champ: dict, ds, split, cb, evaluati
         own = own_record.get("challenger")
         verdicts.append(performance_drift_gate(champion_metrics, own, settings.gate_performance_drift,
                                                gauc_tol=settings.gate_gauc_drift))
-        verdicts.append(quality_gate(compared.get("paired"), settings.gate_auc_margin, settings.gate_cold_auc_margin,
+        verdicts.append(quality_gate(compared.get("paired"), settings.gate_auc_tolerance, settings.gate_cold_auc_tolerance,
                                      compared_events=compared.get("events")))
         same_parent = cb.churn and cb.churn.get("parent") == champ.get("codebook_version")
         verdicts.append(churn_gate(cb.churn if same_parent else None, settings.gate_max_level0_churn))
@@ -84,7 +84,7 @@ def _user_side(settings: Settings, champ: dict, reference: dict, ds, split, feat
     now). An encoder that cannot be read fails the gate: nothing is judged against it, so nothing passes."""
     from semalign.errors import SemalignError, reading
     from semalign.models.encoder import embed_items, hit_at_k, load_encoder
-    from semalign.validation.suites import PAIR_HIT_K, Verdict, user_continuity, user_gate
+    from semalign.validation.suites import Verdict, pair_coherence, user_continuity, user_gate
 
     folder = settings.encoders_dir / str(champ.get("encoder_version"))
     try:
@@ -95,11 +95,12 @@ def _user_side(settings: Settings, champ: dict, reference: dict, ds, split, feat
                                   "observed": f"{type(e).__name__}: {e}",
                                   "expected": f"readable under {settings.encoders_dir}: the user gate embeds with it"}])
     champion_emb = embed_items(model, feats.text, feats.image, feats.has_image, settings.resolved_device())
-    now = {"pair_hit": hit_at_k(champion_emb, pairs, PAIR_HIT_K)}
+    now = {"pairs": pair_coherence(champion_emb, pairs, hit_at_k)}
     if reference.get("user_sample"):
         now["continuity"] = user_continuity(reference["user_sample"], split.events, champion_emb,
                                             ds.items["item_id"].to_numpy())
-    return user_gate(reference, now, settings.gate_min_user_recognition, min_pair_ratio=settings.gate_min_pair_ratio)
+    return user_gate(reference, now, settings.gate_min_user_recognition,
+                     min_pair_coherence=settings.gate_min_pair_coherence)
 
 
 def ge_root(settings: Settings):

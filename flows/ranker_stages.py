@@ -227,5 +227,20 @@ def judge_window(settings: Settings, ds, split, challenger_folder: Path, champio
     out["champion"] = window_metrics(split, p_old, mask)
     out["compared"] = {"challenger": window_metrics(split, p_new, mask) if mask is not None else out["challenger"],
                        "events": int(mask.sum()) if mask is not None else n_test, "test_events": n_test,
-                       "excludes_champion_training": mask is not None}
+                       "excludes_champion_training": mask is not None,
+                       "paired": compared_pairwise(settings, split, p_new, p_old, mask)}
     return out
+
+
+def compared_pairwise(settings: Settings, split, p_new: np.ndarray, p_old: np.ndarray, mask: np.ndarray | None) -> dict:
+    """Challenger minus champion on the events both are judged on, overall and on unseen items, with paired
+    bootstrap intervals over users (validation.suites.paired_comparison): what the quality gate decides on."""
+    from semalign.data import item_buckets
+    from semalign.validation.suites import paired_comparison
+
+    test = split.part("test")
+    keep = np.ones(len(test), bool) if mask is None else mask
+    unseen = item_buckets(split.train_counts)[test["item_idx"].to_numpy()] == "unseen"
+    sel = {"all": keep, "unseen": keep & unseen}
+    return paired_comparison(test["label"].to_numpy(), p_new, p_old, test["user_idx"].to_numpy(), sel,
+                             seed=settings.seed)

@@ -151,7 +151,7 @@ def _judge_and_promote(settings: Settings, registry, champ: dict, ds, split, fea
     at.done("evaluate")
     at("gates")
     compared = (evaluation.get("compared") or {}).get("challenger", challenger)  # on the champion's fresh events
-    gates = run_gates(settings, registry, champ, ds, split, cb, evaluation)
+    gates = run_gates(settings, registry, champ, ds, split, cb, evaluation, feats)
     from semalign.validation.suites import data_docs
 
     gates.extra["data_docs"] = data_docs(ge_root(settings))  # this refresh's suites and results, browsable

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     serve_api_keys: str | None = Field(default=None, description="The same lines, `;`-separated (prefer the file).")
     serve_allowed_hosts: str = "127.0.0.1,localhost,::1"   # Host headers the service answers; "*": any
     serve_max_body_bytes: int = 1_000_000
+    # a request's head, and then its body, must each arrive within this many seconds (408); also the keep-alive
+    # timeout: a slow or idle client cannot hold a connection
+    serve_read_timeout_s: float = Field(default=10.0, gt=0)
     serve_max_candidates: int = 1000
     serve_max_new_items: int = 32           # items one request may have encoded (on the fly or onboarded)
     serve_encode_concurrency: int = 2       # requests encoding content at once, per worker process
@@ -125,12 +128,15 @@ class Settings(BaseSettings):
     # host frees the lock when it runs out
     refresh_lock_lease_s: float = 120.0
 
-    # refresh: the gates that guard promotion
-    # challenger AUC may trail the champion's by this much (or by twice the AUC's sampling noise, if larger):
-    # calibrated on legitimate refreshes (README, "Refresh, registry and gates"): a model trained on other data of
-    # the same catalogue trails by nearly this much from training variance alone
-    gate_auc_tolerance: float = 0.02
-    gate_cold_auc_tolerance: float = 0.025
+    # refresh: the gates that guard promotion (calibrated in bench/results/gate_calibration.md)
+    # the margin of the quality gate: blocked when challenger - champion AUC on the same events is significantly
+    # below minus this (the upper end of its 95% paired bootstrap interval over users); overall, and on unseen items
+    gate_auc_tolerance: float = 0.01
+    gate_cold_auc_tolerance: float = 0.015
+    gate_gauc_drift: float = 0.05                 # champion's GAUC on the new window vs its own reference GAUC
+    # the user side: a broken user join keeps every marginal; these see it (validation/suites.py, user_gate)
+    gate_min_pair_coherence: float = 0.5          # share of the champion window's behaviour-pair Hit@k above chance
+    gate_min_user_recognition: float = 0.6        # sampled users recognised from their past items (a stranger: 0.5)
     gate_max_level0_churn: float = 0.6
     gate_label_relation_tolerance: float = 0.10   # positive rate per popularity / activity quartile vs champion's
     gate_performance_drift: float = 0.05          # champion's AUC on the new window vs its own reference AUC

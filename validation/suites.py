@@ -3,7 +3,11 @@
 - input suite: the data contract on the loaded frames (after the loader's own row checks);
 - drift suite: the new window against the champion's reference profile (label rate, volume, item popularity,
   per-level SID distribution, embedding statistics); KL divergences use smoothed reference bins;
-- quality gate: challenger vs champion on the same window, overall and on cold buckets, with tolerances;
+- quality gate: challenger vs champion on the same events, overall and on cold buckets: a paired bootstrap interval
+  over users of the AUC difference; blocked when the challenger is significantly worse by more than a stated margin;
+- user gate: whether the new window's users are still the people the champion knew (a broken user join keeps every
+  marginal): the behaviour pairs' coherence under the champion's encoder, and a fixed sample of users recognised
+  from their past items, activity and history overlap;
 - churn gate: how many items changed their first-level code against the champion's codebook.
 Every check comes back as {name, passed, observed, expected}: a failed gate says which check and the numbers.
 Given a `ge_root` (a refresh passes SEMALIGN_HOME/gx) the suites live in a persistent GE file context: suites,
@@ -38,8 +42,10 @@ class Verdict:
         return {"gate": self.gate, "passed": self.passed, "checks": self.checks}
 
     def summary(self) -> str:
-        if self.passed:
-            return f"{self.gate}: passed ({len(self.checks)} checks)"
+        if self.passed:  # an interval is shown whichever way it decided: how close the call was
+            shown = "".join(f"; {c['name']} {_fmt(c['observed'])} [{c['interval'][0]:+.4f}, {c['interval'][1]:+.4f}]"
+                            for c in self.checks if "interval" in c)
+            return f"{self.gate}: passed ({len(self.checks)} checks{shown})"
         return f"{self.gate}: FAILED " + "; ".join(
             f"{c['name']} observed {_fmt(c['observed'])}, expected {c['expected']}" for c in self.failed())
 
@@ -70,6 +76,9 @@ def window_profile(interactions: pd.DataFrame, n_items: int, sids: pd.DataFrame 
             "pop_weights": _smoothed(np.bincount(pop_bins(counts), minlength=POP_BINS)),
             "repeat_pair_rate": repeat_pair_rate(interactions if all_events is None else all_events),
             **label_relations(interactions, n_items)}
+    whole = interactions if all_events is None else all_events
+    if {"user_id", "item_id", "ts"} <= set(whole.columns):
+        prof["user_sample"] = user_sample(whole)
     if sids is not None:
         levels = sorted(c for c in sids.columns if c.startswith("sid_") and c != "sid_dedup")
         k = int(max(sids[c].max() for c in levels)) + 1
@@ -99,6 +108,119 @@ def repeat_gate(reference: dict, profile: dict, tol: float = 0.02) -> Verdict:
         ref, now = reference["repeat_pair_rate"], profile["repeat_pair_rate"]
         v.checks.append({"name": "repeated user-item pairs", "passed": bool(now <= ref + tol), "observed": float(now),
                          "expected": f"<= the champion window's {ref:.4f} + {tol}"})
+    return v
+
+
+# ---------------------------------------------------------------- the user side
+
+USER_SAMPLE_SIZE = 500       # users the reference profile keeps, so the next window can be matched to them
+USER_SAMPLE_ITEMS = 30       # their latest positive items
+USER_MIN_POSITIVES = 3       # fewer items say too little about a user's taste to recognise them
+USER_MIN_MATCHED = 30        # matched users below this cannot judge either way: the checks are skipped
+PAIR_HIT_K = 30
+
+
+def _positives_by_user(events: pd.DataFrame) -> pd.Series:
+    pos = events[events["label"] == 1].sort_values(["user_id", "ts", "item_id"], kind="stable")
+    return pos.groupby("user_id", sort=False)["item_id"].agg(list)
+
+
+def user_sample(events: pd.DataFrame, size: int = USER_SAMPLE_SIZE, max_items: int = USER_SAMPLE_ITEMS,
+                min_positives: int = USER_MIN_POSITIVES) -> dict:
+    """A fixed sample of the window's users with their event count and latest positive items (ids), kept in the
+    window's profile. Users are picked by a hash of their id, so every window draws from the same users."""
+    items = _positives_by_user(events)
+    items = items[items.map(len) >= min_positives]
+    ids = np.asarray(items.index.astype(str), dtype=object)
+    pick = ids[np.argsort(pd.util.hash_array(ids), kind="stable")[:size]]
+    counts = events["user_id"].astype(str).value_counts()
+    return {"user_id": pick.tolist(), "n_events": [int(counts[u]) for u in pick],
+            "items": [[str(i) for i in items[u][-max_items:]] for u in pick]}
+
+
+def _centroids(embeddings: np.ndarray, item_row: dict, histories: list[list]) -> np.ndarray:
+    e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    out = np.stack([e[[item_row[i] for i in h if i in item_row]].mean(0) for h in histories])
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def user_continuity(sample: dict, events: pd.DataFrame, embeddings: np.ndarray, item_ids, max_items: int =
+                    USER_SAMPLE_ITEMS, min_positives: int = USER_MIN_POSITIVES) -> dict:
+    """The reference's sampled users, met again in `events`: are they the same people? `embeddings` [n_items, d]
+    (the champion's encoder) are indexed like `item_ids`.
+
+    - recognition: how often a user's past items (centroid) are closer to their own items now than to another
+      sampled user's items now (0.5: no better than a stranger; a broken user join lands there);
+    - activity: rank correlation of users' event counts then and now;
+    - overlap: share of a user's past items among their positives now, against another user's (own vs other).
+    """
+    item_row = {str(i): k for k, i in enumerate(item_ids)}
+    now = _positives_by_user(events)
+    now.index = now.index.astype(str)
+    counts = events["user_id"].astype(str).value_counts()
+    matched = [(u, n, past) for u, n, past in zip(sample["user_id"], sample["n_events"], sample["items"])
+               if u in now.index and sum(i in item_row for i in past) >= min_positives
+               and sum(i in item_row for i in now[u]) >= min_positives]
+    out = {"users": len(matched)}
+    if len(matched) < USER_MIN_MATCHED:
+        return out
+    past = _centroids(embeddings, item_row, [p for _, _, p in matched])
+    cur = _centroids(embeddings, item_row, [now[u][-max_items:] for u, _, _ in matched])
+    sim = past @ cur.T
+    own = np.diag(sim)[:, None]
+    rec = ((own > sim).sum(1) + 0.5 * ((own == sim).sum(1) - 1)) / (len(matched) - 1)
+    from scipy.stats import spearmanr
+
+    then_n = np.array([n for _, n, _ in matched], np.float64)
+    now_n = np.array([counts[u] for u, _, _ in matched], np.float64)
+    other = np.roll(np.arange(len(matched)), 1)   # each user against the next one: a stranger's past
+    pos_now = [set(now[u]) for u, _, _ in matched]
+    overlap = lambda j, k: len(set(matched[j][2]) & pos_now[k]) / len(matched[j][2])  # noqa: E731
+    out.update(recognition=float(rec.mean()), recognition_se=float(rec.std(ddof=1) / np.sqrt(len(rec))),
+               activity=float(spearmanr(then_n, now_n).statistic) if np.ptp(then_n) and np.ptp(now_n) else float("nan"),
+               overlap_own=float(np.mean([overlap(j, j) for j in range(len(matched))])),
+               overlap_other=float(np.mean([overlap(other[j], j) for j in range(len(matched))])))
+    return out
+
+
+def pair_coherence(embeddings: np.ndarray, pairs: np.ndarray, hit_at_k, k: int = PAIR_HIT_K) -> dict:
+    """Behaviour pairs' Hit@k under `embeddings` ([n_items, d]; `hit_at_k` is models.encoder's), with what chance
+    gives on this catalogue (k of its other items)."""
+    return {"hit": float(hit_at_k(embeddings, pairs, k)), "chance": k / max(len(embeddings) - 1, 1), "k": k,
+            "pairs": int(len(pairs))}
+
+
+def user_gate(reference: dict, now: dict, min_recognition: float = 0.6, z: float = 3.0,
+              min_pair_coherence: float = 0.5) -> Verdict:
+    """Is the new window still about the people the champion knew? `reference` is the champion's window profile,
+    `now` what `pair_coherence` (under the champion's encoder) and `user_continuity` measured on the new window. A
+    broken user join (ids permuted across events, or mapped to other users) keeps the label rate, volume,
+    popularity and user activity; it breaks these:
+
+    - the new window's behaviour pairs (items one user engaged with close in time) are coherent under the champion's
+      encoder: their Hit@k above chance is at least `min_pair_coherence` of what its own window's pairs had (pairs
+      of a broken join, or of item texts swapped between items, fall to chance);
+    - the reference's sampled users are recognised from their past items: recognition at least `min_recognition`
+      and `z` standard errors above a stranger's 0.5."""
+    v = Verdict("users")
+    ref, cur = reference.get("pairs"), now.get("pairs")
+    if ref and cur and np.isfinite(ref["hit"]) and np.isfinite(cur["hit"]) and ref["hit"] > ref["chance"]:
+        share = (cur["hit"] - cur["chance"]) / (ref["hit"] - ref["chance"])
+        v.checks.append({"name": f"behaviour pairs' Hit@{cur['k']} under the champion's encoder, above chance",
+                         "passed": bool(share >= min_pair_coherence), "observed": float(share),
+                         "expected": f">= {min_pair_coherence} of its window's (Hit@{cur['k']} {cur['hit']:.4f} vs "
+                                     f"{ref['hit']:.4f}; chance {cur['chance']:.4f} / {ref['chance']:.4f}; "
+                                     f"{cur['pairs']} pairs)"})
+    cont = now.get("continuity") or {}
+    if "recognition" in cont:
+        t = max(min_recognition, 0.5 + z * cont["recognition_se"])
+        v.checks.append({"name": "users recognised from their past", "passed": bool(cont["recognition"] >= t),
+                         "observed": float(cont["recognition"]), **{k: cont[k] for k in
+                                                                     ("users", "activity", "overlap_own", "overlap_other")},
+                         "expected": f">= {t:.4f} ({cont['users']} users of the champion's sample; a stranger: 0.5; "
+                                     f"their activity's rank correlation with their past {cont['activity']:.3f}; "
+                                     f"past items still theirs {cont['overlap_own']:.3f}, a stranger's "
+                                     f"{cont['overlap_other']:.3f})"})
     return v
 
 
@@ -143,22 +265,30 @@ def relation_gate(reference: dict, profile: dict, tol: float = 0.08) -> Verdict:
 
 
 def performance_drift_gate(champion_now: dict | None, champion_reference: dict | None, tol: float = 0.03,
-                           z: float = 2.0) -> Verdict:
-    """The champion's own AUC on the new window against the AUC it had on its own window: a fall beyond `tol`
-    (or beyond `z` times the two windows' sampling noise, if larger) means the data changed under the model, or
-    broke: promotion waits for a human (`semalign promote` is the audited override)."""
+                           z: float = 2.0, gauc_tol: float | None = None) -> Verdict:
+    """The champion's own AUC and per-user AUC (GAUC) on the new window against what it had on its own window: a
+    fall beyond `tol` (AUC: or beyond `z` times the two windows' sampling noise, if larger; GAUC: `gauc_tol`, default
+    `tol`) means the data changed under the model, or broke: promotion waits for a human (`semalign promote` is the
+    audited override). GAUC ranks each user's own events: a join that hands users other people's histories lowers
+    it while items keep their base rates, which hold the global AUC up."""
     v = Verdict("performance drift")
     if not champion_now or not champion_reference:
         return v
-    for b in ("all",):
-        if b in champion_now and b in champion_reference:
-            now, ref = champion_now[b], champion_reference[b]
-            noise = z * float(np.hypot(auc_noise(now["auc"], now.get("n_events", 0), now.get("n_positive")),
-                                       auc_noise(ref["auc"], ref.get("n_events", 0), ref.get("n_positive"))))
-            t = max(tol, noise)
-            v.checks.append({"name": f"champion AUC {b} on the new window", "passed": bool(now["auc"] >= ref["auc"] - t),
-                             "observed": float(now["auc"]), "expected": f">= its reference {ref['auc']:.4f} - {t:.4f} "
-                                                                         "(else held for a human: `semalign promote`)"})
+    now, ref = champion_now.get("all"), champion_reference.get("all")
+    if not now or not ref:
+        return v
+    noise = z * float(np.hypot(auc_noise(now["auc"], now.get("n_events", 0), now.get("n_positive")),
+                               auc_noise(ref["auc"], ref.get("n_events", 0), ref.get("n_positive"))))
+    t = max(tol, noise)
+    v.checks.append({"name": "champion AUC all on the new window", "passed": bool(now["auc"] >= ref["auc"] - t),
+                     "observed": float(now["auc"]), "expected": f">= its reference {ref['auc']:.4f} - {t:.4f} "
+                                                                 "(else held for a human: `semalign promote`)"})
+    if "gauc" in now and "gauc" in ref and np.isfinite(ref["gauc"]):
+        t = tol if gauc_tol is None else gauc_tol
+        v.checks.append({"name": "champion GAUC all on the new window",
+                         "passed": bool(np.isfinite(now["gauc"]) and now["gauc"] >= ref["gauc"] - t),
+                         "observed": float(now["gauc"]), "expected": f">= its reference {ref['gauc']:.4f} - {t:.4f} "
+                                                                     "(else held for a human: `semalign promote`)"})
     return v
 
 
@@ -337,29 +467,57 @@ def auc_noise(auc: float, n_events: int, n_positive: int | None) -> float:
     return float(np.sqrt(max(a * (1 - a) + (p - 1) * (q1 - a * a) + (q - 1) * (q2 - a * a), 0.0) / (p * q)))
 
 
-def quality_gate(challenger: dict, champion: dict, tol: float = 0.005, cold_tol: float = 0.01,
-                 cold_buckets: tuple = ("unseen",), z: float = 2.0, compared_events: int | None = None,
-                 min_events: int = 200) -> Verdict:
-    """challenger / champion: {bucket: {"auc": .., "n_events": .., "n_positive": ..}} on the same events (those
-    the champion never trained on; `compared_events` of them). The challenger may trail by the tolerance or by `z`
-    times the AUC's sampling noise on that window, whichever is larger: on a small window a worse AUC within the
-    noise is not evidence of a worse model. Fewer than `min_events` fresh events cannot judge either way: promotion
-    waits for a human."""
+PAIRED_RESAMPLES = 300
+PAIRED_LEVEL = 0.95
+
+
+def paired_comparison(y: np.ndarray, p_challenger: np.ndarray, p_champion: np.ndarray, users: np.ndarray,
+                      buckets: dict[str, np.ndarray], resamples: int = PAIRED_RESAMPLES, seed: int = 0) -> dict:
+    """Challenger minus champion on the same events, per bucket (a name -> boolean mask): the AUC and GAUC
+    differences with 95% intervals from a paired bootstrap over users (each resample draws users with replacement
+    and keeps all their events, scored by both models; seeded, so a re-run gives the same interval)."""
+    from semalign.models.metrics import BootstrapFrame, paired_bootstrap
+
+    out = {}
+    for name, sel in buckets.items():
+        if sel.sum() == 0 or len(np.unique(y[sel])) < 2:
+            continue
+        frame = BootstrapFrame(y[sel], users[sel], {"challenger": p_challenger[sel], "champion": p_champion[sel]})
+        res = paired_bootstrap([frame], "challenger", "champion", n_boot=resamples, seed=seed)
+        out[name] = {"auc": list(res["auc"]), "gauc": list(res["gauc"]), "n_events": int(sel.sum()),
+                     "users": int(len(frame.uniq)), "resamples": resamples, "seed": seed, "level": PAIRED_LEVEL}
+    return out
+
+
+def quality_gate(paired: dict | None, margin: float = 0.01, cold_margin: float = 0.015,
+                 cold_buckets: tuple = ("unseen",), compared_events: int | None = None, min_events: int = 200) -> Verdict:
+    """Challenger vs champion on the same events (those the champion never trained on; `compared_events` of them),
+    judged by `paired` (`paired_comparison`'s intervals of challenger - champion AUC). Blocked only when the
+    challenger is significantly worse by more than the margin: the interval's upper end below -margin (training
+    variance alone moves two models of one recipe apart, so a margin of zero would block honest refreshes; a
+    challenger whose interval reaches above -margin may be that much worse by chance alone). Without an interval
+    for the whole window nothing can be judged: blocked. Fewer than `min_events` fresh events: promotion waits for
+    a human."""
     v = Verdict("quality")
     if compared_events is not None:
         v.checks.append({"name": "events the champion never trained on", "passed": bool(compared_events >= min_events),
                          "observed": float(compared_events),
                          "expected": f">= {min_events} to compare challenger and champion "
                                      "(else held for a human: `semalign promote`)"})
+    paired = paired or {}
     for b in ("all",) + tuple(cold_buckets):
-        if b not in challenger or b not in champion:
+        if b not in paired:
+            if b == "all":
+                v.checks.append({"name": "AUC all: challenger - champion", "passed": False, "observed": float("nan"),
+                                 "expected": "a paired interval on the events both models scored (none was computed)"})
             continue
-        new, old = challenger[b]["auc"], champion[b]["auc"]
-        noise = z * auc_noise(old, challenger[b].get("n_events", 0), challenger[b].get("n_positive"))
-        t = max(tol if b == "all" else cold_tol, noise)
-        ok = bool(np.isfinite(new) and new >= old - t)
-        v.checks.append({"name": f"AUC {b}", "passed": ok, "observed": float(new),
-                         "expected": f">= champion {old:.4f} - {t:.4f}"})
+        diff, low, high = paired[b]["auc"]
+        m = margin if b == "all" else cold_margin
+        v.checks.append({"name": f"AUC {b}: challenger - champion", "passed": bool(np.isfinite(high) and high >= -m),
+                         "observed": float(diff), "interval": [float(low), float(high)],
+                         "expected": f"not significantly below -{m}: {paired[b]['level']:.0%} interval "
+                                     f"[{low:+.4f}, {high:+.4f}] from a paired bootstrap over {paired[b]['users']} "
+                                     f"users ({paired[b]['resamples']} resamples, seed {paired[b]['seed']})"})
     return v
 
 

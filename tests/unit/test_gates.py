@@ -51,25 +51,63 @@ def test_a_collapsed_codebook_is_refused():
                                                                                   "level-0 perplexity / codes"}
 
 
-def test_the_quality_gate_tells_noise_from_a_worse_model():
-    from semalign.validation.suites import quality_gate
+def _scored(seed: int, n_users: int = 400, per_user: int = 30, worse_by: float = 0.0):
+    """Events of `n_users` users with labels, a champion's scores and a challenger's: the same model with its own
+    noise (two trainings of one recipe: each better for some users, worse for others), less informative by
+    `worse_by` (weight of extra noise)."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), per_user)
+    signal = rng.standard_normal(len(users)) + 0.5 * rng.standard_normal(n_users)[users]
+    y = (signal + rng.standard_normal(len(users)) > 0).astype(np.int8)
+    per_user = lambda: np.exp(0.7 * rng.standard_normal(n_users))[users]  # noqa: E731
+    champion = signal + 0.6 * per_user() * rng.standard_normal(len(users))
+    challenger = signal + 0.6 * per_user() * rng.standard_normal(len(users)) + worse_by * rng.standard_normal(len(users))
+    return y, challenger, champion, users
 
-    champion = {"all": {"auc": 0.72, "n_events": 900, "n_positive": 450}}
-    small = {"all": {"auc": 0.70, "n_events": 900, "n_positive": 450}}       # 0.02 down on 900 events: noise
-    assert quality_gate(small, champion, tol=0.005).passed
-    big_champ = {"all": {"auc": 0.72, "n_events": 200_000, "n_positive": 100_000}}
-    big = {"all": {"auc": 0.70, "n_events": 200_000, "n_positive": 100_000}}  # the same drop on 200k: real
-    assert not quality_gate(big, big_champ, tol=0.005).passed
-    assert not quality_gate({"all": {"auc": 0.60, "n_events": 900, "n_positive": 450}}, champion).passed
+
+def test_the_quality_gate_decides_on_a_paired_interval_over_users():
+    from semalign.validation.suites import paired_comparison, quality_gate
+
+    y, new, old, users = _scored(0)
+    every = {"all": np.ones(len(y), bool)}
+    same = paired_comparison(y, new, old, users, every, resamples=200, seed=0)
+    diff, low, high = same["all"]["auc"]
+    assert low < diff < high and same["all"]["users"] == 400 and same["all"]["n_events"] == len(y)
+    assert same == paired_comparison(y, new, old, users, every, resamples=200, seed=0)   # seeded: the same interval
+    v = quality_gate(same, margin=0.01)
+    assert v.passed and v.checks[0]["interval"] == [low, high]
+    assert f"[{low:+.4f}, {high:+.4f}]" in v.checks[0]["expected"] and "over 400 users" in v.checks[0]["expected"]
+    assert f"[{low:+.4f}, {high:+.4f}]" in v.summary()           # the verdict's one line shows it when it passes
+    y, new, old, users = _scored(1, worse_by=1.5)
+    worse = paired_comparison(y, new, old, users, every, resamples=200, seed=0)
+    assert worse["all"]["auc"][2] < -0.01                      # the whole interval lies below the margin
+    v = quality_gate(worse, margin=0.01)
+    assert not v.passed and v.failed()[0]["name"] == "AUC all: challenger - champion"
+    assert quality_gate(worse, margin=0.5).passed               # a margin as wide as the loss lets it through
+    # no interval for the whole window (nothing scored by both): nothing can be judged, so nothing passes
+    assert not quality_gate({}, margin=0.01).passed and not quality_gate(None).passed
+
+
+def test_the_interval_counts_users_not_events():
+    """One user's events move together: a window of few users with many events each gives a wider interval than
+    the same number of events spread over many users."""
+    from semalign.validation.suites import paired_comparison
+
+    y, new, old, users = _scored(2, n_users=40, per_user=300)
+    few = paired_comparison(y, new, old, users, {"all": np.ones(len(y), bool)}, resamples=200, seed=0)["all"]["auc"]
+    y, new, old, users = _scored(2, n_users=2000, per_user=6)
+    many = paired_comparison(y, new, old, users, {"all": np.ones(len(y), bool)}, resamples=200, seed=0)["all"]["auc"]
+    assert few[2] - few[1] > many[2] - many[1]
 
 
 def test_too_few_fresh_events_hold_the_comparison_for_a_human():
     from semalign.validation.suites import quality_gate
 
-    same = {"all": {"auc": 0.72, "n_events": 150, "n_positive": 75}}
-    v = quality_gate(same, same, compared_events=150, min_events=200)
+    same = {"all": {"auc": [0.0, -0.004, 0.004], "gauc": [0.0, -0.004, 0.004], "users": 30, "resamples": 200,
+                    "seed": 0, "level": 0.95}}
+    v = quality_gate(same, compared_events=150, min_events=200)
     assert not v.passed and v.checks[0]["name"] == "events the champion never trained on"
-    assert quality_gate(same, same, compared_events=5000, min_events=200).passed
+    assert quality_gate(same, compared_events=5000, min_events=200).passed
 
 
 def test_replayed_days_raise_the_repeat_rate_while_marginals_stay():
@@ -117,3 +155,95 @@ def test_a_champion_is_judged_only_on_events_it_never_trained_on(tmp_path, movie
     assert fresh_events(tmp_path, new, item_ids) is None     # a ranker from before the keys were kept
     # the keys are the same in another copy of the data (ids and times, not row positions)
     assert (event_keys(test_new.iloc[::-1]) == event_keys(test_new)[::-1]).all()
+
+
+def _people(seed: int, n_users: int = 300, n_items: int = 400, topics: int = 20):
+    """Items in topics (embeddings near their topic's centre) and users who keep to two favourite topics and to
+    their own activity, their events in sessions of one topic: behaviour pairs are coherent and each user is
+    recognisable by taste. The catalogue and the people are the same in every window (`seed` draws the sessions)."""
+    fixed = np.random.default_rng(0)
+    topic = fixed.integers(0, topics, n_items)
+    emb = (fixed.standard_normal((topics, 16))[topic] + 0.5 * fixed.standard_normal((n_items, 16))).astype(np.float32)
+    by_topic = [np.flatnonzero(topic == t) for t in range(topics)]
+    fav, sessions = fixed.integers(0, topics, (n_users, 2)), fixed.integers(2, 12, n_users)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for s in range(sessions[u] + rng.integers(0, 2)):
+            t = fav[u, rng.integers(0, 2)]
+            for j, i in enumerate(rng.choice(by_topic[t], 5)):
+                rows.append((f"u{u}", f"i{i}", 86_400 * (s * 2) + 60 * j + seed * 10_000_000, 1))
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "label"])
+    ev["item_idx"] = ev["item_id"].str[1:].astype(int)
+    ev["user_idx"] = ev["user_id"].str[1:].astype(int)
+    return ev.sort_values(["ts", "user_idx"], kind="stable").reset_index(drop=True), emb
+
+
+def _user_side(ev, emb, reference):
+    from semalign.data import mine_pairs
+    from semalign.models.encoder import hit_at_k
+    from semalign.validation.suites import pair_coherence, user_continuity
+
+    item_ids = np.array([f"i{i}" for i in range(len(emb))])
+    return {"pairs": pair_coherence(emb, mine_pairs(ev, 3, 7 * 86_400), hit_at_k),
+            "continuity": user_continuity(reference["user_sample"], ev, emb, item_ids)}
+
+
+def test_the_user_gate_sees_a_broken_user_join_that_keeps_every_marginal():
+    from semalign.data import mine_pairs
+    from semalign.models.encoder import hit_at_k
+    from semalign.validation.suites import pair_coherence, user_gate, user_sample
+
+    past, emb = _people(0)
+    reference = {"user_sample": user_sample(past), "pairs": pair_coherence(emb, mine_pairs(past, 3, 7 * 86_400), hit_at_k)}
+    assert len(reference["user_sample"]["user_id"]) == 300
+    now, _ = _people(1)                                   # the next window: the same people, new sessions
+    clean = user_gate(reference, _user_side(now, emb, reference))
+    assert clean.passed and {c["name"] for c in clean.checks} == {
+        "behaviour pairs' Hit@30 under the champion's encoder, above chance", "users recognised from their past"}
+    rng = np.random.default_rng(3)
+    # user ids permuted across events: label rate, volume, item popularity and each user's activity unchanged
+    shuffled = now.assign(user_id=rng.permutation(now["user_id"].to_numpy()))
+    shuffled["user_idx"] = shuffled["user_id"].str[1:].astype(int)
+    assert (shuffled["user_id"].value_counts().sort_index() == now["user_id"].value_counts().sort_index()).all()
+    v = user_gate(reference, _user_side(shuffled, emb, reference))
+    assert {c["name"] for c in v.failed()} == {c["name"] for c in clean.checks}
+    rec, was = (next(c for c in g.checks if c["name"] == "users recognised from their past") for g in (v, clean))
+    assert abs(rec["observed"] - 0.5) < 0.1 and rec["activity"] == was["activity"] > 0.9   # strangers, as active
+    # ids mapped to other users (a wrong key table): every user's sessions intact, but they are someone else's
+    ids = now["user_id"].unique()
+    remapped = now.assign(user_id=now["user_id"].map(dict(zip(ids, rng.permutation(ids)))))
+    v = user_gate(reference, _user_side(remapped, emb, reference))
+    assert [c["name"] for c in v.failed()] == ["users recognised from their past"]
+    # item texts swapped between items: the champion's encoder embeds each item from another item's content
+    swapped = emb[rng.permutation(len(emb))]
+    v = user_gate(reference, _user_side(now, swapped, reference))
+    assert [c["name"] for c in v.failed()] == ["behaviour pairs' Hit@30 under the champion's encoder, above chance"]
+
+
+def test_too_few_returning_users_leave_recognition_unjudged():
+    from semalign.validation.suites import USER_MIN_MATCHED, user_continuity, user_sample
+
+    past, emb = _people(0, n_users=USER_MIN_MATCHED - 1)
+    out = user_continuity(user_sample(past), past, emb, np.array([f"i{i}" for i in range(len(emb))]))
+    assert out == {"users": USER_MIN_MATCHED - 1}
+
+
+def test_the_champions_gauc_falls_when_users_get_other_peoples_histories():
+    v = performance_drift_gate({"all": {"auc": 0.70, "gauc": 0.55}}, {"all": {"auc": 0.71, "gauc": 0.66}},
+                               tol=0.05, gauc_tol=0.05)
+    assert [c["name"] for c in v.failed()] == ["champion GAUC all on the new window"]
+    assert performance_drift_gate({"all": {"auc": 0.70, "gauc": 0.64}}, {"all": {"auc": 0.71, "gauc": 0.66}},
+                                  tol=0.05, gauc_tol=0.05).passed
+
+
+def test_the_user_gate_fails_closed_when_the_champions_encoder_cannot_be_read(tmp_path):
+    from semalign.config import Settings
+    from semalign.flows.gates import _user_side
+
+    s = Settings(home=tmp_path)
+    (s.encoders_dir / "enc-damaged").mkdir(parents=True)
+    (s.encoders_dir / "enc-damaged" / "encoder.json").write_text("{not json")
+    for version in ("enc-gone", "enc-damaged"):
+        v = _user_side(s, {"encoder_version": version}, {"pairs": {"hit": 0.3, "chance": 0.01}}, None, None, None, None)
+        assert not v.passed and v.checks[0]["name"] == "the champion's encoder" and version in v.checks[0]["observed"]

@@ -44,6 +44,9 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
             metrics[f"codebook_{k}"] = cb.metrics[k]
     tags = {"codebook_version": cb.version, "encoder_version": enc.version, "data_hash": ds.content_hash(),
             "gate": "passed" if gates.passed else "failed", "dataset": ds.name,
+            # lineage: where the data came from and which partitions (the hash is the content's, source-independent)
+            **{f"data_{k}": str(v) for k, v in (ds.report.get("partitions") or {}).items()},
+            **({"data_source": ds.report["source"]} if ds.report.get("source") else {}),
             "feature_service": f"{settings.model_name.replace('-', '_')}_{rk.input_key}",
             **({"data_docs": gates.extra["data_docs"]} if gates.extra.get("data_docs") else {})}
     params = {"split": settings.split, "seed": settings.seed, "cold_item_share": settings.cold_item_share,
@@ -59,7 +62,9 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
                  "codebook": codebook_folder(settings, cb.version).path}
     json_artifacts = {"validation_report.json": {"input": input_verdict.as_dict(), **gates.verdict()},
                       "reference_profile.json": gates.profile,
-                      "evaluation.json": evaluation}
+                      "evaluation.json": evaluation,
+                      "data_lineage.json": {"source": ds.report.get("source"), "partitions": ds.partitions,
+                                            "negatives": ds.negatives}}
     spec = selected_spec(settings)
     params["ranker.spec"] = spec["model"] if spec else "settings"
     params["serving_profile"] = settings.serving_profile

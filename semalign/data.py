@@ -70,12 +70,14 @@ class Dataset:
 
 def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quarantine_dir: Path | None = None,
                  positive_rating: float = POSITIVE_RATING, negatives: NegativeSampling | None = None,
-                 sql_items: str = "items", sql_interactions: str = "interactions") -> Dataset:
+                 sql_items: str = "items", sql_interactions: str = "interactions",
+                 copies: Path | None = None) -> Dataset:
     """A dataset from a local folder (MovieLens-100K's u.data + u.item, or items.* + interactions.*), an
     `s3://bucket/prefix` or a SQL database URL (`sql_items` / `sql_interactions`: table names or queries); the
     interactions as one table or as daily partitions (`interactions/dt=YYYY-MM-DD/`). Interactions without
-    `label` or `rating` are positives, and `negatives` says how their negatives are sampled."""
-    from semalign.sources import FolderSource, open_source
+    `label` or `rating` are positives, and `negatives` says how their negatives are sampled. With `copies` (a
+    folder), a remote source's pieces read before are taken from there and only new or changed ones fetched."""
+    from semalign.sources import ConsumedPieces, FolderSource, open_source
 
     source = open_source(path, sql_items, sql_interactions)
     if isinstance(source, FolderSource) and (source.root / "u.data").exists() and (source.root / "u.item").exists():
@@ -86,23 +88,34 @@ def load_dataset(path: str | Path, on_bad_rows: BadRowPolicy = "error", quaranti
                                   "a MovieLens-100K folder (u.data, u.item) or items.csv|parquet + "
                                   "interactions.csv|parquet (or an interactions/ folder of dt=YYYY-MM-DD/ partitions)")
     items, items_name = source.read_items()
-    inter, segments, bad = _read_pieces(source, on_bad_rows)
+    copy = ConsumedPieces(copies, source) if copies is not None and source.kind != "folder" else None
+    inter, segments, bad, read, fetched = _read_pieces(source, on_bad_rows, copy)
     if source.root is not None:
         items = _local_images(source.root, items)
     name = Path(source.location).name if source.kind == "folder" else source.location
     files = {"items": items_name, "interactions": segments[0][0] if len(segments) == 1 else source.location,
              "root": source.root, "segments": segments, "bad_pieces": bad, "source": source}
-    return validate(name, items, inter, files, on_bad_rows, quarantine_dir, positive_rating, negatives)
+    ds = validate(name, items, inter, files, on_bad_rows, quarantine_dir, positive_rating, negatives)
+    if copy is not None:  # only a read that validated is recorded as consumed
+        watermark = copy.record(read, fetched)
+        ds.report.setdefault("partitions", {}).update(from_source=len(fetched), from_copy=len(read) - len(fetched),
+                                                      watermark=watermark["last_partition"])
+    return ds
 
 
-def _read_pieces(source, policy: BadRowPolicy):
-    """Every interactions piece of `source`, concatenated, with (name, first row, partition) per piece. A piece that
-    cannot be read as a table with the contract's columns fails the read naming it, or is quarantined whole."""
+def _read_pieces(source, policy: BadRowPolicy, copy=None):
+    """Every interactions piece of `source`, concatenated, with (name, first row, partition, version) per piece. A
+    piece that cannot be read as a table with the contract's columns fails the read naming it, or is quarantined
+    whole. With `copy` (ConsumedPieces), pieces it holds at their current version are read from it."""
     from semalign.sources import BadPiece
 
     good, bad = source.pieces()
-    frames, segments, row = [], [], 0
-    for piece, got in source.read(good):
+    local = {p.name: copy.load(p) for p in good if copy is not None and copy.has(p)}
+    local = {k: v for k, v in local.items() if not isinstance(v, DataValidationError)}
+    remote = [p for p in good if p.name not in local]
+    fetched = dict(source.read(remote))
+    frames, segments, read, row = [], [], {}, 0
+    for piece, got in ((p, local.get(p.name, fetched.get(p))) for p in good):
         if isinstance(got, DataValidationError):
             bad.append(BadPiece(piece, got.column, got.expected))
             continue
@@ -111,6 +124,7 @@ def _read_pieces(source, policy: BadRowPolicy):
             bad.append(BadPiece(piece, missing[0], f"a column '{missing[0]}' (have: {list(got.columns)})"))
             continue
         frames.append(got)
+        read[piece] = got
         segments.append((piece.name, row, piece.partition, piece.version))
         row += len(got)
     if bad and policy == "error":
@@ -124,7 +138,8 @@ def _read_pieces(source, policy: BadRowPolicy):
     if odd is not None:  # labelled and implicit pieces mixed: no one meaning for the rows without labels
         raise DataValidationError(segments[odd][0], None, "label", "the label columns of the first interactions "
                                   f"file {segments[0][0]} (label, rating or neither) in every file")
-    return (frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)), segments, bad
+    inter = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return inter, segments, bad, read, {p.name for p in remote}
 
 
 def _local_images(folder: Path, items: pd.DataFrame) -> pd.DataFrame:
@@ -143,7 +158,8 @@ def load_for_settings(settings, data: str | Path | None = None, on_bad_rows: Bad
                         quarantine_dir=settings.home / "quarantine",
                         negatives=NegativeSampling(settings.negatives_per_positive, settings.negative_sampling,
                                                    settings.negative_seed),
-                        sql_items=settings.sql_items, sql_interactions=settings.sql_interactions)
+                        sql_items=settings.sql_items, sql_interactions=settings.sql_interactions,
+                        copies=settings.home / "sources")
 
 
 def download_movielens(dest: str | Path) -> Path:

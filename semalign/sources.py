@@ -350,3 +350,69 @@ def open_source(data: str | Path, sql_items: str = "items", sql_interactions: st
     if not path.is_dir():
         raise NotFoundError(f"dataset folder not found: {path}")
     return FolderSource(path)
+
+
+class ConsumedPieces:
+    """The interactions pieces reads of one remote source consumed, kept under `folder` (SEMALIGN_HOME/sources/<key>):
+    the next read fetches only pieces that are new or changed (another version: ETag, row count) from the source and
+    takes the others from here; pieces the source no longer lists are dropped. Written only after a read validated,
+    so a failed read leaves the record as it was. The past is still read whole, from here: the split is
+    chronological over the whole log, and behavior pairs and user histories read the whole training window."""
+
+    def __init__(self, folder: Path, source: Source):
+        import json
+
+        from semalign.hashing import digest
+
+        self.folder = Path(folder) / digest(source.kind, source.location, length=16)
+        self.location = source.location
+        try:
+            manifest = json.loads((self.folder / "manifest.json").read_text())
+            self.pieces = manifest["pieces"] if manifest.get("source") == source.location else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.pieces = {}   # none yet, or unreadable: everything is fetched and the record rewritten
+
+    def _file(self, piece: Piece) -> Path:
+        from semalign.hashing import digest
+
+        return self.folder / "pieces" / f"{digest(piece.name, piece.version, length=24)}.parquet"
+
+    def has(self, piece: Piece) -> bool:
+        rec = self.pieces.get(piece.name)
+        return rec is not None and rec.get("version") == piece.version and self._file(piece).exists()
+
+    def load(self, piece: Piece) -> pd.DataFrame | DataValidationError:
+        try:
+            return pd.read_parquet(self._file(piece))
+        except Exception as e:  # a damaged copy: the caller fetches the piece again
+            return DataValidationError(self._file(piece), None, None, f"a readable local copy ({e})")
+
+    def record(self, read: dict[Piece, pd.DataFrame], fetched: set[str]) -> dict:
+        """Keeps the copies of `read` (every piece of a validated read) and the manifest; returns the watermark."""
+        import json
+        import os
+
+        from semalign import atomic
+
+        (self.folder / "pieces").mkdir(parents=True, exist_ok=True)
+        kept = {}
+        for piece, frame in read.items():
+            target = self._file(piece)
+            if piece.name in fetched or not target.exists():
+                tmp = atomic.temp_sibling(target)
+                try:
+                    frame.to_parquet(tmp, index=False)
+                except Exception:  # a column parquet cannot hold (mixed types in a csv-less source): fetch next time
+                    tmp.unlink(missing_ok=True)
+                    continue
+                os.replace(tmp, target)
+            kept[piece.name] = {"version": piece.version, "partition": piece.partition, "rows": len(frame)}
+        days = sorted(p["partition"] for p in kept.values() if p["partition"])
+        watermark = {"partitions": len(kept), "last_partition": days[-1] if days else None}
+        atomic.write_text(self.folder / "manifest.json",
+                          json.dumps({"source": self.location, "pieces": kept, "watermark": watermark}, indent=1))
+        live = {self._file(p).name for p in read}
+        for old in (self.folder / "pieces").glob("*.parquet"):
+            if old.name not in live:
+                old.unlink(missing_ok=True)
+        return watermark

@@ -174,3 +174,37 @@ def test_unreachable_or_missing_sources_are_clear_errors(s3, pg_db):
     with pytest.raises(UnavailableError) as e:
         load_dataset(f"postgresql://postgres:hunter2-secret@127.0.0.1:{free_port()}/x")
     assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+def test_a_refresh_reads_only_new_or_changed_partitions_and_a_failed_read_records_nothing(tmp_path, s3, catalogue):
+    _, items, events, ref = catalogue
+    days = _days(events)
+    last = sorted(days.unique())[-1]
+    uri = _to_s3(s3, "incremental", items, events[days != last])
+    copies = tmp_path / "sources"
+    first = load_dataset(uri, copies=copies)
+    n = first.report["partitions"]["read"]
+    assert first.report["partitions"]["from_source"] == n and first.report["partitions"]["from_copy"] == 0
+    # a new day arrives: only it is fetched, the rest comes from the copy; the dataset is the full read's
+    _put(s3, "incremental", f"shop/interactions/dt={last}/part-0.parquet", events[days == last].reset_index(drop=True))
+    second = load_dataset(uri, copies=copies)
+    assert (second.report["partitions"]["from_source"], second.report["partitions"]["from_copy"]) == (1, n)
+    assert second.report["partitions"]["watermark"] == last
+    assert second.content_hash() == ref.content_hash() == load_dataset(uri).content_hash()
+    # a partition rewritten upstream (new ETag) is fetched again
+    day0 = sorted(days.unique())[0]
+    part = events[days == day0].reset_index(drop=True)
+    _put(s3, "incremental", f"shop/interactions/dt={day0}/part-0.parquet", part.iloc[1:])
+    third = load_dataset(uri, copies=copies)
+    assert third.report["partitions"]["from_source"] == 1 and len(third.interactions) == len(ref.interactions) - 1
+    # a read that fails validation leaves the record as it was: the next good read fetches the bad day again
+    manifest = next(copies.glob("*/manifest.json"))
+    before = manifest.read_text()
+    broken = part.assign(item_id="no-such-item")
+    _put(s3, "incremental", f"shop/interactions/dt={day0}/part-0.parquet", broken)
+    with pytest.raises(DataValidationError):
+        load_dataset(uri, copies=copies)
+    assert manifest.read_text() == before
+    _put(s3, "incremental", f"shop/interactions/dt={day0}/part-0.parquet", part)
+    again = load_dataset(uri, copies=copies)
+    assert again.report["partitions"]["from_source"] == 1 and again.content_hash() == ref.content_hash()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from semalign import atomic, state
 from semalign.config import Settings
-from semalign.errors import NotFoundError, SemalignError
+from semalign.errors import DamagedFileError, NotFoundError, SemalignError, UnavailableError
 from semalign.feature_repo.catalogue import CodebookCatalogue
 from semalign.feature_repo.repo_config import sa_url
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# {file: SHA-256} of a ranker folder, recorded as a model version tag when it is logged: a server verifies the files
+# against it before loading them, so weights changed in the artifact store or the home are refused
+DIGESTS_TAG = "ranker_sha256"
+# what a version's input_key tag may name: one folder under <home>/rankers, never a path
+SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PYFUNC_CODE = Path(__file__).resolve().parent / "ranker_model.py"
 TOKENIZER_CODE = Path(__file__).resolve().parent / "sid_tokenizer_model.py"
 # what a logged ranker carries as its code: the modules the scoring path imports (SCORING_ROOTS and every semalign
@@ -172,12 +178,58 @@ def ranker_requirements(ranker_dir: Path) -> dict:
                              "SEMALIGN_REDIS_URL / SEMALIGN_POSTGRES_URL, in the loading process's environment"}
 
 
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{file name relative to the folder: SHA-256 hex} of every file under it."""
+    folder = Path(folder)
+    return {f.relative_to(folder).as_posix(): file_digest(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def verify_folder(folder: Path, recorded: dict[str, str] | None, what: str) -> None:
+    """Refuses (DamagedFileError naming the file) a ranker folder whose files differ from the digests recorded when
+    it was logged, lack one of the files scoring reads, or have no digests recorded at all."""
+    from semalign.deploy.scoring import RANKER_FILES
+
+    folder = Path(folder)
+    if not recorded:
+        raise DamagedFileError(folder, f"{folder}: {what} records no SHA-256 digests of its files (logged before "
+                               "they were recorded): refusing to load weights nothing vouches for; a refresh logs a "
+                               "new version that records them")
+    unrecorded = [f for f in RANKER_FILES if f not in recorded]
+    if unrecorded:
+        raise DamagedFileError(folder, f"{folder}: the digests {what} records leave out {unrecorded}: refusing it")
+    for name, digest in sorted(recorded.items()):
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise DamagedFileError(folder, f"{folder}: {what} records a digest for '{name[:100]}', outside its folder")
+        if not path.is_file():
+            raise DamagedFileError(path, f"{folder / name}: missing, though {what} records its digest")
+        found = file_digest(path)
+        if found != digest:
+            raise DamagedFileError(path, f"{folder / name}: SHA-256 {found[:16]}... is not the {digest[:16]}... "
+                                   f"{what} recorded when it was logged: the file changed since; refusing to load "
+                                   "it (remove the folder to fetch the logged files again)")
+
+
 class RegistryError(SemalignError, RuntimeError):
     """A registry operation that cannot be done as asked (no champion, MLflow unreachable)."""
 
 
 class UnknownModelVersionError(RegistryError, NotFoundError):
     http_status = 404
+
+
+class RegistryUnavailableError(RegistryError, UnavailableError):
+    """The tracking server / model registry cannot be reached or fails to answer."""
 
 
 class ChampionRecordError(RegistryError):
@@ -369,15 +421,23 @@ class Registry(RegistryView):
 
         try:
             return self.client.get_model_version_by_alias(self.name, alias)
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            self._absent_or_raise(e)
         try:  # no such alias, or one naming a version that is gone
             version = self.client.get_registered_model(self.name).aliases.get(alias)
-        except MlflowException:  # no such model yet
+        except MlflowException as e:  # no such model yet
+            self._absent_or_raise(e)
             return None
         if version is not None:
             raise DanglingAliasError(self.name, alias, str(version))
         return None
+
+    def _absent_or_raise(self, e) -> None:
+        """An MLflow answer that something does not exist passes; anything else (the tracking server unreachable, a
+        server error) is RegistryUnavailableError, never read as "no such model"."""
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise RegistryUnavailableError(f"the model registry at {_safe_uri(self.tracking_uri)} cannot answer: "
+                                           f"{str(e).splitlines()[0][:300]}") from e
 
     def version_by_input(self, input_key: str):
         """A registered version trained on exactly these inputs (so a rerun retrains nothing)."""
@@ -397,20 +457,46 @@ class Registry(RegistryView):
         except MlflowException as e:
             raise UnknownModelVersionError(f"model '{self.name}' has no version {version}") from e
 
-    def download_ranker(self, mv, dest: Path) -> Path:
-        """The ranker folder of a registered version (from whatever artifact store holds it)."""
+    def download_ranker(self, mv, dest: Path | None = None) -> Path:
+        """The ranker folder of a registered version (default: `ranker_folder(mv)`, the home's copy; `dest`: a
+        folder the caller chose), fetched from whatever artifact store holds it unless already there, its files
+        verified against the digests recorded when it was logged. A version whose tags would name a path is refused
+        whatever `dest` is."""
+        import shutil
+
         from mlflow.artifacts import download_artifacts
 
-        dest = Path(dest)
-        if (dest / "ranker.json").exists():
-            return dest
-        tmp = atomic.temp_sibling(dest)
-        path = download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}", dst_path=str(tmp),
-                                  tracking_uri=self.tracking_uri)
-        found = next(Path(path).rglob("ranker.json")).parent
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(found, dest)
+        home_copy = self.ranker_folder(mv)  # refuses a version whose input_key tag names a path, whatever dest is
+        dest = home_copy if dest is None else Path(dest)
+        if not (dest / "ranker.json").exists():
+            tmp = atomic.temp_sibling(dest)
+            path = download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}", dst_path=str(tmp),
+                                      tracking_uri=self.tracking_uri)
+            found = next(Path(path).rglob("ranker.json")).parent
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(found, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        verify_folder(dest, self.recorded_digests(mv), f"model version {mv.version}")
         return dest
+
+    def ranker_folder(self, mv) -> Path:
+        """Where the home keeps a version's ranker: <home>/rankers/<its input_key tag, or v<version>>. A tag that is
+        not one plain folder name (a path, '..', an absolute path) is refused: tags choose no server paths."""
+        key = mv.tags.get("input_key") or f"v{mv.version}"
+        if not SAFE_KEY.fullmatch(key) or key in (".", ".."):
+            raise DamagedFileError(self.settings.home / "rankers", f"model version {mv.version}'s input_key tag "
+                                   f"'{key[:100]}' is not a folder name (letters, digits, '.', '_', '-'): refusing to "
+                                   f"load a ranker from outside {self.settings.home / 'rankers'}")
+        return self.settings.home / "rankers" / key
+
+    @staticmethod
+    def recorded_digests(mv) -> dict[str, str] | None:
+        """The {file: SHA-256} a version recorded at logging (None: none, or unreadable)."""
+        try:
+            found = json.loads(mv.tags.get(DIGESTS_TAG) or "null")
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     # ------------------------------------------------------------------ logging
     def log_refresh(self, *, params: dict, metrics: dict, tags: dict, ranker_dir: Path, artifacts: dict[str, Path],
@@ -448,7 +534,8 @@ class Registry(RegistryView):
                                                pip_requirements=scoring_requirements())
             run_id = run.info.run_id
             mv = self._register(info, self.name)
-        for k, v in {**tags, "input_key": input_key}.items():
+        digests = json.dumps(folder_digests(ranker_dir), sort_keys=True, separators=(",", ":"))
+        for k, v in {**tags, "input_key": input_key, DIGESTS_TAG: digests}.items():
             self.client.set_model_version_tag(self.name, mv, k, str(v))
         self.client.set_registered_model_alias(self.name, CHALLENGER, mv)
         return run_id, mv

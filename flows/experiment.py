@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 
 from semalign.config import Settings
-from semalign.data import ALL_BUCKETS, item_buckets, settings_split
+from semalign.data import ALL_BUCKETS, item_buckets
 from semalign.errors import InvalidInputError, NotFoundError
 from semalign.features import build_frames, user_features
 from semalign.progress import Reporter
 from semalign.spec import codebook_levers, id_budget, parse_model  # noqa: F401 (the experiment's model names)
 
-from .semantic_ids import TowerFeatures, codebook_stage, encoder_stage, ingest, load_codebook, tower_features
+from .semantic_ids import TowerFeatures, codebook_stage, load_codebook
 
 METRICS = ("auc", "gauc", "logloss")
 DEFAULT_MODELS = ("full", "id_only", "content", "aligned_content", "sid_ngram", "logreg")
@@ -146,26 +146,29 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
     `semalign.spec.specification` exactly as the refresh builds it) is compared against every other model.
     With `json_path`, per-event test predictions go to `<json>.preds.npz` so runs over disjoint seed ranges
     can be merged (`merge_experiments`) into one table with intervals over all seeds."""
+    from semalign.flows.engines import compute_engine
+    from semalign.flows.pipeline import upstream
     from semalign.flows.ranker_stages import ranker_tables
     from semalign.models.metrics import metric_set
     from semalign.models.ranker import SID_ROWS, predict
     from semalign.models.ranker_training import train_ranker
-    from semalign.spec import served_model, specification
+    from semalign.spec import served_model, upstream_settings
 
     rep = rep or Reporter(quiet=True)
     served = served_model(settings)
     models = list(models or DEFAULT_MODELS)
     device = settings.resolved_device()
     t0 = time.perf_counter()
-    ds = ingest(settings, data)
-    feats = tower_features(settings, ds, rep)
+    engine = compute_engine(settings)
+    first = upstream(settings, data, rep, through="towers", engine=engine)   # embedded once for every seed
+    ds, feats = first.ds, first.feats
     generic = generic_content(feats)  # the `content` / `logreg` baselines' input
     fits, saved = [], {}
     configs = {}
     for seed in range(seed_start, seed_start + seeds):
         s = settings.model_copy(update={"seed": seed, "split": split_kind})
-        split = settings_split(ds, s)
-        enc = encoder_stage(s, ds, split, feats, rep)
+        up = upstream(s, rep=rep, through="encoder", ds=ds, feats=feats, engine=engine)
+        split, enc = up.split, up.enc
         codebooks, tables = {}, {}
 
         def codebook_for(size: dict):
@@ -215,12 +218,11 @@ def run_experiment(settings: Settings, data: str | Path | None = None, split_kin
                        "buckets": item_buckets(split.train_counts)[test["item_idx"].to_numpy()].astype(str), "preds": preds}
         rep.log(f"seed {seed}: encoder hit@30 {enc.metrics['hit@30']['encoder']:.4f} (raw text "
                 f"{enc.metrics['hit@30']['raw_text']:.4f}); codebook {cb.version}")
-    upstream = specification(settings.model_copy(update={"split": split_kind}), "aligned_content")
+    upstream = upstream_settings(settings)
     out = {"dataset": ds.name, "split": split_kind, "seeds": list(saved), "models": models, "device": device,
            "served": served, "configs": configs,
            # the encoder and codebook every model's SIDs came from (seeds apart; a size a model names aside)
-           "upstream": {"encoder": {k: v for k, v in upstream.encoder.items() if k != "seed"},
-                        "codebook": {k: v for k, v in upstream.codebook.items() if k != "seed"}},
+           "upstream": {part: {k: v for k, v in upstream[part].items() if k != "seed"} for part in upstream},
            "rank_config": {k: v for k, v in (rank_overrides or {}).items()}, "fits": fits,
            "wall_s": round(time.perf_counter() - t0, 1)}
     out.update(summarise(saved, models, served, n_boot, rep))

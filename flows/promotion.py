@@ -1,13 +1,9 @@
-"""Where a refresh stands and how it finishes: the stage tracker that turns a failure into a stage-named error
-(saying whether anything moved), the promotion (feature service, then alias and the store's current pointer),
-and the resumption of a promotion an earlier run on the same input passed its gates for but never finished."""
+"""How a refresh finishes: the promotion (feature service, then alias and the store's current pointer), and the
+resumption of a promotion an earlier run on the same input passed its gates for but never finished."""
 from __future__ import annotations
-
-import time
 
 from semalign.checkpoints import checkpoint
 from semalign.config import Settings
-from semalign.flows.errors import RefreshError, first_line
 
 
 def champion_lineage(registry) -> dict:
@@ -32,58 +28,14 @@ def stage_logger():
         return logging.getLogger("semalign.refresh")
 
 
-class StageTracker:
-    """Which stage a refresh is in, so a failure says where it stopped and whether anything moved; each stage's
-    start and end go to the run log. The end of each stage is a checkpoint (a kill point for the fault-injection
-    tests)."""
-
-    def __init__(self):
-        self.name, self.champion, self.lock = "take the refresh lock", None, None
-        self.log = stage_logger()
-        self._t0 = time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        if self.lock is not None:  # a holder whose lock was forced open stops before the next stage
-            self.lock.check()
-        self.name = name
-        self._t0 = time.perf_counter()
-        self.log.info("stage %s: started", name)
-
-    def done(self, name: str) -> None:
-        self.log.info("stage %s: done in %.1f s", name, time.perf_counter() - self._t0)
-        checkpoint(f"refresh.after_{name.replace(' ', '_')}")
-
-    def run(self, name: str, fn, *args, **kwargs):
-        self(name)
-        out = fn(*args, **kwargs)
-        self.done(name)
-        return out
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or isinstance(err, RefreshError) or not isinstance(err, Exception):
-            return False
-        champ = f"champion v{self.champion}" if self.champion else "the champion"
-        if self.name in ("promote", "done"):
-            after = ("promotion may be partly done; `semalign status` shows where the champion and the current "
-                     "codebook stand and re-running the refresh finishes it")
-        else:
-            after = f"nothing was promoted ({champ} and the semantic IDs it serves are unchanged)"
-        self.log.error("stage %s: failed: %s: %s", self.name, type(err).__name__, first_line(err))
-        raise RefreshError(f"refresh failed at stage '{self.name}': {type(err).__name__}: "
-                           f"{first_line(err)}; {after}") from err
-
-
-def carry_to(settings: Settings, registry, mv) -> dict:
+def carry_to(settings: Settings, registry, mv, store=None) -> dict:
     """Items onboarded under the serving champion's codebook version, onboarded into `mv`'s before `mv` serves:
     an item onboarded under v1 stays servable once v2 is promoted (or rolled back to)."""
     from semalign.deploy.registry import CHAMPION
     from semalign.feature_repo.store import open_store
 
     cur = registry.version_by_alias(CHAMPION)
-    return carry_onboarded(settings, open_store(settings), cur.tags.get("codebook_version") if cur else None,
+    return carry_onboarded(settings, store or open_store(settings), cur.tags.get("codebook_version") if cur else None,
                            mv.tags.get("codebook_version"))
 
 
@@ -114,13 +66,13 @@ def carry_onboarded(settings: Settings, store, from_version: str | None, to_vers
     return {"carried": len(keep), "without_content": len(todo) - len(keep)}
 
 
-def promote(settings: Settings, registry, mv, reason: str) -> bool:
+def promote(settings: Settings, registry, mv, reason: str, store=None) -> bool:
     """Onboarded items carried into the new champion's codebook version and its feature service registered first
     (so nothing it serves is missing), then the alias and the store's current pointer."""
     from semalign.feature_repo.store import SemanticIdStore
 
-    carry_to(settings, registry, mv)
-    SemanticIdStore(settings).register_ranker_service(mv.tags["feature_service"], mv.tags["codebook_version"],
+    carry_to(settings, registry, mv, store)
+    (store or SemanticIdStore(settings)).register_ranker_service(mv.tags["feature_service"], mv.tags["codebook_version"],
                                                       tags={"model": settings.model_name, "model_version": str(mv.version)})
     checkpoint("refresh.after_feature_service")
     return bool(registry.promote(str(mv.version), reason=reason)["moved"])
@@ -138,21 +90,22 @@ def interrupted_before_promotion(registry, mv, champion: str | None) -> bool:
     return before == str(champion)  # else its gates compared it with another champion: not valid today
 
 
-def finish_unchanged_input(settings: Settings, registry, version: str, champ: dict, at: StageTracker) -> dict:
+def finish_unchanged_input(settings: Settings, registry, version: str, champ: dict, run) -> dict:
     """These exact inputs were refreshed before (model `version`): keep that outcome, finishing a promotion the
-    earlier run passed its gates for but did not complete. Returns the summary fields."""
+    earlier run passed its gates for but did not complete (`run`, the refresh's RefreshRun, enters the stage and
+    holds the store). Returns the summary fields."""
     mv = registry.get_version(version)
     passed = mv.tags.get("gate") == "passed"
     out = dict(model_version=version, promoted=False, verdict={"passed": passed, "reused": True},
                note="unchanged input: nothing retrained, published or promoted")
     if passed and interrupted_before_promotion(registry, mv, champ.get("version")):
-        at("promote")
+        run("promote")
         gates = registry.history(actions=("gate",), limit=10_000)
         if not any(h["subject"].endswith(f"/{mv.version}") for h in gates):  # it died before this row
             verdict = registry.run_artifact_json(mv.run_id, "validation_report.json") or {}
             registry.record_gate(str(mv.version), {**verdict, "passed": True})
         out["promoted"] = promote(settings, registry, mv, f"resumed: v{mv.version} passed its gates "
-                                  "in a refresh that stopped before promotion")
+                                  "in a refresh that stopped before promotion", store=run.store)
         out["note"] = "finished the promotion of an interrupted refresh on the same input"
     elif champ.get("version") == str(mv.version):  # finishes a promotion a crash cut after the alias move
         out["promoted"] = registry.promote(str(mv.version), reason="re-run")["moved"]

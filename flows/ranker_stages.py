@@ -32,12 +32,12 @@ def ranker_input_key(settings: Settings, ds, cb_version: str) -> str:
 
 
 def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, rep: Reporter,
-                       users_version: str | None = None) -> RankerOut:
+                       users_version: str | None = None, engine=None) -> RankerOut:
     from semalign.data import event_keys
     from semalign.deploy.scoring import save_ranker
     from semalign.features import N_USER_FEATS, build_frames, user_features
+    from semalign.flows.engines import compute_engine
     from semalign.flows.semantic_ids import load_codebook
-    from semalign.models.ranker_training import train_ranker
 
     key = ranker_input_key(settings, ds, cb.version)
     folder = settings.home / "rankers" / key
@@ -56,15 +56,7 @@ def train_ranker_stage(settings: Settings, ds, split, cb, enc, feats, registry, 
     aligned_dim = len(cb.sids["embedding"].iloc[0])
     seen = split.train_items
     frames = build_frames(split, user_features(split, ds.n_users), settings.hist_len)
-    if settings.ray_address:  # the same training function, as a Ray Train job on the cluster
-        from semalign.flows import ray_engine
-
-        with rep.stage(f"ranker (ray, {settings.ray_train_workers} worker(s))", None):
-            res = ray_engine.train_ranker(settings, cfg, tables, frames["train"], frames["val"])
-    else:
-        with rep.stage("ranker", cfg.max_epochs) as adv:
-            res = train_ranker(cfg, tables, frames["train"], frames["val"], settings.resolved_device(),
-                               on_epoch=lambda r: adv(1, val_auc=f"{r['val_auc']:.4f}"))
+    res = (engine or compute_engine(settings)).train_ranker(cfg, tables, frames["train"], frames["val"], rep)
     train = split.part("train")
     meta = {"codebook_version": cb.version, "encoder_version": enc.version, "levels": codebook.levels,
             "n_codes": codebook.codes, "content_dim": aligned_dim, "n_user_feats": N_USER_FEATS,
@@ -109,7 +101,7 @@ def ranker_tables(ds, split, cb, codebook, feats, cfg, generic=None):
                        cb.sids["sid_dedup"].to_numpy(), cfg, [c.numpy() for c in codebook.centroids])
 
 
-def publish_users(settings: Settings, ds, split) -> str:
+def publish_users(settings: Settings, ds, split, store=None) -> str:
     """Each user's training-window positives (most recent last) and smoothed positive rate, for serving, as a new
     snapshot (a ranker reads the snapshot it was trained with: a blocked refresh changes nothing served).
     Returns the snapshot's version."""
@@ -117,7 +109,7 @@ def publish_users(settings: Settings, ds, split) -> str:
     from semalign.features import user_table
 
     batch = ds.content_hash()[:16] + "-h" + str(settings.hist_len)
-    return SemanticIdStore(settings).publish_users(user_table(ds, split, settings.hist_len), batch=batch)
+    return (store or SemanticIdStore(settings)).publish_users(user_table(ds, split, settings.hist_len), batch=batch)
 
 
 def served_bytes_per_item(cfg, levels: int, n_codes: int, aligned_dim: int, raw_dim: int, max_dedup: int) -> int:
@@ -137,7 +129,8 @@ def served_bytes_per_item(cfg, levels: int, n_codes: int, aligned_dim: int, raw_
 TRAINED_EVENTS = "trained_events.npy"   # keys of the events a ranker trained and validated on (data.event_keys)
 
 
-def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False) -> np.ndarray:
+def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missing: bool = False,
+               store=None) -> np.ndarray:
     """A ranker's scores for the test window's events, through the serving path: features from the store, pinned
     to the ranker's codebook version; histories are the leakage-free ones the ranker trained with. With
     `encode_missing` (the champion on a new window) items its version lacks are encoded on the fly, as serving
@@ -146,7 +139,12 @@ def score_test(settings: Settings, ds, split, ranker_folder: Path, encode_missin
     from semalign.deploy.scoring import RankerScorer
     from semalign.features import user_features
 
-    scorer = RankerScorer(ranker_folder, settings)
+    if store is not None:  # a ranker of another project or SID depth reads through a store of its own
+        meta_file = Path(ranker_folder) / "ranker.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        if (meta.get("feast_project") or store.project, meta.get("levels")) != (store.project, store.levels):
+            store = None
+    scorer = RankerScorer(ranker_folder, settings, store=store)
     test = split.part("test")
     item_ids = ds.items["item_id"].to_numpy()
     cands = item_ids[test["item_idx"].to_numpy()].tolist()
@@ -214,14 +212,15 @@ def fresh_events(ranker_folder: Path, split, item_ids: np.ndarray) -> np.ndarray
     return fresh & ~only_champion_knows
 
 
-def judge_window(settings: Settings, ds, split, challenger_folder: Path, champion_folder: Path | None) -> dict:
+def judge_window(settings: Settings, ds, split, challenger_folder: Path, champion_folder: Path | None,
+                 store=None) -> dict:
     """The challenger on its whole test window (its reference for the next refresh's drift gate) and, with a
     champion, both on the same events: those the champion never trained or validated on."""
-    p_new = score_test(settings, ds, split, challenger_folder)
+    p_new = score_test(settings, ds, split, challenger_folder, store=store)
     out = {"challenger": window_metrics(split, p_new), "champion": None}
     if champion_folder is None:
         return out
-    p_old = score_test(settings, ds, split, champion_folder, encode_missing=True)
+    p_old = score_test(settings, ds, split, champion_folder, encode_missing=True, store=store)
     mask = fresh_events(champion_folder, split, ds.items["item_id"].to_numpy())
     n_test = len(p_new)
     out["champion"] = window_metrics(split, p_old, mask)

@@ -1,7 +1,8 @@
 """Ray as the refresh's optional compute engine (design section 10; `SEMALIGN_RAY_ADDRESS`, `semalign run --ray`).
 
-Unset, nothing here is imported and every stage computes in the refresh's process. Set, the same stages hand their
-heavy compute to the Ray cluster at that address and get back exactly what the in-process code would compute:
+Unset, nothing here is imported and every stage computes in the refresh's process (flows/engines.py's LocalEngine).
+Set, `RayEngine` (the same interface) hands the stages' heavy compute to the Ray cluster at that address and gets
+back exactly what the in-process code would compute:
 - tower inference: a Ray Data `map_batches` job on actors holding the text (or image) tower. Each row of the job is
   a run of whole batches of the in-process loop (up to ROW_BATCHES of the text tower's longest-first batches; one
   image-tower chunk), so every vector is computed with the same padding and batch as in-process: the same bits.
@@ -421,3 +422,43 @@ def train_ranker(settings: Settings, cfg, tables, train, val):
     return TrainResult(model=model, history=out["history"], best_epoch=out["best_epoch"],
                        best_val_auc=out["best_val_auc"], samples_per_s=out["samples_per_s"],
                        epoch_samples_per_s=out["epoch_samples_per_s"], step_mode=out["step_mode"])
+
+
+# ---------------------------------------------------------------- the engine (flows/engines.py's interface)
+
+class RayEngine:
+    """The compute engine of a Ray cluster: the same interface and results as flows.engines.LocalEngine."""
+
+    name = "ray"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def connect(self) -> dict:
+        """Connects (an unreachable cluster fails here, before anything is computed) and says what it is."""
+        return cluster_info(self.settings)
+
+    def jobs(self) -> list[dict]:
+        return jobs()
+
+    def stage_name(self, what: str) -> str:
+        return f"{what} (ray)"
+
+    def image_tower(self):
+        """The tower here only names the features (its fingerprint keys the cache); the cluster computes them."""
+        from semalign.models.towers import ImageTower
+
+        return ImageTower(device=self.settings.resolved_device())
+
+    def text_vectors(self, texts: list[str], progress: ProgressFn | None = None) -> np.ndarray:
+        return text_vectors(self.settings, texts, progress=progress)
+
+    def image_vectors(self, paths, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return image_vectors(self.settings, paths, progress=progress)
+
+    def item_embeddings(self, model, text, image, has_image) -> np.ndarray:
+        return embed_items(self.settings, model, text, image, has_image)
+
+    def train_ranker(self, cfg, tables, train, val, rep):
+        with rep.stage(f"ranker (ray, {self.settings.ray_train_workers} worker(s))", None):
+            return train_ranker(self.settings, cfg, tables, train, val)

@@ -7,7 +7,7 @@ from pathlib import Path
 from semalign.config import Settings
 
 
-def export_sid_bundle(settings: Settings, version: str | None, dest: Path) -> dict:
+def export_sid_bundle(settings: Settings, version: str | None, dest: Path, store=None) -> dict:
     """Writes the bundle of `version` (default: the current one) to `dest`, whole or not at all."""
     from semalign import atomic
     from semalign.artifacts import codebook_folder
@@ -16,7 +16,7 @@ def export_sid_bundle(settings: Settings, version: str | None, dest: Path) -> di
     from semalign.models.sid_tokenizer import write_bundle
     from semalign.models.towers import text_fingerprint
 
-    store = SemanticIdStore(settings)
+    store = store or SemanticIdStore(settings)
     row = store.catalogue.published(version)
     version = row["version"]
     folder = codebook_folder(settings, version)

@@ -124,10 +124,23 @@ def specification(settings: Settings, variant: str | None = None, seed: int | No
         raise InvalidInputError(f"serving profile 'compact' serves SID codes only, and ranker variant '{variant}' "
                                 f"reads float vectors: set SEMALIGN_RANKER_VARIANT to one of {COMPACT_VARIANTS} "
                                 "(or SEMALIGN_SERVING_PROFILE=dense)")
-    # the encoder and codebook: the settings' (a selected spec's were applied to them, config.Settings)
-    part = {name: {k: getattr(settings, field) for k, field in fields.items()} for name, fields in SETTINGS_OF.items()}
-    return Specification(model=model or variant, encoder={**part["encoder"], "seed": seed},
-                         codebook={**part["codebook"], "seed": seed}, ranker=ranker)
+    part = upstream_settings(settings, seed)
+    return Specification(model=model or variant, encoder=part["encoder"], codebook=part["codebook"], ranker=ranker)
+
+
+def upstream_settings(settings: Settings, seed: int | None = None) -> dict:
+    """{"encoder": {...}, "codebook": {...}} of the specification: the settings' (a selected spec's were applied to
+    them, config.Settings), seeded by the run's seed."""
+    seed = settings.seed if seed is None else seed
+    return {name: {**{k: getattr(settings, field) for k, field in fields.items()}, "seed": seed}
+            for name, fields in SETTINGS_OF.items()}
+
+
+def encoder_config(settings: Settings, text_dim: int, image_dim: int):
+    """The EncoderConfig of the specification, for towers of these dimensions."""
+    from semalign.models.encoder import EncoderConfig
+
+    return EncoderConfig(text_dim=text_dim, image_dim=image_dim, **upstream_settings(settings)["encoder"])
 
 
 def ranker_config(settings: Settings, variant: str | None = None, seed: int | None = None, **overrides):

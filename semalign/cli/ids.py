@@ -1,7 +1,6 @@
 """Semantic IDs in the feature store: `semalign ids publish`, `semalign ids get`, `semalign items add`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -16,33 +15,10 @@ def ids_publish(home: Optional[Path] = HomeOpt, data: Optional[Path] = DataOpt, 
                 current: bool = typer.Option(True, help="Make it the version unpinned readers get.")):
     """Publish a built codebook version's SIDs, aligned vectors and (with --data, or SEMALIGN_DATA) the items'
     text-tower vectors, which the default ranker reads, to the feature store (offline + online)."""
-    import numpy as np
-
-    from semalign.feature_repo.store import open_store
-    from semalign.flows.semantic_ids import latest_codebook_version, load_codebook, load_sids
+    from semalign.flows.semantic_ids import publish_version
 
     s = load_settings(home, data, write=True)
-    version = version or latest_codebook_version(s)
-    if version is None:
-        raise NotFoundError(f"no codebook built under {s.codebooks_dir}: run `semalign run` first")
-    cb = load_codebook(s, version)
-    sids = load_sids(s, version)
-    lineage_p = s.codebooks_dir / version / "lineage.json"
-    enc_v = json.loads(lineage_p.read_text())["encoder_version"] if lineage_p.exists() else None
-    content = None
-    if s.data is not None:
-        from semalign.flows.semantic_ids import ingest, item_rows, tower_features
-
-        ds = ingest(s, s.data)
-        content = tower_features(s, ds).text[item_rows(ds, sids["item_id"], f"codebook {version}")]
-    from semalign.flows.lock import refresh_lock
-
-    with refresh_lock(s, "ids publish"):  # a refresh publishing and moving the current version meanwhile: wait
-        res = open_store(s, levels=cb.levels).publish(cb, sids["item_id"].tolist(),
-                                                      np.stack(sids["embedding"].to_numpy()), encoder_version=enc_v,
-                                                      make_current=current, content=content)
-    emit({"publish": {"version": res.version, "items": res.items, "published_now": res.published,
-                      "current": res.current, "wall_s": round(res.wall_s, 3)}}, as_json, print_summary)
+    emit({"publish": publish_version(s, version, s.data, make_current=current)}, as_json, print_summary)
 
 
 def ids_get(items: list[str] = typer.Argument(..., help="Item ids."), home: Optional[Path] = HomeOpt,

@@ -12,16 +12,12 @@ from semalign.cli.common import DataOpt, HomeOpt, ImagesOpt, JsonOpt, emit, load
 def encode(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
            images: bool = ImagesOpt, epochs: Optional[int] = typer.Option(None, help="Encoder epochs.")):
     """Embed items with the frozen towers (cached) and train the behavior-aware encoder."""
-    from semalign.flows.semantic_ids import encoder_stage, ingest, tower_features
-    from semalign.data import settings_split
+    from semalign.flows.pipeline import upstream
     from semalign.progress import Reporter
 
     s = load_settings(home, data, write=True, use_images=images, encoder_epochs=epochs)
     with Reporter(quiet=as_json) as rep:
-        ds = ingest(s, data)
-        split = settings_split(ds, s)
-        feats = tower_features(s, ds, rep)
-        enc = encoder_stage(s, ds, split, feats, rep)
+        enc = upstream(s, data, rep, through="encoder").enc
     emit({"encoder": {"version": enc.version, "reused": enc.reused, **enc.metrics}}, as_json, print_summary)
 
 

@@ -45,7 +45,7 @@ def refresh_payload(settings: Settings, ds, feats, enc, cb, rk, champ: dict, inp
     tags = {"codebook_version": cb.version, "encoder_version": enc.version, "data_hash": ds.content_hash(),
             "gate": "passed" if gates.passed else "failed", "dataset": ds.name,
             # lineage: where the data came from and which partitions (the hash is the content's, source-independent)
-            **{f"data_{k}": str(v) for k, v in (ds.report.get("partitions") or {}).items()},
+            **{f"data_partitions_{k}": str(v) for k, v in (ds.report.get("partitions") or {}).items()},
             **({"data_source": ds.report["source"]} if ds.report.get("source") else {}),
             "feature_service": f"{settings.model_name.replace('-', '_')}_{rk.input_key}",
             **({"data_docs": gates.extra["data_docs"]} if gates.extra.get("data_docs") else {})}

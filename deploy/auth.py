@@ -1,7 +1,9 @@
 """Who may call the scoring service, and how often: API keys with scopes (`score` for reads, `write` for
 onboarding), given as `Authorization: Bearer <token>` or `X-API-Key: <token>`, checked in constant time against
-SHA-256 digests (tokens are never kept or logged), and a per-key rate limit (the `limits` library, moving
-window). With no keys configured the service is open, and `semalign serve` then refuses non-loopback binds."""
+SHA-256 digests (tokens are never kept or logged); a per-key rate limit and a per-address limit on failed
+authentications (moving windows in `limits` syntax), counted where every worker of the service sees the same
+counts (the online store's Redis, else a sqlite file in the home). With no keys configured the service is open,
+and `semalign serve` then refuses non-loopback binds."""
 from __future__ import annotations
 
 import hashlib
@@ -106,26 +108,172 @@ class KeyRing:
         return found
 
 
+class SqliteWindows:
+    """Moving-window hit counts in a sqlite file every worker process of one host opens: each admission is one
+    immediate (write-locked) transaction, so two workers never both take the last slot."""
+
+    def __init__(self, path: Path | None):
+        """`path` None: in this process's memory only."""
+        import sqlite3
+        import threading
+
+        try:
+            if path is not None:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(":memory:" if path is None else str(path), timeout=30, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS hits (key TEXT NOT NULL, at REAL NOT NULL)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at)")
+        except (OSError, sqlite3.Error) as e:
+            raise InvalidInputError(f"{path}: the rate-limit counts every worker shares cannot be kept there ({e}); "
+                                    "SEMALIGN_HOME must be writable for `semalign serve`, or the online store Redis")
+        self.lock = threading.Lock()   # one connection per process, its transactions one at a time
+        self.admitted = 0
+
+    def admit(self, key: str, now: float, window_s: float, amount: int, count_only: bool = False) -> float:
+        """0 when the hit is admitted (and counted, unless `count_only`), else seconds until a slot frees."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("DELETE FROM hits WHERE key = ? AND at <= ?", (key, now - window_s))
+                n, oldest = self.db.execute("SELECT COUNT(*), MIN(at) FROM hits WHERE key = ?", (key,)).fetchone()
+                if n >= amount:
+                    return oldest + window_s - now
+                if not count_only:
+                    self.db.execute("INSERT INTO hits (key, at) VALUES (?, ?)", (key, now))
+                self.admitted += 1
+                if self.admitted % 1000 == 0:  # keys nobody uses any more: their hits are old
+                    self.db.execute("DELETE FROM hits WHERE at <= ?", (now - 86_400,))
+                return 0.0
+            finally:
+                self.db.execute("COMMIT")
+
+
+class RedisWindows:
+    """Moving-window hit counts in Redis (sorted sets under `semalign:rate:`), shared by every worker of every
+    host. A hit is added, then counted; one over the limit is taken back: two racing callers may both be refused,
+    never both admitted past the limit. Needs no scripting: a Redis user with write access to those keys only."""
+
+    PREFIX = "semalign:rate:"
+
+    def __init__(self, client):
+        self.r = client
+
+    def admit(self, key: str, now: float, window_s: float, amount: int, count_only: bool = False) -> float:
+        import uuid
+
+        k = self.PREFIX + key
+        member = f"{now:.6f}:{uuid.uuid4().hex[:8]}"
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(k, 0, now - window_s)
+            if not count_only:
+                pipe.zadd(k, {member: now})
+            pipe.zcard(k)
+            pipe.pexpire(k, int(window_s * 1000) + 1000)
+            n = pipe.execute()[-2]
+        if n > amount or (count_only and n >= amount):
+            if not count_only:
+                self.r.zrem(k, member)
+            oldest = self.r.zrange(k, 0, 0, withscores=True)
+            return (oldest[0][1] + window_s - now) if oldest else window_s
+        return 0.0
+
+
+def redis_client(url: str):
+    """A redis-py client for a Feast connection string (host:port[,password=..][,username=..][,db=N][,ssl=..])."""
+    import json
+
+    from redis import Redis
+
+    parts = [p.strip() for p in url.split(",")]
+    host, port = next(p for p in parts if "=" not in p).rsplit(":", 1)
+    kw = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}   # a hung Redis must not hang the service
+    for p in parts:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            try:
+                kw[k] = json.loads(v)
+            except ValueError:
+                kw[k] = v
+    return Redis(host=host, port=int(port), **kw)
+
+
+def shared_windows(settings: Settings):
+    """Where the service's rate counts live, shared by all its workers: the online store's Redis where the
+    deployment has one (every host of the service sees the same counts), else a sqlite file in the home."""
+    if settings.feast_online == "redis":
+        return RedisWindows(redis_client(settings.redis_url))
+    return SqliteWindows(settings.home / "serve" / "rate_limits.db")
+
+
+# failed authentications a client address may make before it is refused without its token being looked at
+AUTH_FAILURE_LIMIT = "20/minute;200/hour"
+
+
 class RateLimiter:
-    def __init__(self, spec: str):
+    """Limits in `limits` syntax ("100/minute;2000/hour"), counted per caller in `windows` (SqliteWindows,
+    RedisWindows: shared by every worker; None: this process only)."""
+
+    def __init__(self, spec: str, windows=None, setting: str = "SEMALIGN_SERVE_RATE_LIMIT"):
         from limits import parse_many
-        from limits.storage import MemoryStorage
-        from limits.strategies import MovingWindowRateLimiter
 
         try:
             self.items = parse_many(spec)
         except ValueError as e:
-            raise InvalidInputError(f"SEMALIGN_SERVE_RATE_LIMIT '{spec}': {e}") from e
-        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+            raise InvalidInputError(f"{setting} '{spec}': {e}") from e
+        self.windows = SqliteWindows(None) if windows is None else windows
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "RateLimiter":
+        return cls(settings.serve_rate_limit, shared_windows(settings))
 
     def hit(self, who: str) -> None:
+        """Counts one call of `who`; RateLimited (with when to retry) once a limit is reached."""
+        self._admit(who, "rate limit {item} exceeded; retry later", count_only=False)
+
+    def check(self, who: str, what: str) -> None:
+        """RateLimited if `who` reached a limit, counting nothing."""
+        self._admit(who, what + ": limit {item} reached; retry later", count_only=True)
+
+    def _admit(self, who: str, message: str, count_only: bool) -> None:
         import math
         import time
 
         for item in self.items:
-            if not self.limiter.hit(item, who):
-                reset = self.limiter.get_window_stats(item, who).reset_time
-                raise RateLimited(f"rate limit {item} exceeded; retry later", max(1, math.ceil(reset - time.time())))
+            wait = self.windows.admit(f"{item}|{who}", time.time(), item.get_expiry(), item.amount, count_only)
+            if wait > 0:
+                raise RateLimited(message.format(item=item), max(1, math.ceil(wait)))
+
+
+class Gatekeeper:
+    """Authentication with its costs bounded: each key's calls metered (`per_key`), and each client address's
+    failed authentications (`failures`): past that limit a client is refused before its token is looked at, so
+    tokens cannot be guessed at the service's speed. Counts shared by every worker (`shared_windows`)."""
+
+    def __init__(self, ring: "KeyRing", per_key: RateLimiter, failures: RateLimiter):
+        self.ring, self.per_key, self.failures = ring, per_key, failures
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Gatekeeper":
+        windows = shared_windows(settings)
+        return cls(KeyRing.from_settings(settings), RateLimiter(settings.serve_rate_limit, windows),
+                   RateLimiter(AUTH_FAILURE_LIMIT, windows, setting="failed authentications"))
+
+    def admit(self, bearer: str | None, api_key: str | None, client: str, needed: set[str]) -> Caller:
+        """The caller (see `authenticate`), counted against its key's limit; RateLimited when that limit, or its
+        address's failed authentications, ran out. Without keys (loopback only) nothing is metered."""
+        if not self.ring:
+            return authenticate(self.ring, bearer, api_key, client, needed)
+        self.failures.check(f"fail|{client}", "too many failed authentications from this address")
+        try:
+            who = authenticate(self.ring, bearer, api_key, client, needed)
+        except Unauthorized:
+            self.failures.hit(f"fail|{client}")
+            raise
+        self.per_key.hit(f"key|{who.id}")
+        return who
 
 
 def authenticate(ring: KeyRing, bearer: str | None, api_key: str | None, client: str, needed: set[str]) -> Caller:

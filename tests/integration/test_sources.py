@@ -126,6 +126,16 @@ def test_folder_s3_partitions_and_postgres_give_the_same_dataset(tmp_path, s3, c
     # a table name is read as the table; items ordered by item_id
     by_id = load_dataset(url, sql_items="items", sql_interactions="events")
     assert list(by_id.items["item_id"]) == sorted(items["item_id"])
+    # the command line hands a URI on as written (a Path would drop a slash of s3://)
+    import json
+
+    from typer.testing import CliRunner
+
+    from semalign.cli import app
+
+    out = CliRunner().invoke(app, ["data", "check", "--data", uri, "--home", str(tmp_path / "h"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["data"]["source"] == f"s3 {uri}"
 
 
 def test_bad_partitions_fail_the_read_by_name_or_are_quarantined_with_counts(tmp_path, s3, catalogue):

@@ -208,6 +208,7 @@ def user_gate(reference: dict, now: dict, min_recognition: float = 0.6, z: float
         share = (cur["hit"] - cur["chance"]) / (ref["hit"] - ref["chance"])
         v.checks.append({"name": f"behaviour pairs' Hit@{cur['k']} under the champion's encoder, above chance",
                          "passed": bool(share >= min_pair_coherence), "observed": float(share),
+                         "margin": float(share - min_pair_coherence),
                          "expected": f">= {min_pair_coherence} of its window's (Hit@{cur['k']} {cur['hit']:.4f} vs "
                                      f"{ref['hit']:.4f}; chance {cur['chance']:.4f} / {ref['chance']:.4f}; "
                                      f"{cur['pairs']} pairs)"})
@@ -215,7 +216,8 @@ def user_gate(reference: dict, now: dict, min_recognition: float = 0.6, z: float
     if "recognition" in cont:
         t = max(min_recognition, 0.5 + z * cont["recognition_se"])
         v.checks.append({"name": "users recognised from their past", "passed": bool(cont["recognition"] >= t),
-                         "observed": float(cont["recognition"]), **{k: cont[k] for k in
+                         "observed": float(cont["recognition"]), "margin": float(cont["recognition"] - t),
+                         **{k: cont[k] for k in
                                                                      ("users", "activity", "overlap_own", "overlap_other")},
                          "expected": f">= {t:.4f} ({cont['users']} users of the champion's sample; a stranger: 0.5; "
                                      f"their activity's rank correlation with their past {cont['activity']:.3f}; "
@@ -281,13 +283,13 @@ def performance_drift_gate(champion_now: dict | None, champion_reference: dict |
                                auc_noise(ref["auc"], ref.get("n_events", 0), ref.get("n_positive"))))
     t = max(tol, noise)
     v.checks.append({"name": "champion AUC all on the new window", "passed": bool(now["auc"] >= ref["auc"] - t),
-                     "observed": float(now["auc"]), "expected": f">= its reference {ref['auc']:.4f} - {t:.4f} "
+                     "observed": float(now["auc"]), "margin": float(now["auc"] - (ref["auc"] - t)), "expected": f">= its reference {ref['auc']:.4f} - {t:.4f} "
                                                                  "(else held for a human: `semalign promote`)"})
     if "gauc" in now and "gauc" in ref and np.isfinite(ref["gauc"]):
         t = tol if gauc_tol is None else gauc_tol
         v.checks.append({"name": "champion GAUC all on the new window",
                          "passed": bool(np.isfinite(now["gauc"]) and now["gauc"] >= ref["gauc"] - t),
-                         "observed": float(now["gauc"]), "expected": f">= its reference {ref['gauc']:.4f} - {t:.4f} "
+                         "observed": float(now["gauc"]), "margin": float(now["gauc"] - (ref["gauc"] - t)), "expected": f">= its reference {ref['gauc']:.4f} - {t:.4f} "
                                                                      "(else held for a human: `semalign promote`)"})
     return v
 
@@ -467,7 +469,7 @@ def auc_noise(auc: float, n_events: int, n_positive: int | None) -> float:
     return float(np.sqrt(max(a * (1 - a) + (p - 1) * (q1 - a * a) + (q - 1) * (q2 - a * a), 0.0) / (p * q)))
 
 
-PAIRED_RESAMPLES = 300
+PAIRED_RESAMPLES = 200
 PAIRED_LEVEL = 0.95
 
 
@@ -514,7 +516,7 @@ def quality_gate(paired: dict | None, margin: float = 0.01, cold_margin: float =
         diff, low, high = paired[b]["auc"]
         m = margin if b == "all" else cold_margin
         v.checks.append({"name": f"AUC {b}: challenger - champion", "passed": bool(np.isfinite(high) and high >= -m),
-                         "observed": float(diff), "interval": [float(low), float(high)],
+                         "observed": float(diff), "interval": [float(low), float(high)], "margin": float(high + m),
                          "expected": f"not significantly below -{m}: {paired[b]['level']:.0%} interval "
                                      f"[{low:+.4f}, {high:+.4f}] from a paired bootstrap over {paired[b]['users']} "
                                      f"users ({paired[b]['resamples']} resamples, seed {paired[b]['seed']})"})

@@ -105,9 +105,11 @@ class CodebookCatalogue:
     def reserve(self, version: str, ids: list[str], codes: np.ndarray, attempts: int = 6):
         """Step 1 of onboarding: slots for the items, committed as `pending` before anything is written to the
         stores, so a slot is never handed out twice even if the writer dies before confirming. Items the version
-        holds keep their SID (confirmed ones are not written again; pending ones, left by a writer that died or
-        is still writing, are written again: the same rows). A racing onboarder's conflict on the unique slot or
-        item key is retried with what it committed. Returns (codes, dedup, write [n] bool, fresh [n] bool)."""
+        holds confirmed keep their SID and are not written again. A pending slot (left by a writer that died or is
+        still writing) is written again: kept where the content gets the same codes, else given up for a slot of
+        the new content's codes, so the SID written always belongs to the vectors written with it. A racing
+        onboarder's conflict on the unique slot or item key is retried with what it committed. Returns (codes,
+        dedup, write [n] bool, fresh [n] bool)."""
         for attempt in range(attempts):
             try:
                 with self.engine.begin() as c:
@@ -118,12 +120,17 @@ class CodebookCatalogue:
                                         f"({attempts} attempts); nothing was onboarded, try again") from None
                 time.sleep(0.02 * (attempt + 1))
 
-    def confirm(self, version: str, ids: list[str]) -> None:
-        """The last step of onboarding: the items' rows are in both stores."""
+    def confirm(self, version: str, ids: list[str], actor: str | None = None) -> None:
+        """The last step of onboarding: the items' rows are in both stores. Audited (`onboard`: how many items,
+        the first ids), in the same transaction."""
         t = state.item_sids
         with self.engine.begin() as c:
             c.execute(t.update().where(t.c.project == self.project, t.c.version == version, t.c.item_id.in_(ids),
                                        t.c.source == PENDING).values(source="onboard"))
+            shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+            state.record(c, self.project, "onboard", f"codebook:{version}"[:128],
+                         f"{len(ids)} item{'' if len(ids) == 1 else 's'}",
+                         reason=f"items: {shown}", actor=actor)
 
     def _allocate(self, conn: sa.Connection, version: str, ids: list[str], codes: np.ndarray):
         t = state.item_sids
@@ -132,6 +139,14 @@ class CodebookCatalogue:
         fresh, write = np.ones(len(ids), bool), np.ones(len(ids), bool)
         existing = {r.item_id: r for r in conn.execute(sa.select(t).where(
             t.c.project == self.project, t.c.version == version, t.c.item_id.in_(ids)))}
+        # a pending slot of other codes than this content's: given up (nothing served it), a new one reserved
+        stale = [i for i, k in zip(ids, keys) if i in existing and existing[i].source == PENDING
+                 and existing[i].sid_key != k]
+        if stale:
+            conn.execute(t.delete().where(t.c.project == self.project, t.c.version == version,
+                                          t.c.item_id.in_(stale), t.c.source == PENDING))
+            for i in stale:
+                del existing[i]
         taken: dict[str, set] = {}
         for r in conn.execute(sa.select(t.c.sid_key, t.c.dedup).where(
                 t.c.project == self.project, t.c.version == version, t.c.sid_key.in_(sorted(set(keys))))):

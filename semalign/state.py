@@ -6,6 +6,8 @@ stay the source of truth for their own objects: these tables link them."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 
 import sqlalchemy as sa
@@ -110,12 +112,28 @@ def _unusable(url: str, e: sa.exc.DatabaseError) -> Exception:
                             f"be opened: {why}")
 
 
+_acting_as: ContextVar[str | None] = ContextVar("semalign_actor", default=None)
+
+
+@contextmanager
+def acting_as(actor: str):
+    """Changes made inside the block are audited as `actor` (a service's caller, e.g. its API key's id)."""
+    token = _acting_as.set(actor)
+    try:
+        yield
+    finally:
+        _acting_as.reset(token)
+
+
 def current_actor() -> str:
-    """Who made a change, for the audit history: user@host of this process, the user from the process's own user
-    id (not LOGNAME or USER, which whoever starts the process sets as they like)."""
+    """Who made a change, for the audit history: the caller a service is acting for (`acting_as`), else user@host
+    of this process, the user from the process's own user id (not LOGNAME or USER, which whoever starts the
+    process sets as they like)."""
     import os
     import socket
 
+    if _acting_as.get() is not None:
+        return _acting_as.get()
     try:
         import pwd
 

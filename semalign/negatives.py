@@ -89,7 +89,8 @@ def _sample(user_id, item, ts, n_items, available_at, cfg):
     n_before = np.searchsorted(pos_ts, g_ts, side="left")
 
     slot_group = np.repeat(np.arange(len(g_user)), g_need)
-    slot_idx = (np.arange(len(slot_group)) - np.repeat(np.cumsum(g_need) - g_need, g_need)).astype(np.uint64)
+    g_start = np.cumsum(g_need) - g_need       # a group's slots are contiguous
+    slot_idx = (np.arange(len(slot_group)) - np.repeat(g_start, g_need)).astype(np.uint64)
     chosen = np.full(len(slot_group), -1, np.int64)
 
     def engaged(g, cand):
@@ -124,11 +125,11 @@ def _sample(user_id, item, ts, n_items, available_at, cfg):
 
     fallback = 0
     for gi in np.unique(slot_group[chosen < 0]):          # pools nearly exhausted: draw from the exact pool
-        slots = np.flatnonzero((slot_group == gi) & (chosen < 0))
+        group = np.arange(g_start[gi], g_start[gi] + g_need[gi])
+        slots, mine = group[chosen[group] < 0], chosen[group][chosen[group] >= 0]
         u_, t_ = g_user[gi], g_ts[gi]
         lo, hi = np.searchsorted(eng_key, [u_ * n_items, (u_ + 1) * n_items])
         seen = eng_key[lo:hi][eng_ts[lo:hi] <= t_] - u_ * n_items
-        mine = chosen[(slot_group == gi) & (chosen >= 0)]
         pool = np.setdiff1d(by_avail[: n_avail[gi]], np.concatenate([seen, mine]))
         if not len(pool):
             continue

@@ -117,3 +117,20 @@ def test_data_check_reports_what_it_sampled(tmp_path, monkeypatch):
     neg = json.loads(out.stdout)["data"]["negatives"]
     assert neg["positives"] == len(ev) and neg["sampled"] == 2 * len(ev) and neg["weighting"] == "popularity"
     assert neg["seed"] == 0 and neg["short"] == 0
+
+
+def test_small_pools_are_drawn_exactly_and_a_shortfall_is_reported(tmp_path):
+    """A user who engaged with all but one item of the catalogue: random draws almost never hit it, so the exact pool
+    is drawn; a positive with nothing left to draw is counted as short, never given a repeated or engaged item."""
+    n = 300
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(n)], "text": ["x"] * n})
+    ev = pd.DataFrame({"user_id": ["u2"] * n + ["u1"] * (n - 1) + ["u1"],
+                       "item_id": [f"i{k}" for k in range(n)] + [f"i{k}" for k in range(1, n)] + ["i1"],
+                       "timestamp": [1] * n + [5] * (n - 1) + [10]})
+    items.to_csv(tmp_path / "items.csv", index=False)
+    ev.to_csv(tmp_path / "interactions.csv", index=False)
+    ds = load_dataset(tmp_path)
+    neg = _neg(ds)
+    # u2 at 1 engaged every item: nothing to draw (300 short); u1 at 5 and at 10: only i0 is left, once per time
+    assert list(zip(neg["user_id"], neg["item_id"], neg["ts"])) == [("u1", "i0", 5), ("u1", "i0", 10)]
+    assert ds.report["negatives"]["short"] == n + (n - 2) and ds.report["negatives"]["exact_pool_draws"] >= 1

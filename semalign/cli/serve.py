@@ -14,8 +14,10 @@ def serve(home: Optional[Path] = HomeOpt,
                                    "(SEMALIGN_SERVE_API_KEYS_FILE) and SEMALIGN_SERVE_ALLOWED_HOSTS."),
           port: int = typer.Option(8000, help="Port."),
           workers: int = typer.Option(1, help="Worker processes."),
-          check_interval: float = typer.Option(30.0, help="Seconds between checks of the champion alias."),
-          max_candidates: int = typer.Option(1000, help="Largest accepted candidate list.")):
+          check_interval: Optional[float] = typer.Option(
+              None, help="Seconds between checks of the champion alias (default: SEMALIGN_SERVE_CHECK_INTERVAL, 30)."),
+          max_candidates: Optional[int] = typer.Option(
+              None, help="Largest accepted candidate list (default: SEMALIGN_SERVE_MAX_CANDIDATES, 1000).")):
     """HTTP scoring API: the champion ranker + Feast online features; new items scored from content."""
     import os
 
@@ -26,7 +28,10 @@ def serve(home: Optional[Path] = HomeOpt,
     s = load_settings(home, None, write=True)
     check_bind(host, KeyRing.from_settings(s), s.serve_allowed_hosts)  # before anything listens
     os.environ["SEMALIGN_HOME"] = str(s.home)
-    os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
-    os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)
+    # the workers read their settings from the environment: a flag given wins over it, an absent one leaves it be
+    if check_interval is not None:
+        os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
+    if max_candidates is not None:
+        os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)
     uvicorn.run("semalign.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning")

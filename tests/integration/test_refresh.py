@@ -149,14 +149,23 @@ def test_refresh_promotes_then_drift_is_blocked_then_promote_and_rollback(tmp_pa
     assert not again["feature_store"]["published_now"] and not again["promoted"]
     assert again["model_version"] == first["model_version"]
 
-    # drifted input: blocked by the gate, the champion and what it serves stay as they were
+    # drifted input: labels flipped, and the user join broken (user ids permuted across events: every user keeps
+    # their activity, no user their history). Blocked by the gates; the champion and what it serves stay as they were
     drift = flipped_copy(shop, tmp_path / "drift", share=0.3)
+    events = pd.read_csv(drift / "interactions.csv")
+    events.assign(user_id=np.random.default_rng(0).permutation(events["user_id"].to_numpy())).to_csv(
+        drift / "interactions.csv", index=False)
     proc = _cli("run", "--data", str(drift), "--json", env=env, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]  # the gates blocked the promotion: its own exit code
     blocked = json.loads(proc.stdout)
     assert not blocked["verdict"]["passed"] and not blocked["promoted"]
     failed = [c["name"] for g in blocked["verdict"]["gates"] for c in g["checks"] if not c["passed"]]
-    assert "label rate" in failed
+    assert "label rate" in failed and "users recognised from their past" in failed
+    recognised = next(c for g in blocked["verdict"]["gates"] for c in g["checks"] if c["name"].startswith("users rec"))
+    assert abs(recognised["observed"] - 0.5) < 0.1      # the champion's users are strangers now
+    quality = next(c for g in blocked["verdict"]["gates"] for c in g["checks"] if c["name"].startswith("AUC all:"))
+    low, high = quality["interval"]
+    assert low <= quality["observed"] <= high and f"[{low:+.4f}, {high:+.4f}]" in quality["expected"]
     assert blocked["champion"] == first["model_version"]
     # the champion is judged only on test events it never trained or validated on: the same events with other
     # labels split the same way, so that is every test event here (the unit tests cover an overlapping window)

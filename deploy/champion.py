@@ -14,6 +14,7 @@ class NoChampionError(UnavailableError):
     """No champion is loaded (none registered yet, or the registry was unreachable at start)."""
 
 
+DEGRADED = "degraded:"   # how `error` begins while the holder serves without the registry
 SERVED_RECORD = "served.json"   # under <home>/rankers: the champion this home last served, for a start without MLflow
 
 
@@ -90,6 +91,11 @@ class ChampionHolder:
         self._stop = threading.Event()
 
     @property
+    def degraded(self) -> bool:
+        """Serving without the registry: the champion this home last served, while MLflow cannot be reached."""
+        return bool(self.error and self.error.startswith(DEGRADED))
+
+    @property
     def registry(self):
         if self._registry is None:  # MLflow's client; an unreachable tracking server raises here
             from semalign.deploy.registry import Registry
@@ -131,7 +137,7 @@ class ChampionHolder:
                     self.error += f"; the champion this home last served was refused: {type(e2).__name__}: {e2}"
                     return
                 if self.served is not None:
-                    self.error = (f"degraded: the registry cannot be reached ({self.error}); serving champion "
+                    self.error = (f"{DEGRADED} the registry cannot be reached ({self.error}); serving champion "
                                   f"v{self.served.model_version} as this home last served it, until a check reaches "
                                   "the registry")
 

@@ -86,6 +86,7 @@ def test_serving_starts_without_mlflow_on_what_the_home_last_served(refreshed, m
         status, health = client.get("/health").status_code, client.get("/health").json()
         assert status == 200 and health["model_version"] == holder.served.model_version
         assert health["last_check_error"]
-        assert app.state.service.champion.error.startswith("degraded: the registry cannot be reached")
+        champion = app.state.service.champion
+        assert champion.degraded and champion.error.startswith("degraded: the registry cannot be reached")
         scored = client.post("/score", json=ONE)
         assert scored.status_code == 200 and scored.json()["model_version"] == holder.served.model_version

@@ -13,6 +13,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from semalign.config import Settings
 from semalign.deploy.api import ERRORS, Health, OnboardRequest, ScoreRequest, ScoreResponse
 from semalign.deploy.auth import Caller, Forbidden, KeyRing, RateLimiter, authenticate
+from semalign.state import acting_as
 
 log = logging.getLogger("semalign.serve")
 OPEN = {k: ERRORS[k] for k in (400, 500, 503)}   # /health and /version: no credentials, no body
@@ -79,11 +80,13 @@ def create_app(settings: Settings, check_interval_s: float | None = None, max_ca
     def score(req: ScoreRequest, who: Caller = Depends(caller("score"))):
         if req.onboard and "write" not in who.scopes:
             raise Forbidden("`onboard: true` needs a key with the scope 'write'")
-        return service.score(req)
+        with acting_as(f"api:{who.id}"):   # what it onboards is audited as its key
+            return service.score(req)
 
     @app.post("/items", responses=GUARDED)
     def onboard(req: OnboardRequest, who: Caller = Depends(caller("write"))):
-        return service.onboard(req)
+        with acting_as(f"api:{who.id}"):
+            return service.onboard(req)
 
     return app
 

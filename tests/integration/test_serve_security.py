@@ -106,6 +106,17 @@ def test_credentials_and_scopes(secured):
                             _bearer(SCORE_TOKEN))
     assert status == 404
     assert _http(port, "POST", "/items", {"items": [item]}, _bearer(WRITE_TOKEN))[0] == 200
+    # the onboarding is audited as the key that made it
+    import sqlalchemy as sa
+
+    from semalign import state
+    from semalign.config import Settings
+
+    s = Settings(home=secured["env"]["SEMALIGN_HOME"])
+    with state.engine(s.resolved_state_url()).connect() as c:
+        actors = [r.actor for r in c.execute(sa.select(state.audit).where(
+            state.audit.c.action == "onboard", state.audit.c.reason.like("%sec-new-1%")))]
+    assert actors == ["api:writer"], actors
     # health and version stay open, and say nothing about hosts or paths
     status, _, health = _http(port, "GET", "/health")
     assert status == 200 and health["status"] == "ok"

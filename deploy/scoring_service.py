@@ -10,6 +10,10 @@ from semalign.deploy.champion import ChampionHolder
 from semalign.errors import InvalidInputError, NotFoundError, TooLargeError, UnavailableError
 
 
+# /health while the champion holder serves without the registry (deploy/champion.py)
+DEGRADED_REGISTRY = "the model registry cannot be reached: serving the champion this home last served"
+
+
 class EncodingBusy(UnavailableError):
     """No encoding slot came free in time: the request is refused rather than queued without bound."""
     retry_after_s = 1
@@ -134,8 +138,11 @@ class ScoringService:
         except StoreUnavailableError:
             return 503, {"status": "unhealthy", "error": "the online feature store is unreachable"}
         # open to anyone: says that the last champion check failed, not why (the log says why)
-        return 200, {"status": "ok", "model_version": s.model_version, "codebook_version": s.codebook_version,
-                     "last_check_error": "the last champion check failed" if self.champion.error else None}
+        body = {"status": "ok", "model_version": s.model_version, "codebook_version": s.codebook_version,
+                "last_check_error": "the last champion check failed" if self.champion.error else None}
+        if self.champion.degraded:
+            body.update(status="degraded", error=DEGRADED_REGISTRY)
+        return 200, body
 
     def version(self) -> dict:
         s = self.champion.current()

@@ -5,6 +5,8 @@ store, not in flows/, so that serving (deploy/) reaches it without importing the
 lazily, on the first item embedded."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 
@@ -24,6 +26,7 @@ class ItemEmbedder:
         self.rotation = folder.rotation()
         self.settings = settings
         self._text = self._image = self._encoder = None
+        self._loading = threading.Lock()  # the service embeds from threads: one loads the models, the others wait
 
     def embed(self, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(aligned vectors [n, d], text-tower vectors [n, dt]) of items' content."""
@@ -38,12 +41,15 @@ class ItemEmbedder:
             raise InvalidInputError(f"onboarding needs a non-empty 'text' for every item; missing for "
                                     f"{items.loc[empty, 'item_id'].tolist()[:5]}")
         dev = self.settings.resolved_device()
-        if self._encoder is None:
-            self._encoder = self._load_encoder(dev)
-            # onboarding batches are small and this may run inside the scoring server (threads): no forked tokenizer
-            # processes, and no CUDA graphs (a replay's input and output tensors are shared by every caller)
-            self._text = TextTower(self.settings.resolved_text_model(), device=dev, tokenize_workers=0,
-                                   cuda_graphs=False)
+        with self._loading:
+            if self._text is None:
+                if self._encoder is None:
+                    self._encoder = self._load_encoder(dev)
+                # onboarding batches are small and this may run inside the scoring server (threads): no forked
+                # tokenizer processes, and no CUDA graphs (a replay's input and output tensors are shared by every
+                # caller)
+                self._text = TextTower(self.settings.resolved_text_model(), device=dev, tokenize_workers=0,
+                                       cuda_graphs=False)
         text = self._text.encode(items["text"].astype(str).tolist())
         image, has_image = self._images(items, dev)
         emb = embed_items(self._encoder, text, image, has_image, dev)
@@ -59,8 +65,9 @@ class ItemEmbedder:
         if self.encoder_version is None:
             raise FeatureStoreError(f"codebook {self.version} does not record its encoder")
         dev = self.settings.resolved_device()
-        if self._encoder is None:
-            self._encoder = self._load_encoder(dev)
+        with self._loading:
+            if self._encoder is None:
+                self._encoder = self._load_encoder(dev)
         image = np.zeros((len(text), self._encoder.cfg.image_dim), np.float32) if self._encoder.cfg.image_dim else None
         emb = embed_items(self._encoder, np.asarray(text, np.float32), image, np.zeros(len(text), bool), dev)
         return (emb @ self.rotation).astype(np.float32) if self.rotation is not None else emb

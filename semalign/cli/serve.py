@@ -33,5 +33,7 @@ def serve(home: Optional[Path] = HomeOpt,
         os.environ["SEMALIGN_SERVE_CHECK_INTERVAL"] = str(check_interval)
     if max_candidates is not None:
         os.environ["SEMALIGN_SERVE_MAX_CANDIDATES"] = str(max_candidates)
+    from semalign.deploy.serve import uvicorn_options
+
     uvicorn.run("semalign.deploy.serve:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+                log_level="warning", **uvicorn_options(s))

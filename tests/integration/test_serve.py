@@ -37,7 +37,8 @@ def served(refreshed):
     port = free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port), "--check-interval", "1"],
-                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+                            env={**os.environ, **env, "SEMALIGN_SERVE_READ_TIMEOUT_S": "2"}, stdout=log,
+                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -66,6 +67,17 @@ def test_binds_to_loopback_only_by_default(served):
             if int(hexport, 16) == port and fields[3] == "0A":   # 0A: LISTEN
                 listening.append(addr)
     assert listening == ["0100007F"], listening                 # 127.0.0.1 only, no wildcard, no IPv6 any
+
+
+def test_serve_cuts_off_a_client_that_sends_nothing(served):
+    """`semalign serve` runs uvicorn with a deadline on request heads (SEMALIGN_SERVE_READ_TIMEOUT_S, 2 s here):
+    a connection that sends nothing is closed, where uvicorn alone would keep it open for ever."""
+    import socket
+
+    port = int(served["base"].rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert sock.recv(1024) == b""   # closed by the server (a socket.timeout here: still open after 30 s)
+    sock.close()
 
 
 def test_scores_100_candidates_with_one_brand_new_item(served):
@@ -106,8 +118,10 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         ({"user_id": "u1", "candidates": []}, 422, None),
         ({"user_id": "u1", "candidates": "sku-1"}, 422, None),
         ({"user_id": "u1", "candidates": [{"item_id": "x", "text": "t" * 30000}]}, 422, None),
-        ({"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(1001)]}, 413, "at most 1000"),
+        ({"user_id": "u1", "candidates": [{"item_id": f"i{k}"} for k in range(1001)]}, 422, "at most 1000"),
         ({"user_id": "u1", "candidates": [{"item_id": "sku-1"}, {"item_id": "sku-1"}]}, 422, "unique"),
+        ({"user_id": "u1", "candidates": [{"item_id": "sku-1"}], "onboard": "yes"}, 422, "boolean"),
+        ({"user_id": "u1", "candidates": [{"item_id": "  "}]}, 422, "pattern"),
         ({"user_id": "u1", "candidates": [{"item_id": "never-seen"}]}, 404, "without content"),
     ]
     for body, code, text in cases:
@@ -124,6 +138,8 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         documented = spec["paths"][path]["post"]["responses"]
         assert {"200", "404", "409", "413", "422", "503"} <= set(documented), (path, sorted(documented))
         assert documented["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    # the caps are the schema's: a generated client knows them
+    assert spec["components"]["schemas"]["ScoreRequest"]["properties"]["candidates"]["maxItems"] == 1000
 
 
 def test_a_bug_inside_scoring_is_a_500_whose_body_says_nothing_of_it(served, monkeypatch, caplog):
@@ -157,7 +173,7 @@ def test_a_bug_inside_scoring_is_a_500_whose_body_says_nothing_of_it(served, mon
         assert client.post("/score", json=one).status_code == 200   # and the service keeps serving
 
         refused = client.post("/items", json={"items": [{"item_id": "blank-1", "text": "   "}]})
-        assert refused.status_code == 422 and refused.json() == {"detail": "items need non-empty text: ['blank-1']"}
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "items", 0, "text"]
         unfit = client.post("/score", json={"user_id": "u1", "candidates": []})
         assert unfit.status_code == 422 and unfit.json()["detail"][0]["loc"] == ["body", "candidates"]
         spec = client.get("/openapi.json").json()
@@ -165,8 +181,8 @@ def test_a_bug_inside_scoring_is_a_500_whose_body_says_nothing_of_it(served, mon
     for path in ("/score", "/items"):
         documented = spec["paths"][path]["post"]["responses"]
         assert documented["500"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
-        either = documented["422"]["content"]["application/json"]["schema"]["anyOf"]
-        assert sorted(s["$ref"].rsplit("/", 1)[1] for s in either) == ["ErrorBody", "RequestValidationBody"]
+        # one schema per status: every 422 is RequestValidationBody
+        assert documented["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/RequestValidationBody")
     assert schemas["ErrorBody"]["required"] == ["detail"] and schemas["ErrorBody"]["properties"]["detail"]["type"] == "string"
     assert schemas["RequestValidationBody"]["properties"]["detail"]["type"] == "array"
 
@@ -190,14 +206,22 @@ def _uv_index_env() -> dict:
 
 def test_mlflow_models_predict_in_a_fresh_mlflow_only_environment_scores_like_serve(served, tmp_path):
     """The registered champion as MLflow users run it: a virtualenv with nothing but MLflow (the project's pin),
-    `mlflow models predict -m models:/...@champion --env-manager uv`, which builds the model's own environment
-    from its pinned requirements and carried code. Its scores equal `semalign serve`'s for the same rows."""
+    `mlflow models predict -m models:/...@champion -t csv --env-manager uv`, which builds the model's own
+    environment from its pinned requirements and carried code, fed a CSV of integer ids (pandas reads them as
+    int64: a signature typed `string` refused them). Its scores equal `semalign serve`'s for the same rows."""
     import shutil
     from importlib.metadata import version
 
+    from semalign.deploy.ranker_model import id_strings
+    from semalign.deploy.scoring import ScoringError
+
     base, home = served["base"], served["home"]
-    items = pd.read_csv(served["shop"] / "items.csv")["item_id"].astype(str).tolist()[:25]
-    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": i} for i in items]})
+    # items with integer ids, onboarded through the service (the test shop's own ids are not integers)
+    ids = list(range(7001, 7006))
+    status, body = _req(base + "/items", {"items": [{"item_id": str(i), "text": f"Film number {i}, a drama set by "
+                                                     f"the sea. Genres: Drama"} for i in ids]})
+    assert status == 200, body
+    status, body = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": str(i)} for i in ids]})
     assert status == 200, body
     want = {r["item_id"]: r["score"] for r in body["items"]}
 
@@ -208,8 +232,7 @@ def test_mlflow_models_predict_in_a_fresh_mlflow_only_environment_scores_like_se
                     f"mlflow=={version('mlflow')}"], check=True, env={**os.environ, **_uv_index_env()})
     tools.mkdir()
     (tools / "uv").symlink_to(uv)  # the env manager MLflow calls; nothing else of this environment
-    frame = pd.DataFrame({"user_id": ["u1"] * len(items), "item_id": items})
-    (tmp_path / "in.json").write_text(json.dumps({"dataframe_split": frame.to_dict(orient="split", index=False)}))
+    (tmp_path / "in.csv").write_text("user_id,item_id\n" + "".join(f"u1,{i}\n" for i in ids))
     # uv builds the model's environment on the Python it was logged with (python_env.yaml): this one's
     interpreter = Path(sys.base_prefix) / "bin"
     env = {"PATH": f"{venv / 'bin'}:{tools}:{interpreter}:/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
@@ -218,13 +241,22 @@ def test_mlflow_models_predict_in_a_fresh_mlflow_only_environment_scores_like_se
            "MLFLOW_ENV_ROOT": str(tmp_path / "envs"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **_uv_index_env()}
     proc = subprocess.run([str(venv / "bin" / "mlflow"), "models", "predict", "-m", "models:/semalign-ranker@champion",
-                           "-i", str(tmp_path / "in.json"), "-t", "json", "-o", str(tmp_path / "out.json"),
+                           "-i", str(tmp_path / "in.csv"), "-t", "csv", "-o", str(tmp_path / "out.json"),
                            "--env-manager", "uv"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())
     got = got["predictions"] if isinstance(got, dict) else got
     scores = [r["score"] if isinstance(r, dict) else r for r in got]
-    np.testing.assert_allclose(scores, [want[i] for i in items], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, [want[str(i)] for i in ids], rtol=1e-5, atol=1e-6)
+    # what the model's predict takes as an id: a string, an integer, a whole float (an integer column with blanks,
+    # as pandas parses it); anything else is refused by row
+    frame = pd.DataFrame({"item_id": pd.Series([7001, None, 7003], dtype="float64"), "user_id": ["u1", 196, "u1"]})
+    assert id_strings(frame, "user_id") == ["u1", "196", "u1"]
+    with pytest.raises(ScoringError, match=r"item_id, row 1: nan is not an id"):
+        id_strings(frame, "item_id")
+    assert id_strings(frame.dropna(), "item_id") == ["7001", "7003"]
+    with pytest.raises(ScoringError, match=r"row 0: True is not an id"):
+        id_strings(pd.DataFrame({"user_id": [True]}), "user_id")
 
 
 def test_a_new_champion_is_picked_up_without_restart(served):

@@ -62,7 +62,7 @@ def secured(refreshed, tmp_path_factory):
                     f"limited {LIMITED_TOKEN} score\n")
     keys.chmod(0o600)
     env = {**refreshed["env"], "SEMALIGN_SERVE_API_KEYS_FILE": str(keys), "SEMALIGN_SERVE_RATE_LIMIT": "40/minute",
-           "SEMALIGN_SERVE_MAX_NEW_ITEMS": "4"}
+           "SEMALIGN_SERVE_MAX_NEW_ITEMS": "4", "SEMALIGN_SERVE_MAX_CANDIDATES": "50"}
     port = free_port()
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "semalign.cli", "serve", "--port", str(port)],
@@ -148,6 +148,15 @@ def test_requests_are_bounded_before_they_cost_anything(secured):
     some = {"user_id": "u1", "candidates": [{"item_id": f"m{k}", "text": "a film " * 50} for k in range(5)]}
     status, _, body = _http(port, "POST", "/score", some, auth)
     assert status == 413 and "at most 4" in body["detail"]
+
+
+def test_the_environment_sets_the_candidate_cap_when_no_flag_does(secured):
+    # `semalign serve` was started without --max-candidates: SEMALIGN_SERVE_MAX_CANDIDATES (50) holds, not the
+    # CLI's default (1000)
+    port, auth = secured["port"], _bearer(SCORE_TOKEN)
+    many = {"user_id": "u1", "candidates": [{"item_id": f"sku-{k}"} for k in range(1, 52)]}
+    assert _http(port, "POST", "/score", many, auth)[0] in (413, 422)
+    assert _http(port, "POST", "/score", {**many, "candidates": many["candidates"][:50]}, auth)[0] == 200
 
 
 def test_no_server_side_paths_no_control_characters_no_foreign_hosts(secured):

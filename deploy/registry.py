@@ -202,8 +202,8 @@ def verify_folder(folder: Path, recorded: dict[str, str] | None, what: str) -> N
     folder = Path(folder)
     if not recorded:
         raise DamagedFileError(folder, f"{folder}: {what} records no SHA-256 digests of its files (logged before "
-                               "they were recorded): refusing to load weights nothing vouches for; a refresh logs a "
-                               "new version that records them")
+                               "they were recorded): refusing to load weights nothing vouches for; `semalign vouch "
+                               "VERSION` records them from the artifact store, or a refresh logs a new version")
     unrecorded = [f for f in RANKER_FILES if f not in recorded]
     if unrecorded:
         raise DamagedFileError(folder, f"{folder}: the digests {what} records leave out {unrecorded}: refusing it")
@@ -630,6 +630,40 @@ class Registry(RegistryView):
     def rollback(self, to: str | None = None, reason: str = "rollback", actor: str | None = None) -> dict:
         """Champion back to `to`, or to the version that was champion before the current one."""
         return self.promote(str(to or self.rollback_target()), reason=reason, actor=actor, action="rollback")
+
+    def vouch(self, version: str, reason: str, actor: str | None = None) -> dict:
+        """Records the SHA-256 digests of a version logged before digests were (the upgrade path: such a version
+        is refused until someone vouches for its files). The files are fetched from the artifact store, not the
+        home's copy; a version that already records digests is refused, since re-recording would hide a change
+        made after logging. Audited as 'vouch' with the digests."""
+        import shutil
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+
+        from semalign.deploy.scoring import RANKER_FILES
+
+        mv = self.get_version(version)
+        if self.recorded_digests(mv):
+            raise RegistryError(f"model version {mv.version} already records the digests of its files: nothing to "
+                                "vouch for (re-recording them would hide a change made after logging)")
+        tmp = Path(tempfile.mkdtemp(prefix="semalign-vouch-"))
+        try:
+            path = download_artifacts(artifact_uri=f"models:/{self.name}/{mv.version}", dst_path=str(tmp),
+                                      tracking_uri=self.tracking_uri)
+            found = next(Path(path).rglob("ranker.json"), None)
+            missing = [f for f in RANKER_FILES if found is None or not (found.parent / f).is_file()]
+            if missing:
+                raise DamagedFileError(tmp, f"model version {mv.version}'s artifacts lack {missing}: nothing to vouch for")
+            digests = folder_digests(found.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        body = json.dumps(digests, sort_keys=True, separators=(",", ":"))
+        self.client.set_model_version_tag(self.name, str(mv.version), DIGESTS_TAG, body)
+        with self.state.begin() as c:
+            state.record(c, self.project, "vouch", f"{self.name}/{mv.version}", DIGESTS_TAG, reason=f"{reason}: {body}",
+                         actor=actor)
+        return {"version": str(mv.version), "digests": digests}
 
     def record_gate(self, version: str, verdict: dict) -> None:
         with self.state.begin() as c:

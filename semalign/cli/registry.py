@@ -41,6 +41,17 @@ def rollback(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
     emit({"rollback": res}, as_json, print_summary)
 
 
+def vouch(version: str = typer.Argument(..., help="Registered model version logged before digests were recorded."),
+          home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt,
+          reason: str = typer.Option(..., help="Why these files are trusted (recorded in the audit history).")):
+    """Record the SHA-256 digests of a version logged before semalign recorded them, so it can be served and
+    compared against again (audited; refused for a version that already records its digests)."""
+    from semalign.deploy.registry import Registry
+
+    s = load_settings(home, None, write=True)
+    emit({"vouch": Registry(s).vouch(version, reason=reason)}, as_json, print_summary)
+
+
 def _carry(settings, registry, mv) -> dict:
     """Items onboarded under the champion carried into `mv`'s codebook version; none when the champion alias
     names a version that is gone (the move being made repairs it)."""

@@ -90,3 +90,30 @@ def test_serving_starts_without_mlflow_on_what_the_home_last_served(refreshed, m
         assert champion.degraded and champion.error.startswith("degraded: the registry cannot be reached")
         scored = client.post("/score", json=ONE)
         assert scored.status_code == 200 and scored.json()["model_version"] == holder.served.model_version
+
+
+def test_a_version_logged_before_digests_is_refused_until_someone_vouches_for_it(refreshed, tmp_path):
+    """The upgrade path: a home whose champion was logged before digests were recorded."""
+    from typer.testing import CliRunner
+
+    from semalign.cli import app
+    from semalign.deploy.registry import DIGESTS_TAG, RegistryError
+    from semalign.errors import DamagedFileError
+
+    reg, mv = _champion(refreshed["home"])
+    recorded = mv.tags[DIGESTS_TAG]
+    reg.client.delete_model_version_tag(reg.name, mv.version, DIGESTS_TAG)
+    try:
+        with pytest.raises(DamagedFileError, match="semalign vouch"):
+            reg.download_ranker(reg.get_version(mv.version), tmp_path / "before")
+        out = CliRunner().invoke(app, ["vouch", str(mv.version), "--home", str(refreshed["home"]), "--json",
+                                       "--reason", "logged by semalign before digests"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(reg.get_version(mv.version).tags[DIGESTS_TAG]) == json.loads(recorded)  # same files
+        assert reg.download_ranker(reg.get_version(mv.version), tmp_path / "after").name == "after"
+        last = reg.history(actions=("vouch",))[0]
+        assert last["subject"].endswith(f"/{mv.version}") and "before digests" in last["reason"]
+        with pytest.raises(RegistryError, match="already records"):  # re-recording would hide a later change
+            reg.vouch(str(mv.version), reason="again")
+    finally:
+        reg.client.set_model_version_tag(reg.name, mv.version, DIGESTS_TAG, recorded)

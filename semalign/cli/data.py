@@ -19,7 +19,7 @@ def data_check(data: Optional[Path] = DataOpt, home: Optional[Path] = HomeOpt, a
     ds = ingest(s, data, on_bad_rows="quarantine" if quarantine else "error")
     split = settings_split(ds, s)
     test_buckets = item_buckets(split.train_counts)[split.part("test")["item_idx"].to_numpy()]
-    res = {"dataset": ds.name, "data": ds.report,
+    res = {"dataset": ds.name, "hash": ds.content_hash(), "data": ds.report,
            "split": {"kind": split.kind, **split.events["part"].value_counts().to_dict(),
                      "cold_items": int(len(split.cold_items))},
            "test_events_by_bucket": {b: int((test_buckets == b).sum()) for b in BUCKETS}}

@@ -114,7 +114,11 @@ def test_data_check_reports_what_it_sampled(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMALIGN_NEGATIVE_SAMPLING", "popularity")
     out = CliRunner().invoke(app, ["data", "check", "--data", str(folder), "--home", str(tmp_path / "h"), "--json"])
     assert out.exit_code == 0, out.output
-    neg = json.loads(out.stdout)["data"]["negatives"]
+    from semalign.data import load_dataset as load
+
+    res = json.loads(out.stdout)
+    assert res["hash"] == load(folder, negatives=NegativeSampling(2, "popularity", 0)).content_hash()
+    neg = res["data"]["negatives"]
     assert neg["positives"] == len(ev) and neg["sampled"] == 2 * len(ev) and neg["weighting"] == "popularity"
     assert neg["seed"] == 0 and neg["short"] == 0
 

@@ -130,9 +130,11 @@ class Settings(BaseSettings):
 
     # refresh: the gates that guard promotion (calibrated in bench/results/gate_calibration.md)
     # the margin of the quality gate: blocked when challenger - champion AUC on the same events is significantly
-    # below minus this (the upper end of its 95% paired bootstrap interval over users); overall, and on unseen items
-    gate_auc_tolerance: float = 0.01
-    gate_cold_auc_tolerance: float = 0.015
+    # below minus this (the upper end of its 95% paired bootstrap interval over users); overall, and on unseen items.
+    # The interval covers evaluation noise; the margin covers training variance: a challenger trained on 90% of
+    # the same events landed 1.8 points below its champion, interval [-2.5, -1.2] (2-epoch models, the calibration)
+    gate_auc_tolerance: float = 0.015
+    gate_cold_auc_tolerance: float = 0.02
     gate_gauc_drift: float = 0.05                 # champion's GAUC on the new window vs its own reference GAUC
     # the user side: a broken user join keeps every marginal; these see it (validation/suites.py, user_gate)
     gate_min_pair_coherence: float = 0.5          # share of the champion window's behaviour-pair Hit@k above chance

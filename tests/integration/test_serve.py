@@ -129,6 +129,9 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(served):
         assert status == code, (body if len(json.dumps(body)) < 300 else "big", status, resp)
         if text:
             assert text in json.dumps(resp)
+    # the cap is checked before the entries: 20,000 entries that are all wrong are one issue, the list's length
+    status, resp = _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": ""}] * 20_000})
+    assert status == 422 and [i["type"] for i in resp["detail"]] == ["too_long"], resp["detail"][:3]
     assert _req(base + "/health")[0] == 200
     assert _req(base + "/score", {"user_id": "u1", "candidates": [{"item_id": "sku-1"}]})[0] == 200
     status, spec = _req(base + "/openapi.json")

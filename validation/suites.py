@@ -169,15 +169,14 @@ def user_continuity(sample: dict, events: pd.DataFrame, embeddings: np.ndarray, 
     sim = past @ cur.T
     own = np.diag(sim)[:, None]
     rec = ((own > sim).sum(1) + 0.5 * ((own == sim).sum(1) - 1)) / (len(matched) - 1)
-    from scipy.stats import spearmanr
-
     then_n = np.array([n for _, n, _ in matched], np.float64)
     now_n = np.array([counts[u] for u, _, _ in matched], np.float64)
     other = np.roll(np.arange(len(matched)), 1)   # each user against the next one: a stranger's past
     pos_now = [set(now[u]) for u, _, _ in matched]
     overlap = lambda j, k: len(set(matched[j][2]) & pos_now[k]) / len(matched[j][2])  # noqa: E731
     out.update(recognition=float(rec.mean()), recognition_se=float(rec.std(ddof=1) / np.sqrt(len(rec))),
-               activity=float(spearmanr(then_n, now_n).statistic) if np.ptp(then_n) and np.ptp(now_n) else float("nan"),
+               activity=float(np.corrcoef(pd.Series(then_n).rank(), pd.Series(now_n).rank())[0, 1])  # Spearman
+               if np.ptp(then_n) and np.ptp(now_n) else float("nan"),
                overlap_own=float(np.mean([overlap(j, j) for j in range(len(matched))])),
                overlap_other=float(np.mean([overlap(other[j], j) for j in range(len(matched))])))
     return out

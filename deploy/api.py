@@ -127,8 +127,8 @@ class Version(BaseModel):
 
 class Health(BaseModel):
     """GET /health: 200 `ok`, or 200 `degraded` when items the store lacks cannot be encoded (stored items are
-    still scored), with the versions served; 503 `unhealthy` with what is missing. What, never why: the log says
-    why."""
+    still scored) or the registry cannot be reached (the champion the home last served is served), with the
+    versions served; 503 `unhealthy` with what is missing. What, never why: the log says why."""
     status: Literal["ok", "degraded", "unhealthy"]
     model_version: Optional[str] = None
     codebook_version: Optional[str] = None

@@ -178,8 +178,8 @@ class ScoringService:
 
     def health(self) -> tuple[int, dict]:
         """(HTTP status, body): 503 `unhealthy` while no champion is loaded or its online store is unreachable;
-        200 `degraded` while items the store lacks cannot be encoded (stored items are still scored); else 200
-        `ok`."""
+        200 `degraded` while items the store lacks cannot be encoded (stored items are still scored), or while the
+        champion is served without the registry; else 200 `ok`."""
         from semalign.feature_repo.errors import StoreUnavailableError
 
         s = self.champion.served
@@ -196,11 +196,13 @@ class ScoringService:
         # open to anyone: says what fails, not why (the log says why)
         body = {"status": "ok", "model_version": s.model_version, "codebook_version": s.codebook_version,
                 "last_check_error": "the last champion check failed" if self.champion.error else None}
+        reasons = []
         if known and enc.failure:
-            body.update(status="degraded", error="items the store lacks cannot be encoded (items it holds are "
-                                                 "still scored)")
+            reasons.append("items the store lacks cannot be encoded (items it holds are still scored)")
         if self.champion.degraded:
-            body.update(status="degraded", error=DEGRADED_REGISTRY)
+            reasons.append(DEGRADED_REGISTRY)
+        if reasons:
+            body.update(status="degraded", error="; ".join(reasons))
         return 200, body
 
     def version(self) -> dict:

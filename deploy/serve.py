@@ -21,7 +21,8 @@ from semalign.state import acting_as
 log = logging.getLogger("semalign.serve")
 OPEN = {k: ERRORS[k] for k in (400, 500, 503)}   # /health and /version: no credentials, no body
 HEALTH = {**OPEN, 200: {"model": Health, "description": "`ok`, or `degraded`: items the store lacks cannot be "
-                                                        "encoded (items it holds are still scored)"},
+                                                        "encoded (items it holds are still scored), or the "
+                                                        "registry cannot be reached"},
           503: {"model": Health, "description": "`unhealthy`: no champion loaded, or its online store unreachable"}}
 GUARDED = ERRORS
 # the routes that need a key, and the scopes each needs (`onboard: true` on /score also needs `write`: checked in

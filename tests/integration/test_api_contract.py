@@ -74,10 +74,29 @@ def serving(home: Path, **settings):
 
 @pytest.fixture(scope="module")
 def live(refreshed, tmp_path_factory):
+    """The service on a copy of the home, and the fuzzer already running against it (its run overlaps the socket
+    tests, which mostly wait out deadlines; test_an_openapi_fuzzer_finds_nothing, last, reads its result)."""
     home = tmp_path_factory.mktemp("contract") / "home"
     shutil.copytree(refreshed["home"], home)
     with serving(home) as base:
-        yield {"base": base, "port": int(base.rsplit(":", 1)[1]), "home": home, "root": home.parent}
+        here = Path(__file__).resolve().parent
+        env = {**os.environ, "SCHEMATHESIS_HOOKS": "api_contract_hooks", "SEMALIGN_FUZZ_USER": "u1",
+               "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+        root = home.parent
+        with open(root / "fuzz.out", "w") as out:
+            fuzz = subprocess.Popen(
+                [str(Path(sys.executable).with_name("schemathesis")), "run", base + "/openapi.json",
+                 "-H", f"Authorization: Bearer {WRITE_TOKEN}", "--checks", "all",
+                 "--phases", "examples,coverage,fuzzing", "--max-examples", str(FUZZ_EXAMPLES), "--seed", "32",
+                 "--generation-deterministic", "--workers", "1", "--request-timeout", "60", "--no-color",
+                 "--report", "ndjson", "--report-ndjson-path", str(root / "fuzz.ndjson")],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield {"base": base, "port": int(base.rsplit(":", 1)[1]), "home": home, "root": root, "fuzz": fuzz}
+        finally:
+            if fuzz.poll() is None:
+                fuzz.kill()
+                fuzz.wait()
 
 
 def _connect(port: int) -> socket.socket:
@@ -94,34 +113,6 @@ def _answer(sock: socket.socket) -> bytes:
 
 def _status(reply: bytes) -> int:
     return int(reply.split(b" ", 2)[1])
-
-
-def test_an_openapi_fuzzer_finds_nothing(live):
-    """Every operation, every check schemathesis has, positive and negative cases: the examples, the coverage phase
-    (each schema boundary and its violation) and a seeded fuzzing phase. The hooks (api_contract_hooks.py) tell it
-    the one rule JSON Schema has no keyword for (unique by item_id) and a user the store holds."""
-    here = Path(__file__).resolve().parent
-    report = live["root"] / "fuzz.ndjson"
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "api_contract_hooks", "SEMALIGN_FUZZ_USER": "u1",
-           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("schemathesis")), "run", live["base"] + "/openapi.json",
-         "-H", f"Authorization: Bearer {WRITE_TOKEN}", "--checks", "all", "--phases", "examples,coverage,fuzzing",
-         "--max-examples", str(FUZZ_EXAMPLES), "--seed", "32", "--generation-deterministic", "--workers", "1",
-         "--request-timeout", "60", "--no-color", "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, env=env, timeout=300)
-    out = proc.stdout
-    assert proc.returncode == 0 and "No issues found" in out, out[-8000:] + proc.stderr[-2000:]
-    assert "Selected: 4/4" in out and "Tested: 4" in out, out[-3000:]
-    # every operation answered 200 at least once: the fuzzer reached past validation into scoring and onboarding
-    ok = set()
-    for line in report.read_text().splitlines():
-        ev = json.loads(line).get("ScenarioFinished") or {}
-        for step in (ev.get("recorder") or {}).get("interactions", {}).values():
-            req, resp = step.get("request") or {}, step.get("response") or {}
-            if resp.get("status_code") == 200:
-                ok.add((req.get("method"), req.get("uri", "").split(live["base"], 1)[-1].split("?")[0]))
-    assert {("GET", "/health"), ("GET", "/version"), ("POST", "/score"), ("POST", "/items")} <= ok, sorted(ok)
 
 
 def test_a_body_without_credentials_is_refused_before_it_is_read(live):
@@ -233,3 +224,23 @@ def test_health_is_degraded_while_new_content_cannot_be_encoded(live, refreshed,
         assert wait_for(base, "ok")["status"] == "ok"
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200
+
+
+def test_an_openapi_fuzzer_finds_nothing(live):
+    """Every operation, every check schemathesis has, positive and negative cases: the examples, the coverage phase
+    (each schema boundary and its violation) and a seeded fuzzing phase (started by the `live` fixture). The hooks
+    (api_contract_hooks.py) tell it the one rule JSON Schema has no keyword for (unique by item_id) and a user the
+    store holds."""
+    code = live["fuzz"].wait(timeout=300)
+    out = (live["root"] / "fuzz.out").read_text()
+    assert code == 0 and "No issues found" in out, out[-10000:]
+    assert "Selected: 4/4" in out and "Tested: 4" in out, out[-3000:]
+    # every operation answered 200 at least once: the fuzzer reached past validation into scoring and onboarding
+    ok = set()
+    for line in (live["root"] / "fuzz.ndjson").read_text().splitlines():
+        ev = json.loads(line).get("ScenarioFinished") or {}
+        for step in (ev.get("recorder") or {}).get("interactions", {}).values():
+            req, resp = step.get("request") or {}, step.get("response") or {}
+            if resp.get("status_code") == 200:
+                ok.add((req.get("method"), req.get("uri", "").split(live["base"], 1)[-1].split("?")[0]))
+    assert {("GET", "/health"), ("GET", "/version"), ("POST", "/score"), ("POST", "/items")} <= ok, sorted(ok)

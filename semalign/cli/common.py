@@ -14,7 +14,9 @@ DataOpt = typer.Option(None, "--data", parser=str, help="Dataset: a folder, s3:/
                        "(env SEMALIGN_DATA).")
 HomeOpt = typer.Option(None, "--home", help="State directory (env SEMALIGN_HOME).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
-ImagesOpt = typer.Option(True, help="Use the image tower where items have images.")
+# None when not given, so SEMALIGN_USE_IMAGES decides (default: on); a flag given wins over the environment
+ImagesOpt = typer.Option(None, "--images/--no-images", show_default=False,
+                         help="Use the image tower where items have images [default: SEMALIGN_USE_IMAGES, on].")
 RayOpt = typer.Option(None, "--ray", metavar="ADDRESS", help="Run the heavy compute (tower and encoder inference, "
                      "ranker training) on the Ray cluster at ADDRESS (host:port, auto, ray://host:10001; env "
                      "SEMALIGN_RAY_ADDRESS). Unset: everything in this process.")

@@ -181,29 +181,12 @@ class RedisWindows:
         return 0.0
 
 
-def redis_client(url: str):
-    """A redis-py client for a Feast connection string (host:port[,password=..][,username=..][,db=N][,ssl=..])."""
-    import json
-
-    from redis import Redis
-
-    parts = [p.strip() for p in url.split(",")]
-    host, port = next(p for p in parts if "=" not in p).rsplit(":", 1)
-    kw = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}   # a hung Redis must not hang the service
-    for p in parts:
-        if "=" in p:
-            k, v = p.split("=", 1)
-            try:
-                kw[k] = json.loads(v)
-            except ValueError:
-                kw[k] = v
-    return Redis(host=host, port=int(port), **kw)
-
-
 def shared_windows(settings: Settings):
     """Where the service's rate counts live, shared by all its workers: the online store's Redis where the
     deployment has one (every host of the service sees the same counts), else a sqlite file in the home."""
     if settings.feast_online == "redis":
+        from semalign.feature_repo.repo_config import redis_client
+
         return RedisWindows(redis_client(settings.redis_url))
     return SqliteWindows(settings.home / "serve" / "rate_limits.db")
 

@@ -154,24 +154,9 @@ class DirectOnlineReader:
 
     def _client(self):
         if self._redis is None:
-            import json
+            from semalign.feature_repo.repo_config import redis_client
 
-            from redis import Redis
-
-            from semalign.feature_repo.repo_config import redis_connection_string
-
-            # the connection string as Feast's Redis store parses it (host:port first, then key=value options)
-            parts = redis_connection_string(self.settings.redis_url).split(",")
-            host, port = next(p for p in parts if "=" not in p).split(":")
-            kw = {}
-            for p in parts:
-                if "=" in p:
-                    k, v = p.split("=", 1)
-                    try:
-                        kw[k] = json.loads(v)
-                    except ValueError:
-                        kw[k] = v
-            self._redis = Redis(host=host, port=port, **kw)
+            self._redis = redis_client(self.settings.redis_url)
         return self._redis
 
     def _redis_rows(self, view, keys, features):

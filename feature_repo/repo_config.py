@@ -44,6 +44,26 @@ def redis_connection_string(url: str, password_by_reference: bool = False) -> st
     return ",".join([*parts, *extra])
 
 
+def redis_client(url: str):
+    """A redis-py client for the same Redis as Feast's connection string for `url` (host:port first, then
+    key=value options; socket timeouts unless the user set them)."""
+    import json
+
+    from redis import Redis
+
+    parts = [p.strip() for p in redis_connection_string(url).split(",")]
+    host, port = next(p for p in parts if "=" not in p).rsplit(":", 1)
+    kw = {}
+    for p in parts:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            try:
+                kw[k] = json.loads(v)
+            except ValueError:
+                kw[k] = v
+    return Redis(host=host, port=int(port), **kw)
+
+
 def _postgres(settings: Settings):
     """(SQLAlchemy URL for Feast's SQL registry, URL object for the offline store), secrets as references."""
     pg = sa.engine.make_url(sa_url(settings.postgres_url))

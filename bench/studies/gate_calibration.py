@@ -125,8 +125,10 @@ def refresh(data: Path, home: Path, seed: int) -> dict:
 
 
 def row_of(name: str, seed: int, kind: str, res: dict) -> dict:
-    if "error" in res:
-        return {"dataset": name, "seed": seed, "condition": kind, "blocked": True, "by": ["error: " + res["error"]],
+    if "error" in res:  # refused at ingest: blocked by the input contract; anything else is a failed run, not a verdict
+        refused = "stage 'ingest'" in res["error"] and "ValidationError" in res["error"]
+        return {"dataset": name, "seed": seed, "condition": kind, **({"blocked": True} if refused else {}),
+                "by": ["input contract: " + res["error"]] if refused else [], "error": None if refused else res["error"],
                 "wall_s": res["wall_s"]}
     checks = [dict(c, gate=g["gate"]) for g in res["verdict"]["gates"] for c in g["checks"]]
     return {"dataset": name, "seed": seed, "condition": kind, "blocked": not res["verdict"]["passed"],
@@ -179,7 +181,7 @@ def summary_rows(rows: list[dict]) -> list[str]:
     out = []
     keyed = {}
     for r in rows:
-        if "checks" in r or r.get("blocked"):
+        if "checks" in r or r.get("blocked"):   # a verdict, or refused at ingest (failed runs are listed below)
             keyed.setdefault((r["dataset"], r["condition"]), []).append(r)
     for (ds, cond), rs in keyed.items():
         blocked = sum(bool(r.get("blocked")) for r in rs)
@@ -250,8 +252,8 @@ def main():
     if args.merge and (OUT / "gate_calibration.json").exists():
         old = json.loads((OUT / "gate_calibration.json").read_text())
         names = [d.split("=")[0] for d in args.data]
-        kept = [r for r in old["rows"] if not (r.get("dataset") in names and r["condition"] in args.conditions
-                                               and r["seed"] in args.seeds)]
+        kept = [r for r in old["rows"] if not (r.get("dataset") in names and r["seed"] in args.seeds
+                                               and r["condition"] in args.conditions + ["champion"])]
         commands = [old["command"]] + old.get("merged", [])
     # the command as anyone can rerun it: paths relative to the repository, not this machine's
     argv = [a.split("=")[0] + "=" + os.path.relpath(a.split("=", 1)[1], ROOT) if "=" in a and os.path.isabs(
@@ -265,6 +267,8 @@ def main():
         print(json.dumps(r, default=float), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
+        # one Prefect home for every refresh of this process (the first refresh's home would be removed under it)
+        os.environ["PREFECT_HOME"] = str(Path(tmp) / "prefect")
         for spec in args.data:
             name, rest = spec.split("=", 1)
             path, n_items = rest.rsplit(":", 1)

@@ -208,7 +208,8 @@ def write(res: dict) -> None:
     clean_rows = [r for r in rows if r["condition"] in CLEAN and "checks" in r]
     md = ["# Gate calibration: clean vs corrupted refreshes", "",
           f"Machine: {res['machine']}. Command: `{res['command']}`"
-          + "".join(f"; merged: `{c}`" for c in res.get("merged", [])) + f". Wall {res['wall_s'] / 60:.0f} min. "
+          + "".join(f"; merged: `{c}`" for c in res.get("merged", [])) + ". Refreshes judged: "
+          f"{sum(r.get('wall_s', 0) for r in rows) / 60:.0f} min of wall (the champions' refreshes not counted). "
           "Each dataset's first items as a generic catalogue; champion trained on the clean copy with the same seed; "
           f"refreshes with {FAST['encoder_epochs']} encoder and {FAST['ranker_epochs']} ranker epochs and "
           f"{FAST['hist_len']} history items. Clean conditions: "
